@@ -1,0 +1,144 @@
+//! The boot page: the one page the monitor writes before the guest starts
+//! (NoXS). It lists memory, arguments, clock data and devices, so the guest
+//! discovers everything in O(1) without probing.
+
+use crate::pod::Pod;
+
+/// `"WISPBOOT"` as a little-endian integer.
+pub const MAGIC: u64 = u64::from_le_bytes(*b"WISPBOOT");
+/// Most free-memory regions a boot page can list.
+pub const MAX_MEM_REGIONS: usize = 16;
+/// Most devices a boot page can list.
+pub const MAX_DEVICES: usize = 16;
+
+/// The guest runs on the Wisp monitor (hypercalls through ports 0x500+).
+pub const PLATFORM_WISP: u32 = 1;
+/// The guest was booted through the PVH entry (QEMU microvm, Firecracker):
+/// console on COM1, exit through isa-debug-exit.
+pub const PLATFORM_PVH: u32 = 2;
+
+/// Flag: the monitor traces the boot; the guest reports reaching `main`.
+pub const FLAG_TRACE_BOOT: u32 = 1 << 0;
+
+/// A range of guest-physical memory that the guest may use freely.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemRegion {
+    pub start: u64,
+    pub len: u64,
+}
+
+/// One device. Devices arrive with the networking work; the layout is fixed
+/// now so that the boot page does not change shape then.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Device {
+    /// One of the `DEVICE_*` kinds in [`crate::manifest`].
+    pub kind: u32,
+    /// Notification line (IRQ or event index).
+    pub irq: u32,
+    pub mmio_base: u64,
+    pub mmio_len: u64,
+    /// MAC address for network devices (6 bytes used).
+    pub mac: [u8; 8],
+    /// Capacity in bytes for block devices.
+    pub capacity: u64,
+}
+
+/// The boot page itself. Its guest-physical address is passed in `rdi` at
+/// the 64-bit entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct BootPage {
+    pub magic: u64,
+    pub abi_version: u32,
+    /// `FLAG_*` bits.
+    pub flags: u32,
+    /// `PLATFORM_*`.
+    pub platform: u32,
+    pub mem_region_count: u32,
+    /// Free memory for the heap: excludes the image, its stacks and the boot
+    /// structures.
+    pub mem_regions: [MemRegion; MAX_MEM_REGIONS],
+    /// Guest memory size in bytes.
+    pub mem_size: u64,
+    /// TSC frequency in kHz: the monotonic clock's scale.
+    pub tsc_khz: u64,
+    /// Guest TSC value at the instant `boot_unix_ns` was read.
+    pub boot_tsc: u64,
+    /// Wall-clock time (ns since the Unix epoch) at `boot_tsc`.
+    pub boot_unix_ns: u64,
+    /// Guest-physical address of the arguments: `argc` NUL-terminated strings.
+    pub args_addr: u64,
+    pub args_len: u32,
+    pub argc: u32,
+    pub device_count: u32,
+    pub _reserved: u32,
+    pub devices: [Device; MAX_DEVICES],
+}
+
+impl BootPage {
+    /// An empty boot page for `platform`, with magic and version filled in.
+    pub const fn new(platform: u32) -> Self {
+        BootPage {
+            magic: MAGIC,
+            abi_version: crate::ABI_VERSION,
+            flags: 0,
+            platform,
+            mem_region_count: 0,
+            mem_regions: [MemRegion { start: 0, len: 0 }; MAX_MEM_REGIONS],
+            mem_size: 0,
+            tsc_khz: 0,
+            boot_tsc: 0,
+            boot_unix_ns: 0,
+            args_addr: 0,
+            args_len: 0,
+            argc: 0,
+            device_count: 0,
+            _reserved: 0,
+            devices: [Device {
+                kind: 0,
+                irq: 0,
+                mmio_base: 0,
+                mmio_len: 0,
+                mac: [0; 8],
+                capacity: 0,
+            }; MAX_DEVICES],
+        }
+    }
+
+    /// Appends a free-memory region; returns `false` when the table is full.
+    pub fn push_region(&mut self, start: u64, len: u64) -> bool {
+        let i = self.mem_region_count as usize;
+        if i >= MAX_MEM_REGIONS || len == 0 {
+            return false;
+        }
+        self.mem_regions[i] = MemRegion { start, len };
+        self.mem_region_count += 1;
+        true
+    }
+
+    /// The valid part of the region table (never more than the table holds,
+    /// whatever `mem_region_count` says).
+    pub fn regions(&self) -> &[MemRegion] {
+        let n = (self.mem_region_count as usize).min(MAX_MEM_REGIONS);
+        &self.mem_regions[..n]
+    }
+}
+
+// SAFETY: repr(C), integer fields only; the layout is padding-free as
+// checked by the size assertions below (every field is 8-byte aligned in
+// sequence or paired 4-byte fields).
+unsafe impl Pod for BootPage {}
+// SAFETY: repr(C), two u64 fields, no padding.
+unsafe impl Pod for MemRegion {}
+// SAFETY: repr(C), u32,u32,u64,u64,[u8;8],u64: no padding.
+unsafe impl Pod for Device {}
+
+const _: () = assert!(core::mem::size_of::<MemRegion>() == 16);
+const _: () = assert!(core::mem::size_of::<Device>() == 40);
+const _: () = assert!(
+    core::mem::size_of::<BootPage>()
+        == 8 + 4 * 4 + 16 * MAX_MEM_REGIONS + 8 * 5 + 4 * 4 + 40 * MAX_DEVICES
+);
+const _: () = assert!(core::mem::size_of::<BootPage>() <= 4096);

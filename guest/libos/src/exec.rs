@@ -1,0 +1,259 @@
+//! A single-threaded async executor with timers.
+//!
+//! [`block_on`] runs a future (and everything [`spawn`]ed) to completion.
+//! When no task is ready it blocks the vCPU until the nearest timer deadline
+//! (one wait exit on the Wisp monitor), so an idle guest costs no CPU.
+//! Device drivers will add their event sources to the same wait.
+//!
+//! The guest has one vCPU and no asynchronous interrupts, so the executor's
+//! state lives in a cell that only this thread ever touches.
+
+use alloc::boxed::Box;
+use alloc::collections::{BTreeMap, VecDeque};
+use alloc::rc::Rc;
+use alloc::sync::Arc;
+use alloc::task::Wake;
+use core::cell::{Cell, RefCell};
+use core::future::Future;
+use core::pin::Pin;
+use core::task::{Context, Poll, Waker};
+use core::time::Duration;
+
+use crate::time::Instant;
+
+#[used]
+#[link_section = ".wisp.libs"]
+static LIB_NAME: [u8; 5] = *b"exec\0";
+
+type TaskId = u64;
+type BoxFuture = Pin<Box<dyn Future<Output = ()>>>;
+
+/// Executor state. Only reachable through [`with`].
+struct Executor {
+    next_id: TaskId,
+    tasks: BTreeMap<TaskId, BoxFuture>,
+    /// Timers ordered by (deadline, sequence).
+    timers: BTreeMap<(u64, u64), Waker>,
+    next_timer: u64,
+}
+
+/// Tasks woken and not yet polled (the main future is [`MAIN_TASK`]).
+struct ReadyQueue(RefCell<VecDeque<TaskId>>);
+
+/// The executor and the ready queue, in a cell for the one guest thread.
+struct Global<T>(RefCell<Option<T>>);
+// SAFETY: the guest is single-threaded and exception handlers never touch
+// the executor, so there is never concurrent access.
+unsafe impl<T> Sync for Global<T> {}
+// SAFETY: as above.
+unsafe impl Sync for ReadyQueue {}
+
+static EXEC: Global<Executor> = Global(RefCell::new(None));
+static READY: ReadyQueue = ReadyQueue(RefCell::new(VecDeque::new()));
+
+const MAIN_TASK: TaskId = 0;
+
+fn with<R>(f: impl FnOnce(&mut Executor) -> R) -> R {
+    let mut guard = EXEC.0.borrow_mut();
+    let exec = guard.get_or_insert_with(|| Executor {
+        next_id: MAIN_TASK + 1,
+        tasks: BTreeMap::new(),
+        timers: BTreeMap::new(),
+        next_timer: 0,
+    });
+    f(exec)
+}
+
+struct TaskWaker {
+    id: TaskId,
+}
+
+impl Wake for TaskWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref()
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        let mut q = READY.0.borrow_mut();
+        if !q.contains(&self.id) {
+            q.push_back(self.id);
+        }
+    }
+}
+
+/// Spawns a task onto the executor; it runs while [`block_on`] runs.
+pub fn spawn<F>(future: F) -> JoinHandle<F::Output>
+where
+    F: Future + 'static,
+    F::Output: 'static,
+{
+    let slot = Rc::new(JoinSlot {
+        value: RefCell::new(None),
+        waiter: Cell::new(None),
+    });
+    let producer = slot.clone();
+    let task = async move {
+        let v = future.await;
+        *producer.value.borrow_mut() = Some(v);
+        if let Some(w) = producer.waiter.take() {
+            w.wake();
+        }
+    };
+    let id = with(|e| {
+        let id = e.next_id;
+        e.next_id += 1;
+        e.tasks.insert(id, Box::pin(task));
+        id
+    });
+    READY.0.borrow_mut().push_back(id);
+    JoinHandle { slot }
+}
+
+struct JoinSlot<T> {
+    value: RefCell<Option<T>>,
+    waiter: Cell<Option<Waker>>,
+}
+
+/// Awaits the output of a spawned task. Dropping it detaches the task.
+pub struct JoinHandle<T> {
+    slot: Rc<JoinSlot<T>>,
+}
+
+impl<T> Future for JoinHandle<T> {
+    type Output = T;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        match self.slot.value.borrow_mut().take() {
+            Some(v) => Poll::Ready(v),
+            None => {
+                self.slot.waiter.set(Some(cx.waker().clone()));
+                Poll::Pending
+            }
+        }
+    }
+}
+
+/// Completes at `deadline`.
+pub struct Sleep {
+    deadline: Instant,
+    key: Option<(u64, u64)>,
+}
+
+/// Sleeps for `d` without blocking other tasks.
+pub fn sleep(d: Duration) -> Sleep {
+    sleep_until(Instant::now().saturating_add(d))
+}
+
+/// Sleeps until `deadline`.
+pub fn sleep_until(deadline: Instant) -> Sleep {
+    Sleep {
+        deadline,
+        key: None,
+    }
+}
+
+impl Future for Sleep {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if Instant::now() >= self.deadline {
+            if let Some(k) = self.key.take() {
+                with(|e| e.timers.remove(&k));
+            }
+            return Poll::Ready(());
+        }
+        let deadline = self.deadline.as_nanos();
+        let old = self.key;
+        let key = with(|e| {
+            if let Some(k) = old {
+                e.timers.remove(&k);
+            }
+            let k = (deadline, e.next_timer);
+            e.next_timer += 1;
+            e.timers.insert(k, cx.waker().clone());
+            k
+        });
+        self.key = Some(key);
+        Poll::Pending
+    }
+}
+
+impl Drop for Sleep {
+    fn drop(&mut self) {
+        if let Some(k) = self.key.take() {
+            with(|e| e.timers.remove(&k));
+        }
+    }
+}
+
+/// Wakes every timer whose deadline has passed; returns the next deadline.
+fn fire_timers() -> Option<u64> {
+    let now = Instant::now().as_nanos();
+    let mut due = alloc::vec::Vec::new();
+    let next = with(|e| {
+        while let Some(entry) = e.timers.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            due.push(entry.remove());
+        }
+        e.timers.keys().next().map(|k| k.0)
+    });
+    for w in due {
+        w.wake();
+    }
+    next
+}
+
+/// Runs `future` to completion on this vCPU, together with spawned tasks.
+pub fn block_on<F: Future>(future: F) -> F::Output {
+    let mut future = core::pin::pin!(future);
+    let main_waker = Waker::from(Arc::new(TaskWaker { id: MAIN_TASK }));
+    let wakers: RefCell<BTreeMap<TaskId, Waker>> = RefCell::new(BTreeMap::new());
+    READY.0.borrow_mut().push_back(MAIN_TASK);
+    loop {
+        let batch: VecDeque<TaskId> = core::mem::take(&mut *READY.0.borrow_mut());
+        for id in batch {
+            if id == MAIN_TASK {
+                if let Poll::Ready(v) = future.as_mut().poll(&mut Context::from_waker(&main_waker))
+                {
+                    return v;
+                }
+                continue;
+            }
+            let Some(mut task) = with(|e| e.tasks.remove(&id)) else {
+                continue;
+            };
+            let waker = wakers
+                .borrow_mut()
+                .entry(id)
+                .or_insert_with(|| Waker::from(Arc::new(TaskWaker { id })))
+                .clone();
+            if task
+                .as_mut()
+                .poll(&mut Context::from_waker(&waker))
+                .is_pending()
+            {
+                with(|e| e.tasks.insert(id, task));
+            } else {
+                wakers.borrow_mut().remove(&id);
+            }
+        }
+        let next = fire_timers();
+        if !READY.0.borrow().is_empty() {
+            continue;
+        }
+        match next {
+            Some(deadline) => {
+                let now = Instant::now().as_nanos();
+                if deadline > now {
+                    crate::platform::wait(deadline - now);
+                }
+            }
+            None => {
+                // Nothing can ever wake a task: a deadlock in the application.
+                panic!("block_on: no task is ready and no timer is pending");
+            }
+        }
+    }
+}

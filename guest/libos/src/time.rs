@@ -1,0 +1,120 @@
+//! Time: a monotonic clock from the TSC scaled by the boot page's
+//! frequency, a wall clock from the boot page's reference, and a sleep that
+//! blocks the vCPU in the monitor instead of spinning.
+//!
+//! Reading the clock is one `rdtsc` (native at CPL3) and a 128-bit multiply;
+//! no exit.
+
+use crate::arch::x86_64::io::rdtsc;
+use core::sync::atomic::{AtomicU64, Ordering};
+use core::time::Duration;
+use wisp_abi::boot::BootPage;
+
+static TSC_KHZ: AtomicU64 = AtomicU64::new(1_000_000);
+static BOOT_TSC: AtomicU64 = AtomicU64::new(0);
+static BOOT_UNIX_NS: AtomicU64 = AtomicU64::new(0);
+/// Nanoseconds per tick as 32.32 fixed point.
+static NS_PER_TICK_FP: AtomicU64 = AtomicU64::new(1 << 32);
+
+#[used]
+#[link_section = ".wisp.libs"]
+static LIB_NAME: [u8; 5] = *b"time\0";
+
+pub(crate) fn init(boot: &BootPage) {
+    let khz = if boot.tsc_khz == 0 {
+        1_000_000
+    } else {
+        boot.tsc_khz
+    };
+    TSC_KHZ.store(khz, Ordering::Relaxed);
+    BOOT_TSC.store(boot.boot_tsc, Ordering::Relaxed);
+    BOOT_UNIX_NS.store(boot.boot_unix_ns, Ordering::Relaxed);
+    NS_PER_TICK_FP.store(
+        ((1_000_000u128 << 32) / khz as u128) as u64,
+        Ordering::Relaxed,
+    );
+}
+
+/// TSC frequency in kHz.
+pub fn tsc_khz() -> u64 {
+    TSC_KHZ.load(Ordering::Relaxed)
+}
+
+fn ticks_to_ns(ticks: u64) -> u64 {
+    ((ticks as u128 * NS_PER_TICK_FP.load(Ordering::Relaxed) as u128) >> 32) as u64
+}
+
+/// Nanoseconds since boot.
+pub fn monotonic_ns() -> u64 {
+    ticks_to_ns(rdtsc().saturating_sub(BOOT_TSC.load(Ordering::Relaxed)))
+}
+
+/// A point on the monotonic clock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Instant(u64);
+
+impl Instant {
+    pub fn now() -> Instant {
+        Instant(monotonic_ns())
+    }
+
+    /// Nanoseconds since boot.
+    pub fn as_nanos(self) -> u64 {
+        self.0
+    }
+
+    pub fn duration_since(self, earlier: Instant) -> Duration {
+        Duration::from_nanos(self.0.saturating_sub(earlier.0))
+    }
+
+    pub fn elapsed(self) -> Duration {
+        Instant::now().duration_since(self)
+    }
+
+    pub fn checked_add(self, d: Duration) -> Option<Instant> {
+        u64::try_from(d.as_nanos())
+            .ok()
+            .and_then(|n| self.0.checked_add(n))
+            .map(Instant)
+    }
+
+    /// `self + d`, saturating at the end of time.
+    pub fn saturating_add(self, d: Duration) -> Instant {
+        self.checked_add(d).unwrap_or(Instant(u64::MAX))
+    }
+}
+
+/// Wall-clock time since the Unix epoch (zero-based if the monitor gave no
+/// reference).
+pub fn unix_time() -> Duration {
+    Duration::from_nanos(
+        BOOT_UNIX_NS
+            .load(Ordering::Relaxed)
+            .saturating_add(monotonic_ns()),
+    )
+}
+
+/// Blocks for `d`. On the Wisp monitor the vCPU waits in the monitor (one
+/// exit) rather than spinning.
+pub fn sleep(d: Duration) {
+    let deadline = Instant::now().saturating_add(d);
+    loop {
+        let now = Instant::now();
+        if now >= deadline {
+            return;
+        }
+        crate::platform::wait(deadline.0 - now.0);
+    }
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's
+/// algorithm).
+pub fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = if y >= 0 { y } else { y - 399 } / 400;
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}

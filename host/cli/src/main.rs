@@ -1,0 +1,99 @@
+//! `wisp`: build, inspect and run Wisp unikernels.
+//!
+//! Errors are reported as one line (`wisp: error: ...`) with exit status
+//! 125; `wisp run` otherwise exits with the guest's status (see
+//! `wisp_abi::exit` for the statuses with a fixed meaning).
+
+mod build;
+mod inspect;
+mod new;
+mod run;
+mod units;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "wisp",
+    version,
+    about = "Build, inspect and run Wisp unikernels"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build an application crate into a bootable image.
+    Build {
+        /// Directory of the application crate (holding Cargo.toml).
+        app_dir: PathBuf,
+        /// Where to write the image [default: ./<crate name>.wisp].
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// Boot an image on the Wisp monitor; exits with the guest's status.
+    Run {
+        image: PathBuf,
+        /// Guest memory, e.g. 2M, 64M, 1G (a plain number means MiB).
+        #[arg(short, long, default_value = "64M", value_parser = units::parse_memory)]
+        memory: u64,
+        /// Stop the guest after this long, e.g. 500ms, 10s, 2m (exit status 124).
+        #[arg(short, long, value_parser = units::parse_duration)]
+        timeout: Option<std::time::Duration>,
+        /// Print a timestamped breakdown of the boot to stderr.
+        #[arg(long)]
+        trace_boot: bool,
+        /// Arguments for the application (after `--`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Print an image's size, entry points, segments, libraries and devices.
+    Inspect { image: PathBuf },
+    /// Create a new application crate that builds out of the box.
+    New {
+        /// Name of the crate (and of the directory created).
+        name: String,
+        /// Create it in this directory instead of ./NAME.
+        #[arg(long)]
+        path: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let started = Instant::now();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Build { app_dir, output } => build::build(&app_dir, output.as_deref()).map(|_| 0),
+        Command::Run {
+            image,
+            memory,
+            timeout,
+            trace_boot,
+            args,
+        } => run::run(
+            &run::RunArgs {
+                image,
+                memory,
+                timeout,
+                trace_boot,
+                args,
+            },
+            started,
+        ),
+        Command::Inspect { image } => inspect::inspect(&image).map(|_| 0),
+        Command::New { name, path } => new::new(&name, path.as_deref()).map(|_| 0),
+    };
+    match result {
+        Ok(status) => ExitCode::from(status),
+        Err(e) => {
+            eprintln!("wisp: error: {e:#}");
+            ExitCode::from(wisp_abi::exit::MONITOR_ERROR)
+        }
+    }
+}

@@ -1,0 +1,57 @@
+//! `wisp run`: boot an image on the Wisp monitor in this process.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use wisp_monitor::timeout::Deadline;
+use wisp_monitor::trace::BootTrace;
+use wisp_monitor::{Image, Outcome, Vm, VmConfig};
+
+pub struct RunArgs {
+    pub image: PathBuf,
+    pub memory: u64,
+    pub timeout: Option<Duration>,
+    pub trace_boot: bool,
+    pub args: Vec<String>,
+}
+
+/// Runs the guest; returns the status `wisp run` exits with.
+pub fn run(a: &RunArgs, started: Instant) -> anyhow::Result<u8> {
+    let mut trace = a.trace_boot.then(|| BootTrace::new(started));
+    let image = Image::from_file(&a.image)
+        .with_context(|| format!("{} is not a bootable Wisp image", a.image.display()))?;
+    if let Some(t) = trace.as_mut() {
+        t.mark("image read and validated");
+    }
+    let cfg = VmConfig {
+        memory: a.memory,
+        args: a.args.clone(),
+        trace_boot: a.trace_boot,
+    };
+    let mut vm = Vm::new(&image, &cfg, trace)?;
+    let deadline = match a.timeout {
+        Some(t) => Deadline::arm(t).context("arming --timeout")?,
+        None => Deadline::none(),
+    };
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let outcome = vm.run(&mut out, &deadline)?;
+    let _ = out.flush();
+    drop(deadline);
+    match &outcome {
+        Outcome::Exited(_) => {}
+        Outcome::Crashed(crash) => eprintln!("wisp: {crash}"),
+        Outcome::TimedOut { rip } => {
+            eprintln!(
+                "wisp: guest stopped: --timeout of {:?} expired (guest was at rip {rip:#x})",
+                a.timeout.unwrap_or_default()
+            )
+        }
+    }
+    if let Some(t) = vm.trace() {
+        eprint!("{}", t.report());
+    }
+    Ok(outcome.status())
+}

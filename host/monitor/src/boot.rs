@@ -1,0 +1,143 @@
+//! Writes a guest's initial memory: the image's segments, the page tables,
+//! GDT, IDT, TSS, the boot page and the arguments.
+//!
+//! Guest memory is fresh from `mmap` (zero-filled), so the zero-filled tail
+//! of each segment (`.bss`, stacks) is not written: untouched pages cost the
+//! host nothing.
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use wisp_abi::boot::{BootPage, FLAG_TRACE_BOOT, PLATFORM_WISP};
+use wisp_abi::pod::Pod;
+use wisp_abi::x86;
+
+use crate::image::Image;
+use crate::layout::Layout;
+use crate::paging;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    #[error("writing guest memory at {addr:#x}: {source}")]
+    Memory {
+        addr: u64,
+        source: vm_memory::GuestMemoryError,
+    },
+    #[error("exception vector {vector} of the image points to {addr:#x}, outside its code")]
+    BadExceptionVector { vector: usize, addr: u64 },
+}
+
+fn write(mem: &GuestMemoryMmap, addr: u64, bytes: &[u8]) -> Result<(), BootError> {
+    mem.write_slice(bytes, GuestAddress(addr))
+        .map_err(|source| BootError::Memory { addr, source })
+}
+
+/// Copies the image's file-backed bytes into guest memory.
+pub fn load_image(mem: &GuestMemoryMmap, image: &Image) -> Result<(), BootError> {
+    for seg in &image.segments {
+        write(mem, seg.addr, image.segment_bytes(seg))?;
+    }
+    Ok(())
+}
+
+/// Encodes the arguments as consecutive NUL-terminated strings.
+pub fn encode_args(args: &[String]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for a in args {
+        out.extend_from_slice(a.as_bytes());
+        out.push(0);
+    }
+    out
+}
+
+/// Clock data for the boot page.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Clock {
+    pub tsc_khz: u64,
+    pub boot_tsc: u64,
+    pub boot_unix_ns: u64,
+}
+
+/// Writes page tables, GDT, IDT, TSS and the arguments. The exception
+/// handlers' addresses are read back from the loaded image (its manifest
+/// names the table) and each must lie in executable code.
+pub fn write_system(
+    mem: &GuestMemoryMmap,
+    layout: &Layout,
+    image: &Image,
+    args: &[u8],
+) -> Result<(), BootError> {
+    for table in paging::build(layout, image) {
+        write(mem, table.addr, &table.bytes())?;
+    }
+
+    let mut gdt = [0u64; x86::GDT_ENTRIES];
+    gdt[..x86::GDT_FIXED.len()].copy_from_slice(&x86::GDT_FIXED);
+    let [low, high] = x86::tss_descriptor(layout.tss, x86::TSS_SIZE as u32 - 1);
+    // Marked busy: TR is loaded with a busy TSS through the vCPU registers.
+    gdt[8] = low | (1 << 41);
+    gdt[9] = high;
+    write(
+        mem,
+        layout.gdt,
+        &gdt.iter()
+            .flat_map(|e| e.to_le_bytes())
+            .collect::<Vec<u8>>(),
+    )?;
+
+    let table = image.manifest.exception_vectors;
+    let mut idt = Vec::with_capacity(x86::EXCEPTION_VECTORS * 16);
+    for vector in 0..x86::EXCEPTION_VECTORS {
+        let mut raw = [0u8; 8];
+        let at = table + vector as u64 * 8;
+        mem.read_slice(&mut raw, GuestAddress(at))
+            .map_err(|source| BootError::Memory { addr: at, source })?;
+        let handler = u64::from_le_bytes(raw);
+        if !image
+            .segments
+            .iter()
+            .any(|s| s.perms.exec && handler >= s.addr && handler < s.addr + s.mem_size)
+        {
+            return Err(BootError::BadExceptionVector {
+                vector,
+                addr: handler,
+            });
+        }
+        let [lo, hi] = x86::trap_gate(handler);
+        idt.extend_from_slice(&lo.to_le_bytes());
+        idt.extend_from_slice(&hi.to_le_bytes());
+    }
+    write(mem, layout.idt, &idt)?;
+
+    write(
+        mem,
+        layout.tss,
+        &x86::tss_bytes(image.manifest.ist_top, x86::WISP_PORTS),
+    )?;
+    write(mem, layout.args, args)?;
+    Ok(())
+}
+
+/// Writes the boot page (last, once the clock has been read).
+pub fn write_boot_page(
+    mem: &GuestMemoryMmap,
+    layout: &Layout,
+    args: &[u8],
+    argc: usize,
+    clock: Clock,
+    trace: bool,
+) -> Result<(), BootError> {
+    let mut page = BootPage::new(PLATFORM_WISP);
+    if trace {
+        page.flags |= FLAG_TRACE_BOOT;
+    }
+    for &(start, len) in &layout.free {
+        page.push_region(start, len);
+    }
+    page.mem_size = layout.mem_size;
+    page.tsc_khz = clock.tsc_khz;
+    page.boot_tsc = clock.boot_tsc;
+    page.boot_unix_ns = clock.boot_unix_ns;
+    page.args_addr = layout.args;
+    page.args_len = args.len() as u32;
+    page.argc = argc as u32;
+    write(mem, layout.boot_page, page.as_bytes())
+}

@@ -1,0 +1,32 @@
+//! # The Wisp monitor
+//!
+//! A minimal KVM virtual machine monitor for Wisp unikernels, built on the
+//! rust-vmm crates (`kvm-ioctls`, `kvm-bindings`, `vm-memory`).
+//!
+//! One [`vm::Vm`] is one guest: [`image`] validates the ELF image (every
+//! field is hostile until checked), [`layout`] decides where the boot
+//! structures, image and heap live, [`paging`] and [`boot`] write the
+//! page tables, GDT, IDT, TSS and the NoXS-style boot page, [`vcpu`] enters
+//! the 64-bit entry directly at CPL3 (KVM PVM emulates CPL0, see DESIGN.md),
+//! and [`vm::Vm::run`] serves the [`hypercall`]s until the guest exits,
+//! crashes or times out.
+//!
+//! The mappings the guest runs with are fixed before entry: text RX,
+//! read-only data R, everything writable NX, the null page and a guard page
+//! under each stack unmapped, and the page tables, GDT, IDT and TSS
+//! supervisor-only, so a compromised guest cannot forge its way to CPL0.
+
+pub mod boot;
+pub mod crash;
+pub mod hypercall;
+pub mod image;
+pub mod kvm;
+pub mod layout;
+pub mod paging;
+pub mod timeout;
+pub mod trace;
+pub mod vcpu;
+pub mod vm;
+
+pub use image::{Image, ImageError};
+pub use vm::{Outcome, Vm, VmConfig, VmError};

@@ -1,0 +1,279 @@
+//! One guest: create the KVM VM, lay out and fill its memory, set up its
+//! vCPU, and run it while serving hypercalls.
+
+use std::io::Write;
+use std::time::Duration;
+
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use crate::boot::{self, BootError, Clock};
+use crate::crash::Crash;
+use crate::hypercall::{self, Hypercall};
+use crate::image::Image;
+use crate::kvm::{self, KvmError};
+use crate::layout::{Layout, LayoutError};
+use crate::timeout::Deadline;
+use crate::trace::BootTrace;
+use crate::vcpu;
+
+/// How to run a guest.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// Guest memory in bytes.
+    pub memory: u64,
+    /// Arguments passed to the application.
+    pub args: Vec<String>,
+    pub trace_boot: bool,
+}
+
+/// How a guest ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The guest exited with this status (the application's, or 101 for a
+    /// panic).
+    Exited(u8),
+    Crashed(Crash),
+    /// `--timeout` expired; where the guest was.
+    TimedOut {
+        rip: u64,
+    },
+}
+
+impl Outcome {
+    /// The exit status `wisp run` reports.
+    pub fn status(&self) -> u8 {
+        match self {
+            Outcome::Exited(s) => *s,
+            Outcome::Crashed(_) => wisp_abi::exit::CRASH,
+            Outcome::TimedOut { .. } => wisp_abi::exit::TIMEOUT,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error("cannot allocate {size} bytes of guest memory: {reason}")]
+    Memory { size: u64, reason: String },
+    #[error("KVM {what} failed: {source}")]
+    KvmCall {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("writing guest console output: {0}")]
+    Console(std::io::Error),
+}
+
+fn kvm_call(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::KvmCall { what, source }
+}
+
+/// A guest ready to run.
+pub struct Vm {
+    // Field order is drop order: the vCPU before the VM, the VM (and its
+    // memory slot) before the memory it maps.
+    vcpu: VcpuFd,
+    _vm: VmFd,
+    mem: GuestMemoryMmap,
+    layout: Layout,
+    trace: Option<BootTrace>,
+}
+
+impl Vm {
+    /// Validates that `image` fits `cfg`, then builds the VM. Cheap checks
+    /// come first so a bad `--memory` fails before KVM is touched.
+    pub fn new(image: &Image, cfg: &VmConfig, mut trace: Option<BootTrace>) -> Result<Vm, VmError> {
+        let args = boot::encode_args(&cfg.args);
+        let layout = Layout::new(image, cfg.memory, args.len())?;
+
+        let kvm = kvm::open()?;
+        let vm = kvm.create_vm().map_err(kvm_call("create VM"))?;
+        mark(&mut trace, "KVM VM created");
+
+        let mem =
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), layout.mem_size as usize)])
+                .map_err(|e| VmError::Memory {
+                    size: layout.mem_size,
+                    reason: e.to_string(),
+                })?;
+        let host = mem
+            .get_host_address(GuestAddress(0))
+            .map_err(|e| VmError::Memory {
+                size: layout.mem_size,
+                reason: e.to_string(),
+            })?;
+        let region = kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: layout.mem_size,
+            userspace_addr: host as u64,
+        };
+        // SAFETY: `host` maps `mem_size` bytes owned by `mem`, which outlives
+        // the VM (field order in `Vm`); the slot is new and covers exactly it.
+        unsafe { vm.set_user_memory_region(region) }.map_err(kvm_call("set memory region"))?;
+        mark(&mut trace, "guest memory mapped");
+
+        boot::load_image(&mem, image)?;
+        boot::write_system(&mem, &layout, image, &args)?;
+        mark(&mut trace, "image loaded, page tables built");
+
+        let vcpu = vm.create_vcpu(0).map_err(kvm_call("create vCPU"))?;
+        vcpu::setup_sregs(&vcpu, &layout).map_err(kvm_call("set special registers"))?;
+        vcpu::setup_regs(
+            &vcpu,
+            image.entry,
+            image.manifest.stack_top,
+            layout.boot_page,
+        )
+        .map_err(kvm_call("set registers"))?;
+        let tsc_khz = vcpu.get_tsc_khz().map_err(kvm_call("get TSC frequency"))? as u64;
+        let boot_tsc = vcpu::guest_tsc(&vcpu).map_err(kvm_call("read guest TSC"))?;
+        let boot_unix_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let clock = Clock {
+            tsc_khz,
+            boot_tsc,
+            boot_unix_ns,
+        };
+        boot::write_boot_page(&mem, &layout, &args, cfg.args.len(), clock, cfg.trace_boot)?;
+        mark(&mut trace, "vCPU ready");
+        Ok(Vm {
+            vcpu,
+            _vm: vm,
+            mem,
+            layout,
+            trace,
+        })
+    }
+
+    /// The layout the guest was given.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// The boot trace, once the guest has run.
+    pub fn trace(&self) -> Option<&BootTrace> {
+        self.trace.as_ref()
+    }
+
+    /// Runs the guest until it exits, crashes or passes `deadline`,
+    /// writing its console output to `console`.
+    pub fn run(
+        &mut self,
+        console: &mut dyn Write,
+        deadline: &Deadline,
+    ) -> Result<Outcome, VmError> {
+        mark(&mut self.trace, "guest entered");
+        loop {
+            if deadline.expired() {
+                let rip = self.vcpu.get_regs().map_err(kvm_call("get registers"))?.rip;
+                return Ok(Outcome::TimedOut { rip });
+            }
+            let exit = match self.vcpu.run() {
+                Ok(exit) => exit,
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+                Err(e) => {
+                    return Err(VmError::KvmCall {
+                        what: "run vCPU",
+                        source: e,
+                    })
+                }
+            };
+            let call = match exit {
+                VcpuExit::IoOut(port, data) => {
+                    hypercall::decode(port, data, &self.mem, self.layout.mem_size)
+                }
+                VcpuExit::IoIn(port, data) => {
+                    data.fill(0xff);
+                    return Ok(crashed_protocol(format!(
+                        "guest read from I/O port {port:#x}"
+                    )));
+                }
+                VcpuExit::MmioRead(addr, _) | VcpuExit::MmioWrite(addr, _) => {
+                    return Ok(crashed_protocol(format!(
+                        "guest accessed {addr:#x}, where there is no memory or device"
+                    )));
+                }
+                VcpuExit::Shutdown => {
+                    let regs = self.vcpu.get_regs().map_err(kvm_call("get registers"))?;
+                    return Ok(Outcome::Crashed(Crash::TripleFault {
+                        rip: regs.rip,
+                        rsp: regs.rsp,
+                    }));
+                }
+                VcpuExit::Hlt => return Ok(crashed_protocol("guest halted".into())),
+                VcpuExit::FailEntry(reason, _) => {
+                    return Ok(Outcome::Crashed(Crash::Internal(format!(
+                        "KVM entry failure, reason {reason:#x}"
+                    ))));
+                }
+                VcpuExit::InternalError => {
+                    let regs = self.vcpu.get_regs().map_err(kvm_call("get registers"))?;
+                    return Ok(Outcome::Crashed(Crash::Internal(format!(
+                        "KVM internal error (emulation failure?) at rip {:#x}",
+                        regs.rip
+                    ))));
+                }
+                VcpuExit::Intr => continue,
+                other => {
+                    return Ok(Outcome::Crashed(Crash::Internal(format!(
+                        "unexpected KVM exit {other:?}"
+                    ))))
+                }
+            };
+            match call {
+                Ok(Hypercall::Console { addr, len }) => {
+                    let mut buf = vec![0u8; len as usize];
+                    if self.mem.read_slice(&mut buf, GuestAddress(addr)).is_err() {
+                        return Ok(crashed_protocol(format!(
+                            "console buffer {addr:#x}+{len} unreadable"
+                        )));
+                    }
+                    console.write_all(&buf).map_err(VmError::Console)?;
+                }
+                Ok(Hypercall::Wait { timeout_ns }) => {
+                    let mut d = Duration::from_nanos(timeout_ns);
+                    if let Some(left) = deadline.remaining() {
+                        d = d.min(left);
+                    }
+                    std::thread::sleep(d);
+                }
+                Ok(Hypercall::Exit(status)) => {
+                    mark(&mut self.trace, "guest exited");
+                    console.flush().map_err(VmError::Console)?;
+                    return Ok(Outcome::Exited(status));
+                }
+                Ok(Hypercall::Crash(report)) => {
+                    let cr2 = self
+                        .vcpu
+                        .get_sregs()
+                        .map_err(kvm_call("get special registers"))?
+                        .cr2;
+                    console.flush().map_err(VmError::Console)?;
+                    return Ok(Outcome::Crashed(Crash::Exception { report, cr2 }));
+                }
+                Ok(Hypercall::Mark(_)) => mark(&mut self.trace, "guest main() reached"),
+                Err(e) => return Ok(crashed_protocol(e.to_string())),
+            }
+        }
+    }
+}
+
+fn crashed_protocol(msg: String) -> Outcome {
+    Outcome::Crashed(Crash::Protocol(msg))
+}
+
+fn mark(trace: &mut Option<BootTrace>, stage: &'static str) {
+    if let Some(t) = trace {
+        t.mark(stage);
+    }
+}

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs what Wisp needs on a Debian bookworm machine, only what is missing:
+# a C compiler (the static spawn peer in the benchmark), QEMU 10 from
+# bookworm-backports (the second monitor the tests boot images on), and
+# the Rust toolchain check. Safe to run repeatedly.
+set -euo pipefail
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+
+need_apt=()
+command -v gcc >/dev/null || need_apt+=(gcc)
+command -v qemu-system-x86_64 >/dev/null || need_apt+=(qemu-system-x86)
+
+if [ "${#need_apt[@]}" -gt 0 ]; then
+    if ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+        echo "deb http://deb.debian.org/debian bookworm-backports main" |
+            $SUDO tee /etc/apt/sources.list.d/bookworm-backports.list >/dev/null
+    fi
+    $SUDO apt-get update -qq
+    for pkg in "${need_apt[@]}"; do
+        if [ "$pkg" = qemu-system-x86 ]; then
+            $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+                --no-install-recommends -t bookworm-backports qemu-system-x86
+        else
+            $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+                --no-install-recommends "$pkg"
+        fi
+    done
+fi
+
+if ! command -v cargo >/dev/null; then
+    echo "error: cargo not found; install Rust (stable) with rustup first" >&2
+    exit 1
+fi
+if [ ! -e /dev/kvm ]; then
+    echo "error: /dev/kvm is missing: Wisp needs KVM (enable virtualization or load kvm)" >&2
+    exit 1
+fi
