@@ -14,6 +14,7 @@
 //! exit, ~87 µs), isa-debug-exit at 0xf4 for the exit status (QEMU exits
 //! with `status * 2 + 1`), and a TSC spin for waiting.
 
+use crate::arch::x86_64::entry::{MEMMAP_MAX, START_INFO_SIZE};
 use crate::arch::x86_64::io::{in8, out32, out8, pause, rdtsc};
 use core::fmt::Write;
 use wisp_abi::boot::{BootPage, PLATFORM_PVH};
@@ -33,6 +34,8 @@ static mut ARGS: [u8; CMDLINE_MAX] = [0; CMDLINE_MAX];
 
 extern "C" {
     static __image_end: u8;
+    /// Copies made by the PVH stub before paging (see `arch::x86_64::entry`).
+    static wisp_pvh_memmap: [u8; MEMMAP_MAX * 24];
 }
 
 /// Reads a `T` at guest-physical address `addr`.
@@ -61,7 +64,7 @@ fn fail(msg: &str) -> ! {
 extern "C" fn wisp_start_pvh(start_info: u32) -> ! {
     super::set(PLATFORM_PVH);
     let si = start_info as u64;
-    if !readable(si, 56) {
+    if !readable(si, START_INFO_SIZE as u64) {
         fail("PVH start info outside mapped memory");
     }
     // SAFETY: range checked above; all fields are plain integers.
@@ -82,10 +85,14 @@ extern "C" fn wisp_start_pvh(start_info: u32) -> ! {
     // SAFETY: as above.
     let args = unsafe { &mut *(&raw mut ARGS) };
 
-    if version >= 1 && entries > 0 && readable(memmap, entries as u64 * 24) {
+    // The stub copied at most MEMMAP_MAX entries of the loader's table.
+    let entries = (entries as usize).min(MEMMAP_MAX);
+    let _ = memmap;
+    let memmap = &raw const wisp_pvh_memmap as u64;
+    if version >= 1 && entries > 0 {
         let image_end = &raw const __image_end as u64;
         for i in 0..entries as u64 {
-            // SAFETY: the whole table's range was checked.
+            // SAFETY: within the stub's copy of the table (i < MEMMAP_MAX).
             let (addr, size, kind) = unsafe {
                 (
                     read_phys::<u64>(memmap + i * 24),
@@ -108,7 +115,10 @@ extern "C" fn wisp_start_pvh(start_info: u32) -> ! {
         fail("PVH start info has no memory map");
     }
 
-    if cmdline != 0 && readable(cmdline, 1) {
+    if cmdline != 0 {
+        if !readable(cmdline, 1) {
+            let _ = writeln!(Com1, "wisp: command line at {cmdline:#x} is not mapped; arguments ignored");
+        }
         let mut line = [0u8; CMDLINE_MAX];
         let mut n = 0;
         while n < CMDLINE_MAX - 1 && readable(cmdline + n as u64, 1) {

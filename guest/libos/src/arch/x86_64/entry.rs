@@ -16,6 +16,11 @@
 
 use wisp_abi::x86::{self, cr, pte};
 
+/// Bytes of `hvm_start_info` (version 1) the stub copies.
+pub const START_INFO_SIZE: usize = 56;
+/// Most PVH memory-map entries the stub copies.
+pub const MEMMAP_MAX: usize = 32;
+
 /// GDT used on the PVH path; the TSS descriptor (entries 8 and 9) is filled
 /// by the stub. Supervisor-only once paging is on.
 #[no_mangle]
@@ -51,7 +56,24 @@ wisp_entry64:
     .type wisp_pvh_entry, @function
 wisp_pvh_entry:
     cli
+    cld
+
+    /* Copy the start info and its memory map into the image while paging
+       is off: loaders put them anywhere in low memory, page 0 included,
+       which stays unmapped once paging is on. */
     mov %ebx, %esi
+    mov $wisp_pvh_start_info, %edi
+    mov ${START_INFO_WORDS}, %ecx
+    rep movsl
+    mov 48(%ebx), %ecx
+    cmp ${MEMMAP_MAX}, %ecx
+    jbe 10f
+    mov ${MEMMAP_MAX}, %ecx
+10: imul $6, %ecx
+    mov 40(%ebx), %esi
+    mov $wisp_pvh_memmap, %edi
+    rep movsl
+    mov $wisp_pvh_start_info, %esi
 
     /* Mask the legacy PIC: at CPL3 IF is always 1. */
     mov $0xff, %al
@@ -204,6 +226,13 @@ wisp_pvh_idt_ptr:
     .word 32 * 16 - 1
     .quad wisp_pvh_idt
 
+    .section .bss.wisp_pvh, "aw", @nobits
+    .balign 8
+    .global wisp_pvh_start_info
+wisp_pvh_start_info: .skip {START_INFO_WORDS} * 4
+    .global wisp_pvh_memmap
+wisp_pvh_memmap: .skip {MEMMAP_MAX} * 24
+
     .section .pvh_bss, "aw", @nobits
     .balign 4096
 wisp_pvh_pml4: .skip 4096
@@ -266,6 +295,8 @@ wisp_exception_vectors:
     .endr
     .text
 "#,
+    START_INFO_WORDS = const START_INFO_SIZE / 4,
+    MEMMAP_MAX = const MEMMAP_MAX,
     TABLE = const pte::PRESENT | pte::WRITABLE | pte::USER,
     HUGE = const pte::PRESENT | pte::WRITABLE | pte::USER | pte::HUGE,
     NX_HI = const (pte::NO_EXECUTE >> 32),
