@@ -28,5 +28,12 @@ pub mod trace;
 pub mod vcpu;
 pub mod vm;
 
+#[cfg(test)]
+mod testing;
+#[cfg(test)]
+mod image_tests;
+#[cfg(test)]
+mod layout_tests;
+
 pub use image::{Image, ImageError};
 pub use vm::{Outcome, Vm, VmConfig, VmError};
