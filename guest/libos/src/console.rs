@@ -36,12 +36,11 @@ static CONSOLE: Spinlock<LineBuffer> = Spinlock::new(LineBuffer {
     len: 0,
 });
 
-#[used]
-#[link_section = ".wisp.libs"]
-static LIB_NAME: [u8; 8] = *b"console\0";
+crate::library!("console");
 
 /// Writes bytes to the console; flushed at the next newline.
 pub fn write_bytes(bytes: &[u8]) {
+    crate::library_linked(&LIB_NAME);
     match CONSOLE.try_lock() {
         Some(mut c) => c.write(bytes),
         // Only reachable by re-entry (a panic while printing): bypass the

@@ -21,9 +21,7 @@ use core::time::Duration;
 
 use crate::time::Instant;
 
-#[used]
-#[link_section = ".wisp.libs"]
-static LIB_NAME: [u8; 5] = *b"exec\0";
+crate::library!("exec");
 
 type TaskId = u64;
 type BoxFuture = Pin<Box<dyn Future<Output = ()>>>;
@@ -207,6 +205,7 @@ fn fire_timers() -> Option<u64> {
 
 /// Runs `future` to completion on this vCPU, together with spawned tasks.
 pub fn block_on<F: Future>(future: F) -> F::Output {
+    crate::library_linked(&LIB_NAME);
     let mut future = core::pin::pin!(future);
     let main_waker = Waker::from(Arc::new(TaskWaker { id: MAIN_TASK }));
     let wakers: RefCell<BTreeMap<TaskId, Waker>> = RefCell::new(BTreeMap::new());

@@ -32,6 +32,35 @@ pub mod time;
 
 pub use boot::Args;
 
+/// Records a component's name in the image's `.wisp.libs` section, for
+/// `wisp inspect`. The name is kept only if the component's code is:
+/// [`library_linked`] must be called from the component's entry points, so
+/// an application that never uses a component carries neither its code nor
+/// its name (micro-libraries, as in Unikraft).
+#[macro_export]
+#[doc(hidden)]
+macro_rules! library {
+    ($name:literal) => {
+        #[link_section = ".wisp.libs"]
+        pub(crate) static LIB_NAME: [u8; $name.len() + 1] = {
+            let mut b = [0u8; $name.len() + 1];
+            let s = $name.as_bytes();
+            let mut i = 0;
+            while i < s.len() {
+                b[i] = s[i];
+                i += 1;
+            }
+            b
+        };
+    };
+}
+
+/// Keeps a component's [`library!`] name alive (see there).
+#[inline(always)]
+pub fn library_linked(name: &'static [u8]) {
+    core::hint::black_box(name);
+}
+
 use wisp_abi::boot::{BootPage, FLAG_TRACE_BOOT};
 
 /// What an application's `main` may return: its exit status.
@@ -96,6 +125,7 @@ extern "Rust" {
 /// Common start once a platform has a boot page: initialise the components
 /// and run the application.
 pub(crate) fn start(boot: &'static BootPage) -> ! {
+    library_linked(&manifest::LIB_NAME);
     boot::init(boot);
     mem::init(boot);
     time::init(boot);
@@ -112,7 +142,7 @@ pub(crate) fn start(boot: &'static BootPage) -> ! {
 extern "C" fn wisp_start_wisp(boot: *const BootPage) -> ! {
     platform::set(wisp_abi::boot::PLATFORM_WISP);
     let addr = boot as usize;
-    if addr < 4096 || addr % core::mem::align_of::<BootPage>() != 0 {
+    if addr < 4096 || !addr.is_multiple_of(core::mem::align_of::<BootPage>()) {
         platform::console_write(b"wisp: no boot page\n");
         platform::exit(wisp_abi::exit::CRASH);
     }

@@ -53,6 +53,4 @@ static MANIFEST: SyncNote = SyncNote(Note {
     },
 });
 
-#[used]
-#[link_section = ".wisp.libs"]
-static LIB_NAME: [u8; 3] = *b"rt\0";
+crate::library!("rt");

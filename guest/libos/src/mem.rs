@@ -15,11 +15,10 @@ static HEAP: TalcLock<spinning_top::RawSpinlock, Manual> = TalcLock::new(Manual)
 /// Bytes handed to the heap at boot.
 static HEAP_BYTES: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
 
-#[used]
-#[link_section = ".wisp.libs"]
-static LIB_NAME: [u8; 4] = *b"mem\0";
+crate::library!("mem");
 
 pub(crate) fn init(boot: &BootPage) {
+    crate::library_linked(&LIB_NAME);
     let mut heap = HEAP.lock();
     for r in boot.regions() {
         // SAFETY: the boot page lists only free RAM that is mapped RW for the

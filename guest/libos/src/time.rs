@@ -16,11 +16,10 @@ static BOOT_UNIX_NS: AtomicU64 = AtomicU64::new(0);
 /// Nanoseconds per tick as 32.32 fixed point.
 static NS_PER_TICK_FP: AtomicU64 = AtomicU64::new(1 << 32);
 
-#[used]
-#[link_section = ".wisp.libs"]
-static LIB_NAME: [u8; 5] = *b"time\0";
+crate::library!("time");
 
 pub(crate) fn init(boot: &BootPage) {
+    crate::library_linked(&LIB_NAME);
     let khz = if boot.tsc_khz == 0 {
         1_000_000
     } else {

@@ -20,16 +20,28 @@ fn valid_image_parses() {
 #[test]
 fn empty_and_not_elf() {
     assert!(matches!(err(vec![]), ImageError::Empty));
-    assert!(matches!(err(b"#!/bin/sh\necho hi\n".to_vec()), ImageError::NotElf));
+    assert!(matches!(
+        err(b"#!/bin/sh\necho hi\n".to_vec()),
+        ImageError::NotElf
+    ));
 }
 
 #[test]
 fn truncated() {
     let full = valid_elf();
-    assert!(matches!(err(full[..40].to_vec()), ImageError::TruncatedHeader(40)));
-    assert!(matches!(err(full[..100].to_vec()), ImageError::BadProgramHeaders(_)));
+    assert!(matches!(
+        err(full[..40].to_vec()),
+        ImageError::TruncatedHeader(40)
+    ));
+    assert!(matches!(
+        err(full[..100].to_vec()),
+        ImageError::BadProgramHeaders(_)
+    ));
     // Headers intact, segment data cut off.
-    assert!(matches!(err(full[..4096 + 100].to_vec()), ImageError::SegmentOutsideFile { .. }));
+    assert!(matches!(
+        err(full[..4096 + 100].to_vec()),
+        ImageError::SegmentOutsideFile { .. }
+    ));
 }
 
 #[test]
@@ -51,65 +63,111 @@ fn wrong_class_endianness_machine_type() {
 #[test]
 fn entry_outside_code() {
     let (_, segs, m) = valid_parts();
-    assert!(matches!(err(elf(0xdead_0000, &segs, Some(m))), ImageError::EntryOutsideCode(0xdead_0000)));
+    assert!(matches!(
+        err(elf(0xdead_0000, &segs, Some(m))),
+        ImageError::EntryOutsideCode(0xdead_0000)
+    ));
     // Inside a loaded but non-executable segment is refused too.
-    assert!(matches!(err(elf(DATA, &segs, Some(m))), ImageError::EntryOutsideCode(_)));
+    assert!(matches!(
+        err(elf(DATA, &segs, Some(m))),
+        ImageError::EntryOutsideCode(_)
+    ));
 }
 
 #[test]
 fn segment_over_boot_area() {
     let (entry, mut segs, m) = valid_parts();
-    segs.push(Seg { vaddr: 0x1000, memsz: 4096, flags: 4, data: vec![] });
-    assert!(matches!(err(elf(entry, &segs, Some(m))), ImageError::SegmentBelowMinimum { addr: 0x1000, .. }));
+    segs.push(Seg {
+        vaddr: 0x1000,
+        memsz: 4096,
+        flags: 4,
+        data: vec![],
+    });
+    assert!(matches!(
+        err(elf(entry, &segs, Some(m))),
+        ImageError::SegmentBelowMinimum { addr: 0x1000, .. }
+    ));
 }
 
 #[test]
 fn huge_memsz_and_overflow() {
     let (entry, mut segs, m) = valid_parts();
     segs[1].memsz = u64::MAX - 0x1000;
-    assert!(matches!(err(elf(entry, &segs, Some(m))), ImageError::SegmentOverflow { .. }));
+    assert!(matches!(
+        err(elf(entry, &segs, Some(m))),
+        ImageError::SegmentOverflow { .. }
+    ));
 }
 
 #[test]
 fn overlapping_segments() {
     let (entry, mut segs, m) = valid_parts();
-    segs.push(Seg { vaddr: DATA + 0x1000, memsz: 4096, flags: 4, data: vec![] });
-    assert!(matches!(err(elf(entry, &segs, Some(m))), ImageError::SegmentsOverlap(..)));
+    segs.push(Seg {
+        vaddr: DATA + 0x1000,
+        memsz: 4096,
+        flags: 4,
+        data: vec![],
+    });
+    assert!(matches!(
+        err(elf(entry, &segs, Some(m))),
+        ImageError::SegmentsOverlap(..)
+    ));
 }
 
 #[test]
 fn writable_and_executable() {
     let (entry, mut segs, m) = valid_parts();
     segs[0].flags = 7;
-    assert!(matches!(err(elf(entry, &segs, Some(m))), ImageError::WritableAndExecutable(0)));
+    assert!(matches!(
+        err(elf(entry, &segs, Some(m))),
+        ImageError::WritableAndExecutable(0)
+    ));
 }
 
 #[test]
 fn file_size_over_mem_size() {
     let (entry, mut segs, m) = valid_parts();
     segs[1].memsz = 16;
-    assert!(matches!(err(elf(entry, &segs, Some(m))), ImageError::FileSizeExceedsMemSize { .. }));
+    assert!(matches!(
+        err(elf(entry, &segs, Some(m))),
+        ImageError::FileSizeExceedsMemSize { .. }
+    ));
 }
 
 #[test]
 fn unaligned_segment() {
     let (entry, mut segs, m) = valid_parts();
     segs[1].vaddr += 8;
-    assert!(matches!(err(elf(entry, &segs, Some(m))), ImageError::SegmentUnaligned { .. }));
+    assert!(matches!(
+        err(elf(entry, &segs, Some(m))),
+        ImageError::SegmentUnaligned { .. }
+    ));
 }
 
 #[test]
 fn manifest_missing_mismatched_or_pointing_outside() {
     let (entry, segs, mut m) = valid_parts();
-    assert!(matches!(err(elf(entry, &segs, None)), ImageError::NoManifest));
+    assert!(matches!(
+        err(elf(entry, &segs, None)),
+        ImageError::NoManifest
+    ));
     m.abi_version = 99;
-    assert!(matches!(err(elf(entry, &segs, Some(m))), ImageError::AbiMismatch { image: 99, .. }));
+    assert!(matches!(
+        err(elf(entry, &segs, Some(m))),
+        ImageError::AbiMismatch { image: 99, .. }
+    ));
     let (_, _, mut m) = valid_parts();
     m.exception_vectors = DATA; // writable: refused
-    assert!(matches!(err(elf(entry, &segs, Some(m))), ImageError::ManifestAddress { .. }));
+    assert!(matches!(
+        err(elf(entry, &segs, Some(m))),
+        ImageError::ManifestAddress { .. }
+    ));
     let (_, _, mut m) = valid_parts();
     m.stack_top = 0x4000_0000;
-    assert!(matches!(err(elf(entry, &segs, Some(m))), ImageError::ManifestAddress { .. }));
+    assert!(matches!(
+        err(elf(entry, &segs, Some(m))),
+        ImageError::ManifestAddress { .. }
+    ));
 }
 
 #[test]

@@ -47,9 +47,9 @@ pub enum LayoutError {
 
 /// Human form of a byte count for errors.
 pub fn human(bytes: u64) -> String {
-    if bytes % GIB == 0 {
+    if bytes.is_multiple_of(GIB) {
         format!("{}G", bytes / GIB)
-    } else if bytes % (1 << 20) == 0 {
+    } else if bytes.is_multiple_of(1 << 20) {
         format!("{}M", bytes >> 20)
     } else {
         format!("{bytes} bytes")
@@ -88,7 +88,7 @@ impl Layout {
     /// Lays out a guest of `mem_size` bytes running `image` with
     /// `args_bytes` bytes of arguments.
     pub fn new(image: &Image, mem_size: u64, args_bytes: usize) -> Result<Layout, LayoutError> {
-        if mem_size % (1 << 20) != 0 {
+        if !mem_size.is_multiple_of(1 << 20) {
             return Err(LayoutError::MemoryUnaligned(human(mem_size)));
         }
         if mem_size > MAX_MEMORY {
@@ -112,7 +112,7 @@ impl Layout {
         // Regions mapped with 4 KiB pages: those holding the boot area or
         // the image, and a partial last region.
         let mut pt_regions: Vec<u64> = (0..image_end.div_ceil(HUGE_PAGE)).collect();
-        if mem_size % HUGE_PAGE != 0 {
+        if !mem_size.is_multiple_of(HUGE_PAGE) {
             let last = mem_size / HUGE_PAGE;
             if !pt_regions.contains(&last) {
                 pt_regions.push(last);

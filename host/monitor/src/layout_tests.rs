@@ -13,17 +13,34 @@ fn image() -> Image {
 #[test]
 fn memory_too_small_or_large_or_unaligned() {
     let (entry, mut segs, m) = valid_parts();
-    segs.push(Seg { vaddr: 0x800_0000, memsz: 4096, flags: 6, data: vec![] });
+    segs.push(Seg {
+        vaddr: 0x800_0000,
+        memsz: 4096,
+        flags: 6,
+        data: vec![],
+    });
     let big = Image::parse(elf(entry, &segs, Some(m))).expect("valid image");
     match Layout::new(&big, 64 << 20, 0) {
         Err(LayoutError::MemoryTooSmall { needed, .. }) => assert_eq!(needed, 0x800_1000),
         other => panic!("expected MemoryTooSmall, got {other:?}"),
     }
     assert!(Layout::new(&big, 256 << 20, 0).is_ok());
-    assert!(matches!(Layout::new(&image(), 1 << 20, 0), Err(LayoutError::MemoryTooSmall { .. })));
-    assert!(matches!(Layout::new(&image(), 4 << 30, 0), Err(LayoutError::MemoryTooLarge(_))));
-    assert!(matches!(Layout::new(&image(), (2 << 20) + 5, 0), Err(LayoutError::MemoryUnaligned(_))));
-    assert!(matches!(Layout::new(&image(), 64 << 20, 1 << 20), Err(LayoutError::ArgsTooLong(_))));
+    assert!(matches!(
+        Layout::new(&image(), 1 << 20, 0),
+        Err(LayoutError::MemoryTooSmall { .. })
+    ));
+    assert!(matches!(
+        Layout::new(&image(), 4 << 30, 0),
+        Err(LayoutError::MemoryTooLarge(_))
+    ));
+    assert!(matches!(
+        Layout::new(&image(), (2 << 20) + 5, 0),
+        Err(LayoutError::MemoryUnaligned(_))
+    ));
+    assert!(matches!(
+        Layout::new(&image(), 64 << 20, 1 << 20),
+        Err(LayoutError::ArgsTooLong(_))
+    ));
 }
 
 #[test]
@@ -47,7 +64,11 @@ fn page_permissions() {
     assert_eq!(page_flags(&l, &img, l.args), USER_RODATA);
     let text = page_flags(&l, &img, TEXT);
     assert!(text & pte::USER != 0 && text & pte::WRITABLE == 0 && text & pte::NO_EXECUTE == 0);
-    assert_eq!(page_flags(&l, &img, TEXT + 0x1000), 0, "hole between segments is a guard page");
+    assert_eq!(
+        page_flags(&l, &img, TEXT + 0x1000),
+        0,
+        "hole between segments is a guard page"
+    );
     let data = page_flags(&l, &img, DATA);
     assert!(data & pte::WRITABLE != 0 && data & pte::NO_EXECUTE != 0);
     assert_eq!(page_flags(&l, &img, l.image_end), USER_DATA);
@@ -59,11 +80,17 @@ fn tables_map_huge_pages_outside_the_image() {
     let img = image();
     let l = Layout::new(&img, 64 << 20, 0).expect("fits");
     let tables = paging::build(&l, &img);
-    let pd = tables.iter().find(|t| t.addr == l.pd_base).expect("page directory");
+    let pd = tables
+        .iter()
+        .find(|t| t.addr == l.pd_base)
+        .expect("page directory");
     assert_eq!(pd.entries[0] & pte::HUGE, 0, "first 2 MiB uses 4 KiB pages");
     assert_eq!(pd.entries[1], (2 << 20) | USER_DATA | pte::HUGE);
     assert_eq!(pd.entries[32], 0, "no mapping past 64 MiB");
-    let pt = tables.iter().find(|t| t.addr == l.pt_base).expect("page table");
+    let pt = tables
+        .iter()
+        .find(|t| t.addr == l.pt_base)
+        .expect("page table");
     assert_eq!(pt.entries[0], 0);
     assert_eq!(pt.entries[(TEXT / 4096) as usize] & pte::ADDR_MASK, TEXT);
 }

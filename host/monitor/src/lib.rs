@@ -29,11 +29,11 @@ pub mod vcpu;
 pub mod vm;
 
 #[cfg(test)]
-mod testing;
-#[cfg(test)]
 mod image_tests;
 #[cfg(test)]
 mod layout_tests;
+#[cfg(test)]
+mod testing;
 
 pub use image::{Image, ImageError};
 pub use vm::{Outcome, Vm, VmConfig, VmError};

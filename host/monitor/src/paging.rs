@@ -84,7 +84,7 @@ pub fn build(layout: &Layout, image: &Image) -> Vec<Table> {
     let regions = layout.mem_size.div_ceil(HUGE_PAGE);
     for r in 0..regions {
         let (pd, slot) = ((r / 512) as usize, (r % 512) as usize);
-        pds[pd].entries[slot] = r * HUGE_PAGE | USER_DATA | pte::HUGE;
+        pds[pd].entries[slot] = (r * HUGE_PAGE) | USER_DATA | pte::HUGE;
     }
     let mut pts = Vec::with_capacity(layout.pt_regions.len());
     for (i, &r) in layout.pt_regions.iter().enumerate() {

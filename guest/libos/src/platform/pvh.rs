@@ -27,10 +27,17 @@ const DEBUG_EXIT: u16 = 0xf4;
 const MAPPED_END: u64 = 1 << 30;
 const CMDLINE_MAX: usize = 4096;
 
+/// Memory written once, during the single-threaded PVH boot, before
+/// anything else can reference it.
+struct BootCell<T>(core::cell::UnsafeCell<T>);
+// SAFETY: only `wisp_start_pvh` writes it, once, before any reader exists.
+unsafe impl<T> Sync for BootCell<T> {}
+
 /// The boot page built from the start info.
-static mut BOOT: BootPage = BootPage::new(PLATFORM_PVH);
+static BOOT: BootCell<BootPage> =
+    BootCell(core::cell::UnsafeCell::new(BootPage::new(PLATFORM_PVH)));
 /// The arguments, NUL-separated, copied out of the command line.
-static mut ARGS: [u8; CMDLINE_MAX] = [0; CMDLINE_MAX];
+static ARGS: BootCell<[u8; CMDLINE_MAX]> = BootCell(core::cell::UnsafeCell::new([0; CMDLINE_MAX]));
 
 extern "C" {
     static __image_end: u8;
@@ -80,10 +87,11 @@ extern "C" fn wisp_start_pvh(start_info: u32) -> ! {
     if magic != START_INFO_MAGIC {
         fail("bad PVH start info magic");
     }
-    // SAFETY: single-threaded boot; nothing else references BOOT or ARGS yet.
-    let boot = unsafe { &mut *(&raw mut BOOT) };
+    // SAFETY: single-threaded boot, entered once; nothing else references
+    // BOOT or ARGS yet.
+    let boot: &'static mut BootPage = unsafe { &mut *BOOT.0.get() };
     // SAFETY: as above.
-    let args = unsafe { &mut *(&raw mut ARGS) };
+    let args: &'static mut [u8; CMDLINE_MAX] = unsafe { &mut *ARGS.0.get() };
 
     // The stub copied at most MEMMAP_MAX entries of the loader's table.
     let entries = (entries as usize).min(MEMMAP_MAX);
@@ -117,7 +125,10 @@ extern "C" fn wisp_start_pvh(start_info: u32) -> ! {
 
     if cmdline != 0 {
         if !readable(cmdline, 1) {
-            let _ = writeln!(Com1, "wisp: command line at {cmdline:#x} is not mapped; arguments ignored");
+            let _ = writeln!(
+                Com1,
+                "wisp: command line at {cmdline:#x} is not mapped; arguments ignored"
+            );
         }
         let mut line = [0u8; CMDLINE_MAX];
         let mut n = 0;

@@ -30,6 +30,7 @@ fn write(addr: usize, v: u64) {
 }
 
 #[inline(never)]
+#[allow(unconditional_recursion)]
 fn recurse(n: u64) -> u64 {
     let buf = core::hint::black_box([n; 64]);
     recurse(buf[3] + 1) + buf[5]
@@ -57,7 +58,9 @@ fn main(args: wisp::Args) -> i32 {
         "de" => {
             let zero = core::hint::black_box(0u64);
             // SAFETY: raises #DE on purpose (a plain `/` would panic first).
-            unsafe { core::arch::asm!("div {0}", in(reg) zero, inout("rax") 1u64 => _, inout("rdx") 0u64 => _) }
+            unsafe {
+                core::arch::asm!("div {0}", in(reg) zero, inout("rax") 1u64 => _, inout("rdx") 0u64 => _)
+            }
         }
         "gp" => {
             // SAFETY: `hlt` at CPL3 raises #GP on purpose.
@@ -69,7 +72,7 @@ fn main(args: wisp::Args) -> i32 {
         }
         "null" => println!("read {}", read(0)),
         "unmapped" => println!("read {}", read(0x7fff_0000_0000)),
-        "write-text" => write(main as usize, 0),
+        "write-text" => write(main as *const () as usize, 0),
         "write-rodata" => write("a constant string".as_ptr() as usize & !7, 0),
         "write-boot-page" => {
             let boot = wisp::boot::boot_page() as *const _ as usize;
@@ -79,8 +82,9 @@ fn main(args: wisp::Args) -> i32 {
         "read-page-tables" => println!("read {}", read(0x1000)),
         "exec-stack" => {
             let code = [0xc3u8; 16]; // ret
-            // SAFETY: jumps to the stack on purpose: NX must stop it.
-            let f: extern "C" fn() = unsafe { core::mem::transmute(core::hint::black_box(code.as_ptr())) };
+                                     // SAFETY: jumps to the stack on purpose: NX must stop it.
+            let f: extern "C" fn() =
+                unsafe { core::mem::transmute(core::hint::black_box(code.as_ptr())) };
             f();
         }
         "guard" => {
@@ -118,7 +122,11 @@ fn main(args: wisp::Args) -> i32 {
             for i in 0..mib {
                 v.push(alloc::vec![i as u8; 1 << 20]);
             }
-            println!("allocated {} MiB, heap {} KiB", v.len(), wisp::mem::heap_size() / 1024);
+            println!(
+                "allocated {} MiB, heap {} KiB",
+                v.len(),
+                wisp::mem::heap_size() / 1024
+            );
         }
         "clock" => println!("unix {}", wisp::time::unix_time().as_secs()),
         "text-end" => println!("{:#x}", &raw const __text_end as usize),

@@ -28,8 +28,18 @@ pub fn valid_parts() -> (u64, Vec<Seg>, ImageManifest) {
         text[0x100 + v * 8..0x108 + v * 8].copy_from_slice(&TEXT.to_le_bytes());
     }
     let segs = vec![
-        Seg { vaddr: TEXT, memsz: 4096, flags: 5, data: text },
-        Seg { vaddr: DATA, memsz: 0x10000, flags: 6, data: vec![1; 64] },
+        Seg {
+            vaddr: TEXT,
+            memsz: 4096,
+            flags: 5,
+            data: text,
+        },
+        Seg {
+            vaddr: DATA,
+            memsz: 0x10000,
+            flags: 6,
+            data: vec![1; 64],
+        },
     ];
     let manifest = ImageManifest {
         abi_version: wisp_abi::ABI_VERSION,
@@ -60,7 +70,14 @@ pub fn elf(entry: u64, segs: &[Seg], manifest: Option<ImageManifest>) -> Vec<u8>
         let off = out.len().next_multiple_of(4096);
         out.resize(off, 0);
         out.extend_from_slice(&s.data);
-        phdrs.push((1u32, s.flags, off as u64, s.vaddr, s.data.len() as u64, s.memsz));
+        phdrs.push((
+            1u32,
+            s.flags,
+            off as u64,
+            s.vaddr,
+            s.data.len() as u64,
+            s.memsz,
+        ));
     }
     if !note.is_empty() {
         let off = out.len().next_multiple_of(8);

@@ -1,0 +1,144 @@
+//! Helpers shared by the integration tests: the `wisp` binary, the test
+//! images (built once per test process with `wisp build`), and running
+//! guests on the Wisp monitor and on QEMU with a time limit.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The `wisp` binary under test.
+pub fn wisp() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_wisp"))
+}
+
+/// Root of the repository.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("repo root")
+}
+
+/// Fails (never skips) when KVM is missing: these tests exist to boot VMs.
+pub fn require_kvm() {
+    assert!(
+        Path::new("/dev/kvm").exists(),
+        "/dev/kvm is missing: the Wisp boot tests need KVM and do not skip without it"
+    );
+}
+
+/// Scratch directory for this test binary.
+pub fn scratch() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("wisp-tests");
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+fn build_image(app: &str, name: &str) -> PathBuf {
+    let out = scratch().join(format!("{name}.wisp"));
+    let o = wisp()
+        .arg("build")
+        .arg(repo().join(app))
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .expect("run wisp build");
+    assert!(
+        o.status.success(),
+        "wisp build {app} failed:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    out
+}
+
+/// The hello example image.
+pub fn hello() -> &'static Path {
+    static IMG: OnceLock<PathBuf> = OnceLock::new();
+    IMG.get_or_init(|| build_image("examples/hello", "hello"))
+}
+
+/// The probe test image (first argument picks a behaviour).
+pub fn probe() -> &'static Path {
+    static IMG: OnceLock<PathBuf> = OnceLock::new();
+    IMG.get_or_init(|| build_image("guest/testapps/probe", "probe"))
+}
+
+/// Waits for `cmd` at most `limit`, killing it after.
+pub fn output_within(mut cmd: Command, limit: Duration) -> Output {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let start = Instant::now();
+    loop {
+        if child.try_wait().expect("wait").is_some() {
+            return child.wait_with_output().expect("output");
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!(
+                "command did not finish within {limit:?}: {cmd:?}\nstdout: {}\nstderr: {}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// `wisp run IMAGE FLAGS -- ARGS`, bounded to 60 s.
+pub fn run(image: &Path, flags: &[&str], args: &[&str]) -> Output {
+    require_kvm();
+    let mut cmd = wisp();
+    cmd.arg("run").arg(image).args(flags).arg("--").args(args);
+    output_within(cmd, Duration::from_secs(60))
+}
+
+/// Boots `image` under QEMU microvm with the README's command line plus
+/// `append`, bounded to 60 s.
+pub fn qemu(image: &Path, append: &str) -> Output {
+    require_kvm();
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args([
+        "-M",
+        "microvm,acpi=off",
+        "-accel",
+        "kvm",
+        "-m",
+        "64M",
+        "-nodefaults",
+        "-no-user-config",
+    ])
+    .args(["-display", "none", "-serial", "stdio", "-no-reboot"])
+    .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4", "-kernel"])
+    .arg(image)
+    .args(["-append", append]);
+    output_within(cmd, Duration::from_secs(60))
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn status(o: &Output) -> i32 {
+    o.status.code().expect("exited normally, not by a signal")
+}
+
+/// Asserts `o` is a clean monitor error: status 125, one line on stderr,
+/// no Rust panic or backtrace, mentioning `needle`.
+pub fn assert_clean_error(o: &Output, needle: &str) {
+    let err = stderr(o);
+    assert_eq!(status(o), 125, "stderr: {err}");
+    assert!(err.starts_with("wisp: error: "), "stderr: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    assert!(!err.contains("panicked"), "no panic: {err}");
+    assert!(err.contains(needle), "expected '{needle}' in: {err}");
+}

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Runs every test: installs what is missing, checks formatting and lints on
+# both workspaces, builds, then runs the unit tests and the integration
+# tests that boot real images under KVM (Wisp monitor and QEMU microvm).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/install-deps.sh
+
+echo "== format and lints"
+cargo fmt --all --check
+(cd guest && cargo fmt --all --check)
+cargo clippy --release --workspace --all-targets -q -- -D warnings
+(cd guest && cargo clippy --release --target x86_64-unknown-linux-gnu --workspace -q -- -D warnings)
+
+echo "== build"
+cargo build --release -q
+
+echo "== tests"
+cargo test --release --workspace
