@@ -52,6 +52,7 @@ pub fn run(a: &RunArgs, started: Instant) -> anyhow::Result<u8> {
     }
     if let Some(t) = vm.trace() {
         eprint!("{}", t.report());
+        eprintln!("  guest exits to the monitor: {}", vm.exits());
     }
     Ok(outcome.status())
 }

@@ -84,6 +84,8 @@ pub struct Vm {
     mem: GuestMemoryMmap,
     layout: Layout,
     trace: Option<BootTrace>,
+    /// Exits from `KVM_RUN` to this monitor (each costs 80-110 µs on PVM).
+    exits: u64,
 }
 
 impl Vm {
@@ -152,12 +154,18 @@ impl Vm {
             mem,
             layout,
             trace,
+            exits: 0,
         })
     }
 
     /// The layout the guest was given.
     pub fn layout(&self) -> &Layout {
         &self.layout
+    }
+
+    /// How many times the guest exited to the monitor so far.
+    pub fn exits(&self) -> u64 {
+        self.exits
     }
 
     /// The boot trace, once the guest has run.
@@ -179,7 +187,10 @@ impl Vm {
                 return Ok(Outcome::TimedOut { rip });
             }
             let exit = match self.vcpu.run() {
-                Ok(exit) => exit,
+                Ok(exit) => {
+                    self.exits += 1;
+                    exit
+                }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
                 Err(e) => {
                     return Err(VmError::KvmCall {
