@@ -20,7 +20,11 @@ fn repo() -> PathBuf {
 /// Wall time of one run of `cmd`, spawn to exit, output discarded.
 fn time(cmd: &mut Command) -> anyhow::Result<Duration> {
     let start = Instant::now();
-    let status = cmd.stdout(Stdio::null()).stderr(Stdio::null()).status().context("spawn")?;
+    let status = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .context("spawn")?;
     let took = start.elapsed();
     if !status.success() && status.code() != Some(1) {
         bail!("{cmd:?} failed: {status}");
@@ -60,47 +64,96 @@ fn main() -> anyhow::Result<()> {
     let repo = repo();
     let wisp = repo.join("target/release/wisp");
     if !wisp.exists() {
-        bail!("{} not found: run `cargo build --release` first", wisp.display());
+        bail!(
+            "{} not found: run `cargo build --release` first",
+            wisp.display()
+        );
     }
     let dir = repo.join("target/bench");
     std::fs::create_dir_all(&dir)?;
     let image = dir.join("hello.wisp");
-    let st = Command::new(&wisp).arg("build").arg(repo.join("examples/hello")).arg("-o").arg(&image).status()?;
+    let st = Command::new(&wisp)
+        .arg("build")
+        .arg(repo.join("examples/hello"))
+        .arg("-o")
+        .arg(&image)
+        .status()?;
     if !st.success() {
         bail!("wisp build examples/hello failed");
     }
     let c_src = dir.join("true.c");
     let c_bin = dir.join("true-static");
     std::fs::write(&c_src, "int main(void) { return 0; }\n")?;
-    let st = Command::new("gcc").args(["-static", "-O2", "-o"]).arg(&c_bin).arg(&c_src).status().context("gcc")?;
+    let st = Command::new("gcc")
+        .args(["-static", "-O2", "-o"])
+        .arg(&c_bin)
+        .arg(&c_src)
+        .status()
+        .context("gcc")?;
     if !st.success() {
         bail!("gcc -static failed (is libc6-dev installed?)");
     }
-    let have_qemu = Command::new("qemu-system-x86_64").arg("--version").stdout(Stdio::null()).status().is_ok();
+    let have_qemu = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok();
 
-    let mut wisp_s = Series { name: "wisp run hello (cold, process start -> exit)", samples: vec![] };
-    let mut static_s = Series { name: "static C process spawn (int main(){return 0;})", samples: vec![] };
-    let mut qemu_s = Series { name: "QEMU microvm (acpi=off) booting the same image", samples: vec![] };
+    let mut wisp_s = Series {
+        name: "wisp run --memory 2M hello (cold)",
+        samples: vec![],
+    };
+    let mut wisp64_s = Series {
+        name: "wisp run hello (cold, default --memory 64M)",
+        samples: vec![],
+    };
+    let mut static_s = Series {
+        name: "static C process spawn (int main(){return 0;})",
+        samples: vec![],
+    };
+    let mut qemu_s = Series {
+        name: "QEMU microvm (acpi=off) booting the same image",
+        samples: vec![],
+    };
     // Warm the page cache and the binaries once.
     time(Command::new(&wisp).arg("run").arg(&image))?;
     time(&mut Command::new(&c_bin))?;
     for i in 0..rounds {
-        wisp_s.samples.push(time(Command::new(&wisp).arg("run").arg(&image))?);
+        wisp_s.samples.push(time(
+            Command::new(&wisp)
+                .args(["run", "--memory", "2M"])
+                .arg(&image),
+        )?);
+        wisp64_s
+            .samples
+            .push(time(Command::new(&wisp).arg("run").arg(&image))?);
         static_s.samples.push(time(&mut Command::new(&c_bin))?);
         if have_qemu && i < qemu_rounds {
             let mut q = Command::new("qemu-system-x86_64");
-            q.args(["-M", "microvm,acpi=off", "-accel", "kvm", "-m", "64M", "-nodefaults", "-no-user-config"])
-                .args(["-display", "none", "-serial", "stdio", "-no-reboot"])
-                .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4", "-kernel"])
-                .arg(&image);
+            q.args([
+                "-M",
+                "microvm,acpi=off",
+                "-accel",
+                "kvm",
+                "-m",
+                "64M",
+                "-nodefaults",
+                "-no-user-config",
+            ])
+            .args(["-display", "none", "-serial", "stdio", "-no-reboot"])
+            .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4", "-kernel"])
+            .arg(&image);
             qemu_s.samples.push(time(&mut q)?);
         }
     }
 
     let base = static_s.median();
     println!("cold boot, {rounds} interleaved rounds ({qemu_rounds} for QEMU); wall time of the whole process");
-    println!("{:<50} {:>9} {:>9} {:>9} {:>10}", "", "median", "p10", "p90", "vs static");
-    for s in [&static_s, &wisp_s, &qemu_s] {
+    println!(
+        "{:<50} {:>9} {:>9} {:>9} {:>10}",
+        "", "median", "p10", "p90", "vs static"
+    );
+    for s in [&static_s, &wisp_s, &wisp64_s, &qemu_s] {
         if s.samples.is_empty() {
             println!("{:<50} (not measured: qemu-system-x86_64 missing)", s.name);
             continue;
@@ -121,21 +174,31 @@ fn main() -> anyhow::Result<()> {
     let mut stages: Vec<(String, Vec<f64>)> = Vec::new();
     let mut exits = Vec::new();
     for _ in 0..rounds.min(20) {
-        let out = Command::new(&wisp).arg("run").arg(&image).arg("--trace-boot").output()?;
+        let out = Command::new(&wisp)
+            .args(["run", "--memory", "2M", "--trace-boot"])
+            .arg(&image)
+            .output()?;
         let err = String::from_utf8_lossy(&out.stderr);
         for (i, line) in err.lines().filter(|l| l.contains('|')).skip(1).enumerate() {
             let (times, name) = line.split_at(line.find("  ").map_or(0, |_| 22).min(line.len()));
-            let step: f64 = times.split('|').nth(1).and_then(|t| t.trim().parse().ok()).unwrap_or(0.0);
+            let step: f64 = times
+                .split('|')
+                .nth(1)
+                .and_then(|t| t.trim().parse().ok())
+                .unwrap_or(0.0);
             if stages.len() <= i {
                 stages.push((name.trim().to_string(), vec![]));
             }
             stages[i].1.push(step);
         }
-        if let Some(n) = err.lines().find_map(|l| l.trim().strip_prefix("guest exits to the monitor: ")) {
+        if let Some(n) = err
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("guest exits to the monitor: "))
+        {
             exits.push(n.to_string());
         }
     }
-    println!("\nwisp run --trace-boot, median time of each stage (ms, from the previous stage):");
+    println!("\nwisp run --memory 2M --trace-boot, median time of each stage (ms, from the previous stage):");
     let mut total = 0.0;
     for (name, mut v) in stages {
         v.sort_by(f64::total_cmp);
@@ -143,7 +206,12 @@ fn main() -> anyhow::Result<()> {
         total += m;
         println!("  {m:>7.3}  {name}");
     }
-    println!("  {total:>7.3}  sum (monitor main() to guest exit; process exec and teardown are outside)");
-    println!("guest exits to the monitor per boot: {}", exits.first().map_or("?", String::as_str));
+    println!(
+        "  {total:>7.3}  sum (monitor main() to guest exit; process exec and teardown are outside)"
+    );
+    println!(
+        "guest exits to the monitor per boot: {}",
+        exits.first().map_or("?", String::as_str)
+    );
     Ok(())
 }

@@ -8,6 +8,7 @@ mod build;
 mod inspect;
 mod new;
 mod run;
+mod teardown;
 mod units;
 
 use std::path::PathBuf;
@@ -68,6 +69,7 @@ enum Command {
 fn main() -> ExitCode {
     let started = Instant::now();
     let cli = Cli::parse();
+    let is_run = matches!(cli.command, Command::Run { .. });
     let result = match cli.command {
         Command::Build { app_dir, output } => build::build(&app_dir, output.as_deref()).map(|_| 0),
         Command::Run {
@@ -90,6 +92,14 @@ fn main() -> ExitCode {
         Command::New { name, path } => new::new(&name, path.as_deref()).map(|_| 0),
     };
     match result {
+        Ok(status) if is_run => {
+            // The guest is done and its output written: do not make the
+            // caller wait for the VM's teardown.
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+            let _ = std::io::stderr().flush();
+            teardown::exit_now(status)
+        }
         Ok(status) => ExitCode::from(status),
         Err(e) => {
             eprintln!("wisp: error: {e:#}");

@@ -36,4 +36,4 @@ mod layout_tests;
 mod testing;
 
 pub use image::{Image, ImageError};
-pub use vm::{Outcome, Vm, VmConfig, VmError};
+pub use vm::{Outcome, Shell, Vm, VmConfig, VmError};

@@ -22,6 +22,17 @@ impl BootTrace {
         self.marks.push((stage, Instant::now()));
     }
 
+    /// Records a stage that ended at `at` (e.g. on another thread); marks
+    /// stay in time order.
+    pub fn mark_at(&mut self, stage: &'static str, at: Instant) {
+        let pos = self
+            .marks
+            .iter()
+            .position(|(_, t)| *t > at)
+            .unwrap_or(self.marks.len());
+        self.marks.insert(pos, (stage, at));
+    }
+
     /// The breakdown: each stage with its time since start and since the
     /// previous stage, in milliseconds.
     pub fn report(&self) -> String {
