@@ -43,6 +43,14 @@ pub struct Device {
     pub mac: [u8; 8],
     /// Capacity in bytes for block devices.
     pub capacity: u64,
+    /// Network devices: the guest's IPv4 address (network byte order as
+    /// bytes), 0 = unconfigured (use DHCP).
+    pub ipv4: [u8; 4],
+    /// Network devices: the default gateway.
+    pub gateway: [u8; 4],
+    /// Network devices: the prefix length of `ipv4`'s network.
+    pub prefix_len: u32,
+    pub _reserved: u32,
 }
 
 /// The boot page itself. Its guest-physical address is passed in `rdi` at
@@ -77,6 +85,24 @@ pub struct BootPage {
     pub devices: [Device; MAX_DEVICES],
 }
 
+impl Device {
+    /// An empty entry of `kind`.
+    pub const fn new(kind: u32) -> Device {
+        Device {
+            kind,
+            irq: 0,
+            mmio_base: 0,
+            mmio_len: 0,
+            mac: [0; 8],
+            capacity: 0,
+            ipv4: [0; 4],
+            gateway: [0; 4],
+            prefix_len: 0,
+            _reserved: 0,
+        }
+    }
+}
+
 impl BootPage {
     /// An empty boot page for `platform`, with magic and version filled in.
     pub const fn new(platform: u32) -> Self {
@@ -103,6 +129,10 @@ impl BootPage {
                 mmio_len: 0,
                 mac: [0; 8],
                 capacity: 0,
+                ipv4: [0; 4],
+                gateway: [0; 4],
+                prefix_len: 0,
+                _reserved: 0,
             }; MAX_DEVICES],
         }
     }
@@ -116,6 +146,23 @@ impl BootPage {
         self.mem_regions[i] = MemRegion { start, len };
         self.mem_region_count += 1;
         true
+    }
+
+    /// Appends a device; returns `false` when the table is full.
+    pub fn push_device(&mut self, device: Device) -> bool {
+        let i = self.device_count as usize;
+        if i >= MAX_DEVICES {
+            return false;
+        }
+        self.devices[i] = device;
+        self.device_count += 1;
+        true
+    }
+
+    /// The valid part of the device table.
+    pub fn devices(&self) -> &[Device] {
+        let n = (self.device_count as usize).min(MAX_DEVICES);
+        &self.devices[..n]
     }
 
     /// The valid part of the region table (never more than the table holds,
@@ -132,13 +179,13 @@ impl BootPage {
 unsafe impl Pod for BootPage {}
 // SAFETY: repr(C), two u64 fields, no padding.
 unsafe impl Pod for MemRegion {}
-// SAFETY: repr(C), u32,u32,u64,u64,[u8;8],u64: no padding.
+// SAFETY: repr(C), u32,u32,u64,u64,[u8;8],u64,[u8;4],[u8;4],u32,u32: no padding.
 unsafe impl Pod for Device {}
 
 const _: () = assert!(core::mem::size_of::<MemRegion>() == 16);
-const _: () = assert!(core::mem::size_of::<Device>() == 40);
+const _: () = assert!(core::mem::size_of::<Device>() == 56);
 const _: () = assert!(
     core::mem::size_of::<BootPage>()
-        == 8 + 4 * 4 + 16 * MAX_MEM_REGIONS + 8 * 5 + 4 * 4 + 40 * MAX_DEVICES
+        == 8 + 4 * 4 + 16 * MAX_MEM_REGIONS + 8 * 5 + 4 * 4 + 56 * MAX_DEVICES
 );
 const _: () = assert!(core::mem::size_of::<BootPage>() <= 4096);

@@ -20,6 +20,14 @@ pub const NOTE_TYPE: u32 = 0x5749_5350; // "WISP"
 /// `Device::kind` in the boot page.
 pub const DEVICE_NET: u32 = 1;
 pub const DEVICE_BLOCK: u32 = 2;
+/// Boot-page device kind for a virtio-mmio transport whose device type the
+/// guest must read from it (devices found on QEMU's command line).
+pub const DEVICE_VIRTIO_PROBE: u32 = 0x100;
+
+/// ELF note type by which a device library declares that the image needs a
+/// device: the descriptor is one `u32` device kind. Each device library
+/// emits it, so an image requires exactly the devices it links drivers for.
+pub const NOTE_TYPE_DEVICE: u32 = 0x5749_5344; // "WISD"
 
 /// Section in which each linked library OS component leaves its name
 /// (NUL-terminated), so an image lists exactly what it contains.

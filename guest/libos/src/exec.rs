@@ -51,6 +51,25 @@ static READY: ReadyQueue = ReadyQueue(RefCell::new(VecDeque::new()));
 
 const MAIN_TASK: TaskId = 0;
 
+/// An I/O source the executor polls on every turn (a network stack): it
+/// moves packets, wakes the tasks they concern, and returns when it next
+/// needs polling (monotonic ns), if ever.
+pub type IoPoller = fn() -> Option<u64>;
+
+struct PollerSlot(Cell<Option<IoPoller>>);
+// SAFETY: single-threaded guest (see `Global`).
+unsafe impl Sync for PollerSlot {}
+static POLLER: PollerSlot = PollerSlot(Cell::new(None));
+
+/// Registers the I/O poller (one per image: the network stack).
+pub fn set_io_poller(poller: IoPoller) {
+    POLLER.0.set(Some(poller));
+}
+
+/// Longest a guest blocks with an I/O poller but nothing to wake it: under
+/// QEMU there are no interrupts, so the executor must come back to poll.
+const PVH_IO_POLL_NS: u64 = 50_000;
+
 fn with<R>(f: impl FnOnce(&mut Executor) -> R) -> R {
     let mut guard = EXEC.0.borrow_mut();
     let exec = guard.get_or_insert_with(|| Executor {
@@ -238,21 +257,29 @@ pub fn block_on<F: Future>(future: F) -> F::Output {
                 wakers.borrow_mut().remove(&id);
             }
         }
+        let poller = POLLER.0.get();
+        let io_next = poller.and_then(|p| p());
         let next = fire_timers();
         if !READY.0.borrow().is_empty() {
             continue;
         }
-        match next {
-            Some(deadline) => {
-                let now = Instant::now().as_nanos();
-                if deadline > now {
-                    crate::platform::wait(deadline - now);
-                }
-            }
-            None => {
-                // Nothing can ever wake a task: a deadlock in the application.
-                panic!("block_on: no task is ready and no timer is pending");
-            }
+        let next = match (next, io_next) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let now = Instant::now().as_nanos();
+        let mut timeout = match (next, poller) {
+            (Some(deadline), _) => deadline.saturating_sub(now),
+            // Waiting for I/O only: block until something arrives.
+            (None, Some(_)) => 1_000_000_000,
+            // Nothing can ever wake a task: a deadlock in the application.
+            (None, None) => panic!("block_on: no task is ready and no timer is pending"),
+        };
+        if poller.is_some() && crate::platform::is_pvh() {
+            timeout = timeout.min(PVH_IO_POLL_NS);
+        }
+        if timeout > 0 {
+            crate::platform::wait(timeout);
         }
     }
 }

@@ -71,7 +71,7 @@ pub fn inspect(path: &Path) -> anyhow::Result<()> {
             libs.join(", ")
         }
     );
-    let dev = m.devices_required;
+    let dev = image.required_devices;
     let mut devices = Vec::new();
     if dev & (1 << DEVICE_NET) != 0 {
         devices.push("net");

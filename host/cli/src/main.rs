@@ -50,6 +50,14 @@ enum Command {
         /// Print a timestamped breakdown of the boot to stderr.
         #[arg(long)]
         trace_boot: bool,
+        /// Publish a guest TCP port on the host: [ADDR:]HOST:GUEST (ADDR
+        /// defaults to 127.0.0.1). Gives the guest a NIC on the user-mode
+        /// network. Repeatable.
+        #[arg(short = 'p', long = "publish", value_name = "[ADDR:]HOST:GUEST")]
+        publish: Vec<wisp_monitor::net::user::PortForward>,
+        /// Give the guest a NIC on the user-mode network even without -p.
+        #[arg(long = "net", value_parser = ["user"])]
+        net: Option<String>,
         /// Arguments for the application (after `--`).
         #[arg(last = true)]
         args: Vec<String>,
@@ -77,6 +85,8 @@ fn main() -> ExitCode {
             memory,
             timeout,
             trace_boot,
+            publish,
+            net,
             args,
         } => run::run(
             &run::RunArgs {
@@ -85,6 +95,8 @@ fn main() -> ExitCode {
                 timeout,
                 trace_boot,
                 args,
+                publish,
+                net: net.is_some(),
             },
             started,
         ),

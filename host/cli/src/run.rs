@@ -15,6 +15,8 @@ pub struct RunArgs {
     pub timeout: Option<Duration>,
     pub trace_boot: bool,
     pub args: Vec<String>,
+    pub publish: Vec<wisp_monitor::net::user::PortForward>,
+    pub net: bool,
 }
 
 /// Runs the guest; returns the status `wisp run` exits with.
@@ -29,6 +31,7 @@ pub fn run(a: &RunArgs, started: Instant) -> anyhow::Result<u8> {
         memory: a.memory,
         args: a.args.clone(),
         trace_boot: a.trace_boot,
+        net: (a.net || !a.publish.is_empty()).then(|| a.publish.clone()),
     };
     // Creating the KVM VM and vCPU on a second thread while the image is
     // read was measured slower here (contention on 2 vCPUs): sequential.

@@ -6,7 +6,7 @@
 //! host nothing.
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use wisp_abi::boot::{BootPage, FLAG_TRACE_BOOT, PLATFORM_WISP};
+use wisp_abi::boot::{BootPage, Device, FLAG_TRACE_BOOT, PLATFORM_WISP};
 use wisp_abi::pod::Pod;
 use wisp_abi::x86;
 
@@ -124,8 +124,12 @@ pub fn write_boot_page(
     argc: usize,
     clock: Clock,
     trace: bool,
+    devices: &[Device],
 ) -> Result<(), BootError> {
     let mut page = BootPage::new(PLATFORM_WISP);
+    for d in devices {
+        page.push_device(*d);
+    }
     if trace {
         page.flags |= FLAG_TRACE_BOOT;
     }

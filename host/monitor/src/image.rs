@@ -14,7 +14,7 @@ use std::path::Path;
 use goblin::container::{Container, Ctx, Endian};
 use goblin::elf::header::{self, Header};
 use goblin::elf::program_header::{ProgramHeader, PF_R, PF_W, PF_X, PT_LOAD, PT_NOTE};
-use wisp_abi::manifest::{ImageManifest, MANIFEST_SIZE, NOTE_NAME, NOTE_TYPE};
+use wisp_abi::manifest::{ImageManifest, MANIFEST_SIZE, NOTE_NAME, NOTE_TYPE, NOTE_TYPE_DEVICE};
 use wisp_abi::pod::Pod;
 
 /// Largest image file the monitor reads.
@@ -135,6 +135,9 @@ pub struct Image {
     pub manifest: ImageManifest,
     /// The PVH (32-bit) entry from the Xen note, if present.
     pub pvh_entry: Option<u64>,
+    /// Bit `1 << kind` for each device the image needs (its manifest and
+    /// the device notes of the libraries it links).
+    pub required_devices: u64,
 }
 
 impl std::fmt::Debug for Image {
@@ -312,10 +315,16 @@ impl Image {
 
         let mut manifest = None;
         let mut pvh_entry = None;
+        let mut required_devices = 0u64;
         for &(off, len) in &notes {
             for (name, kind, desc) in NoteIter::new(&bytes[off..off + len]) {
                 if name == &NOTE_NAME[..4] && kind == NOTE_TYPE && desc.len() == MANIFEST_SIZE {
                     manifest = ImageManifest::read_from(desc);
+                } else if name == &NOTE_NAME[..4] && kind == NOTE_TYPE_DEVICE && desc.len() == 4 {
+                    let dev = u32::from_le_bytes([desc[0], desc[1], desc[2], desc[3]]);
+                    if dev < 64 {
+                        required_devices |= 1 << dev;
+                    }
                 } else if name == b"Xen" && kind == 18 && (desc.len() == 8 || desc.len() == 4) {
                     let mut v = [0u8; 8];
                     v[..desc.len()].copy_from_slice(desc);
@@ -362,12 +371,14 @@ impl Image {
                 addr: stack_top,
             });
         }
+        required_devices |= manifest.devices_required;
         Ok(Image {
             bytes,
             entry,
             segments,
             manifest,
             pvh_entry,
+            required_devices,
         })
     }
 

@@ -65,6 +65,8 @@ pub struct Layout {
     /// One page directory per GiB, consecutive.
     pub pd_base: u64,
     pub pd_count: u64,
+    /// Page directory of the device (MMIO) gigabyte, if there are devices.
+    pub mmio_pd: Option<u64>,
     /// Page tables, consecutive; `pt_regions[i]` is the 2 MiB region
     /// (index) that table `i` maps with 4 KiB pages.
     pub pt_base: u64,
@@ -88,6 +90,16 @@ impl Layout {
     /// Lays out a guest of `mem_size` bytes running `image` with
     /// `args_bytes` bytes of arguments.
     pub fn new(image: &Image, mem_size: u64, args_bytes: usize) -> Result<Layout, LayoutError> {
+        Self::with_devices(image, mem_size, args_bytes, false)
+    }
+
+    /// As [`Layout::new`], with the device MMIO window mapped if `devices`.
+    pub fn with_devices(
+        image: &Image,
+        mem_size: u64,
+        args_bytes: usize,
+        devices: bool,
+    ) -> Result<Layout, LayoutError> {
         if !mem_size.is_multiple_of(1 << 20) {
             return Err(LayoutError::MemoryUnaligned(human(mem_size)));
         }
@@ -121,7 +133,8 @@ impl Layout {
         let pml4 = PAGE;
         let pdpt = pml4 + PAGE;
         let pd_base = pdpt + PAGE;
-        let pt_base = pd_base + pd_count * PAGE;
+        let mmio_pd = devices.then_some(pd_base + pd_count * PAGE);
+        let pt_base = pd_base + (pd_count + u64::from(devices)) * PAGE;
         let gdt = pt_base + pt_regions.len() as u64 * PAGE;
         let idt = gdt + PAGE;
         let tss = idt + PAGE;
@@ -148,6 +161,7 @@ impl Layout {
             pdpt,
             pd_base,
             pd_count,
+            mmio_pd,
             pt_base,
             pt_regions,
             gdt,

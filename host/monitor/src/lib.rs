@@ -18,10 +18,12 @@
 
 pub mod boot;
 pub mod crash;
+pub mod devices;
 pub mod hypercall;
 pub mod image;
 pub mod kvm;
 pub mod layout;
+pub mod net;
 pub mod paging;
 pub mod timeout;
 pub mod trace;

@@ -15,6 +15,10 @@ const TABLE: u64 = pte::PRESENT | pte::WRITABLE | pte::USER;
 pub const USER_DATA: u64 = pte::PRESENT | pte::WRITABLE | pte::USER | pte::NO_EXECUTE;
 /// Page tables, GDT, IDT, TSS: reachable by the CPU, not by CPL3 code.
 pub const SUPERVISOR_DATA: u64 = pte::PRESENT | pte::WRITABLE | pte::NO_EXECUTE;
+/// Device registers: user read-write, never executable, uncached.
+pub const USER_MMIO: u64 = pte::PRESENT | pte::WRITABLE | pte::USER | pte::NO_EXECUTE | PCD | PWT;
+const PWT: u64 = 1 << 3;
+const PCD: u64 = 1 << 4;
 /// Boot page and arguments: user read-only.
 pub const USER_RODATA: u64 = pte::PRESENT | pte::USER | pte::NO_EXECUTE;
 
@@ -96,6 +100,14 @@ pub fn build(layout: &Layout, image: &Image) -> Vec<Table> {
         }
         pds[(r / 512) as usize].entries[(r % 512) as usize] = pt.addr | TABLE;
         pts.push(pt);
+    }
+    if let Some(addr) = layout.mmio_pd {
+        // The 2 MiB window holding every device's registers, in the 4th GiB.
+        let mut pd = Table::new(addr);
+        let base = crate::devices::MMIO_BASE;
+        pd.entries[((base >> 21) & 511) as usize] = base | USER_MMIO | pte::HUGE;
+        pdpt.entries[(base >> 30) as usize] = addr | TABLE;
+        pts.push(pd);
     }
     let mut all = vec![pml4, pdpt];
     all.extend(pds);

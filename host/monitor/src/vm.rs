@@ -9,6 +9,15 @@ use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::boot::{self, BootError, Clock};
+use crate::devices::virtio::mmio::VirtioMmio;
+use crate::devices::virtio::net::Net;
+use crate::devices::{MmioDevice, MMIO_BASE, MMIO_WINDOW};
+use crate::net::user::{self, PortForward, UserNet};
+use wisp_abi::boot::Device;
+use wisp_abi::manifest::DEVICE_NET;
+
+/// MAC address of the guest's NIC (locally administered).
+pub const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 use crate::crash::Crash;
 use crate::hypercall::{self, Hypercall};
 use crate::image::Image;
@@ -26,6 +35,9 @@ pub struct VmConfig {
     /// Arguments passed to the application.
     pub args: Vec<String>,
     pub trace_boot: bool,
+    /// Attach a NIC on the built-in user-mode network, publishing these
+    /// ports (`None`: no NIC).
+    pub net: Option<Vec<PortForward>>,
 }
 
 /// How a guest ended.
@@ -69,6 +81,10 @@ pub enum VmError {
     },
     #[error("writing guest console output: {0}")]
     Console(std::io::Error),
+    #[error("this image needs a {0} device; give it one ({1})")]
+    MissingDevice(&'static str, &'static str),
+    #[error("network: {0}")]
+    Net(std::io::Error),
 }
 
 fn kvm_call(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -112,6 +128,8 @@ pub struct Vm {
     trace: Option<BootTrace>,
     /// Exits from `KVM_RUN` to this monitor (each costs 80-110 µs on PVM).
     exits: u64,
+    /// The guest's NIC, at `MMIO_BASE`.
+    nic: Option<VirtioMmio<Net>>,
 }
 
 impl Vm {
@@ -124,7 +142,19 @@ impl Vm {
         mut trace: Option<BootTrace>,
     ) -> Result<Vm, VmError> {
         let args = boot::encode_args(&cfg.args);
-        let layout = Layout::new(image, cfg.memory, args.len())?;
+        if image.required_devices & (1 << DEVICE_NET) != 0 && cfg.net.is_none() {
+            return Err(VmError::MissingDevice(
+                "network",
+                "-p HOST:GUEST or --net user",
+            ));
+        }
+        if image.required_devices & !(1 << DEVICE_NET) != 0 {
+            return Err(VmError::MissingDevice(
+                "block",
+                "block devices are not supported yet",
+            ));
+        }
+        let layout = Layout::with_devices(image, cfg.memory, args.len(), cfg.net.is_some())?;
         let Shell { vm, vcpu, ready_at } = shell;
         if let Some(t) = trace.as_mut() {
             t.mark_at("KVM VM and vCPU created", ready_at);
@@ -176,7 +206,33 @@ impl Vm {
             boot_tsc,
             boot_unix_ns,
         };
-        boot::write_boot_page(&mem, &layout, &args, cfg.args.len(), clock, cfg.trace_boot)?;
+        let mut devices = Vec::new();
+        let mut nic = None;
+        if let Some(forwards) = &cfg.net {
+            let backend = UserNet::new(forwards).map_err(VmError::Net)?;
+            let mut d = Device::new(DEVICE_NET);
+            d.mmio_base = MMIO_BASE;
+            d.mmio_len = MMIO_WINDOW;
+            d.mac[..6].copy_from_slice(&GUEST_MAC);
+            d.ipv4 = user::GUEST.octets();
+            d.gateway = user::GATEWAY.octets();
+            d.prefix_len = user::PREFIX_LEN as u32;
+            devices.push(d);
+            nic = Some(VirtioMmio::new(Net::new(
+                GUEST_MAC,
+                mem.clone(),
+                Box::new(backend),
+            )));
+        }
+        boot::write_boot_page(
+            &mem,
+            &layout,
+            &args,
+            cfg.args.len(),
+            clock,
+            cfg.trace_boot,
+            &devices,
+        )?;
         mark(&mut trace, "vCPU ready");
         Ok(Vm {
             vcpu,
@@ -185,6 +241,7 @@ impl Vm {
             layout,
             trace,
             exits: 0,
+            nic,
         })
     }
 
@@ -239,10 +296,28 @@ impl Vm {
                         "guest read from I/O port {port:#x}"
                     )));
                 }
-                VcpuExit::MmioRead(addr, _) | VcpuExit::MmioWrite(addr, _) => {
-                    return Ok(crashed_protocol(format!(
-                        "guest accessed {addr:#x}, where there is no memory or device"
-                    )));
+                VcpuExit::MmioRead(addr, data) => {
+                    match self
+                        .nic
+                        .as_mut()
+                        .filter(|_| (MMIO_BASE..MMIO_BASE + MMIO_WINDOW).contains(&addr))
+                    {
+                        Some(nic) => nic.read(addr - MMIO_BASE, data),
+                        None => return Ok(no_device(addr)),
+                    }
+                    continue;
+                }
+                VcpuExit::MmioWrite(addr, data) => {
+                    let data = data.to_vec();
+                    match self
+                        .nic
+                        .as_mut()
+                        .filter(|_| (MMIO_BASE..MMIO_BASE + MMIO_WINDOW).contains(&addr))
+                    {
+                        Some(nic) => nic.write(addr - MMIO_BASE, &data),
+                        None => return Ok(no_device(addr)),
+                    }
+                    continue;
                 }
                 VcpuExit::Shutdown => {
                     let regs = self.vcpu.get_regs().map_err(kvm_call("get registers"))?;
@@ -286,7 +361,10 @@ impl Vm {
                     if let Some(left) = deadline.remaining() {
                         d = d.min(left);
                     }
-                    std::thread::sleep(d);
+                    match self.nic.as_mut() {
+                        Some(nic) => wait_for_network(&mut nic.device, d),
+                        None => std::thread::sleep(d),
+                    }
                 }
                 Ok(Hypercall::Exit(status)) => {
                     mark(&mut self.trace, "guest exited");
@@ -306,6 +384,46 @@ impl Vm {
                 Err(e) => return Ok(crashed_protocol(e.to_string())),
             }
         }
+    }
+}
+
+fn no_device(addr: u64) -> Outcome {
+    crashed_protocol(format!(
+        "guest accessed {addr:#x}, where there is no memory or device"
+    ))
+}
+
+/// Serves the network while the guest waits: returns as soon as frames were
+/// delivered to the guest, or after `timeout`.
+fn wait_for_network(net: &mut Net, timeout: Duration) {
+    let until = std::time::Instant::now() + timeout;
+    loop {
+        net.backend().poll();
+        if net.process_rx() > 0 {
+            return;
+        }
+        let now = std::time::Instant::now();
+        if now >= until {
+            return;
+        }
+        let mut wait = until - now;
+        if let Some(t) = net.backend().next_timeout() {
+            wait = wait.min(t);
+        }
+        let mut fds: Vec<libc::pollfd> = net
+            .backend()
+            .fds()
+            .into_iter()
+            .map(|fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        let ms = wait.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
+        // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs that
+        // outlives the call.
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
     }
 }
 

@@ -18,7 +18,9 @@ pub(crate) fn set(platform: u32) {
     PLATFORM.store(platform, Ordering::Relaxed);
 }
 
-fn is_pvh() -> bool {
+/// Whether the image was booted through PVH (QEMU) rather than by the
+/// Wisp monitor.
+pub fn is_pvh() -> bool {
     PLATFORM.load(Ordering::Relaxed) == PLATFORM_PVH
 }
 

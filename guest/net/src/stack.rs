@@ -1,0 +1,174 @@
+//! The TCP/IP stack: one smoltcp interface on the guest's NIC, and the
+//! socket set every [`crate::tcp`] object lives in.
+//!
+//! Brought up on first use. The executor polls it on every turn (see
+//! `wisp::exec::set_io_poller`); polling moves frames between the virtio
+//! rings and smoltcp, which wakes the tasks whose sockets changed.
+
+use alloc::vec;
+use alloc::vec::Vec;
+use core::cell::RefCell;
+use core::ptr::NonNull;
+
+use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
+use smoltcp::time::Instant;
+use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Address};
+use virtio_drivers::transport::mmio::{MmioTransport, VirtIOHeader};
+use wisp_abi::manifest::{DEVICE_NET, DEVICE_VIRTIO_PROBE};
+
+use crate::phy::{Driver, Nic, BUF_LEN};
+
+/// Network errors visible to applications.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetError {
+    /// The boot page lists no network device.
+    NoDevice,
+    /// The device did not initialise.
+    Driver,
+    /// The port is in use or invalid.
+    Bind,
+    /// The connection was reset or closed.
+    Closed,
+}
+
+impl core::fmt::Display for NetError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            NetError::NoDevice => "no network device",
+            NetError::Driver => "network device failed to initialise",
+            NetError::Bind => "cannot listen on that port",
+            NetError::Closed => "connection closed",
+        })
+    }
+}
+
+/// Interface configuration.
+#[derive(Clone, Copy, Debug)]
+pub struct Config {
+    pub address: Ipv4Address,
+    pub prefix_len: u8,
+    pub gateway: Ipv4Address,
+}
+
+/// The stack.
+pub struct Stack {
+    pub iface: Interface,
+    pub sockets: SocketSet<'static>,
+    pub nic: Nic,
+    pub config: Config,
+    /// Sockets whose owners dropped them; removed once closed.
+    pub closing: Vec<SocketHandle>,
+}
+
+struct Global(RefCell<Option<Stack>>);
+// SAFETY: the guest is single-threaded and exception handlers never touch
+// the stack.
+unsafe impl Sync for Global {}
+static STACK: Global = Global(RefCell::new(None));
+
+fn now() -> Instant {
+    Instant::from_micros((wisp::time::monotonic_ns() / 1000) as i64)
+}
+
+/// Finds the NIC: a `DEVICE_NET` entry (Wisp monitor), or a virtio-mmio
+/// transport whose device ID is 1 (QEMU command line).
+fn find_nic() -> Option<(u64, u64, &'static wisp_abi::boot::Device)> {
+    let boot = wisp::boot::boot_page();
+    boot.devices().iter().find_map(|d| {
+        let is_net = match d.kind {
+            DEVICE_NET => true,
+            DEVICE_VIRTIO_PROBE => {
+                // SAFETY: the boot page lists this as a virtio-mmio window,
+                // which the page tables map uncached; offset 8 is DeviceID.
+                let id =
+                    unsafe { core::ptr::read_volatile((d.mmio_base + 8) as usize as *const u32) };
+                id == 1
+            }
+            _ => false,
+        };
+        is_net.then_some((d.mmio_base, d.mmio_len, d))
+    })
+}
+
+/// Brings the stack up if it is not yet.
+pub fn init() -> Result<(), NetError> {
+    if STACK.0.borrow().is_some() {
+        return Ok(());
+    }
+    wisp::library_linked(&crate::LIB_NAME);
+    let (base, len, dev) = find_nic().ok_or(NetError::NoDevice)?;
+    let header = NonNull::new(base as usize as *mut VirtIOHeader).ok_or(NetError::NoDevice)?;
+    // SAFETY: the boot page describes a virtio-mmio window of `len` bytes at
+    // `base`, mapped for the guest's whole life and used only by this driver.
+    let transport =
+        unsafe { MmioTransport::new(header, len as usize) }.map_err(|_| NetError::Driver)?;
+    let driver = Driver::new(transport, BUF_LEN).map_err(|_| NetError::Driver)?;
+    let mac = driver.mac_address();
+    let mut nic = Nic(alloc::rc::Rc::new(RefCell::new(driver)));
+
+    let config = if dev.ipv4 != [0; 4] {
+        Config {
+            address: Ipv4Address::from_octets(dev.ipv4),
+            prefix_len: dev.prefix_len as u8,
+            gateway: Ipv4Address::from_octets(dev.gateway),
+        }
+    } else {
+        // QEMU's user network (slirp) defaults.
+        Config {
+            address: Ipv4Address::new(10, 0, 2, 15),
+            prefix_len: 24,
+            gateway: Ipv4Address::new(10, 0, 2, 2),
+        }
+    };
+    let mut ic = IfaceConfig::new(HardwareAddress::Ethernet(EthernetAddress(mac)));
+    ic.random_seed = wisp::arch::x86_64::io::rdtsc();
+    let mut iface = Interface::new(ic, &mut nic, now());
+    iface.update_ip_addrs(|a| {
+        let _ = a.push(IpCidr::new(config.address.into(), config.prefix_len));
+    });
+    let _ = iface.routes_mut().add_default_ipv4_route(config.gateway);
+    *STACK.0.borrow_mut() = Some(Stack {
+        iface,
+        sockets: SocketSet::new(vec![]),
+        nic,
+        config,
+        closing: Vec::new(),
+    });
+    wisp::exec::set_io_poller(poll);
+    Ok(())
+}
+
+/// Runs `f` on the stack (which must be up).
+pub fn with<R>(f: impl FnOnce(&mut Stack) -> R) -> R {
+    let mut guard = STACK.0.borrow_mut();
+    let stack = guard.as_mut().expect("network stack used before init");
+    f(stack)
+}
+
+/// The interface's configuration, once up.
+pub fn config() -> Option<Config> {
+    STACK.0.borrow().as_ref().map(|s| s.config)
+}
+
+/// The executor's I/O poller: moves frames and returns the next deadline.
+fn poll() -> Option<u64> {
+    with(|s| {
+        let t = now();
+        s.iface.poll(t, &mut s.nic, &mut s.sockets);
+        let sockets = &mut s.sockets;
+        s.closing.retain(|&h| {
+            let sock = sockets.get::<smoltcp::socket::tcp::Socket>(h);
+            let done = matches!(
+                sock.state(),
+                smoltcp::socket::tcp::State::Closed | smoltcp::socket::tcp::State::TimeWait
+            );
+            if done {
+                sockets.remove(h);
+            }
+            !done
+        });
+        s.iface
+            .poll_delay(t, &s.sockets)
+            .map(|d| wisp::time::monotonic_ns() + d.total_micros() * 1000)
+    })
+}

@@ -1,0 +1,251 @@
+//! virtio-net (device ID 1): two queues, receive (0) and transmit (1).
+//!
+//! Frames the guest transmits go to a [`NetBackend`]; frames from the
+//! backend are written into the receive buffers the guest posted. The guest
+//! is hostile: descriptor chains are walked by `virtio-queue` (bounded
+//! length, no loops), every buffer is read or written through `vm-memory`
+//! (range-checked), and a chain that breaks the rules marks the device as
+//! needing a reset and is reported once, without touching memory outside
+//! the guest or stopping the monitor.
+
+use std::collections::VecDeque;
+
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestMemoryMmap};
+
+use super::mmio::VirtioDevice;
+use super::{F_RING_EVENT_IDX, F_VERSION_1};
+use crate::net::NetBackend;
+
+pub const QUEUE_SIZE: u16 = 256;
+const RX: usize = 0;
+const TX: usize = 1;
+/// `virtio_net_hdr_v1` (VERSION_1 always has `num_buffers`).
+pub const HDR_LEN: usize = 12;
+/// Largest frame accepted from the guest (no TSO offered).
+const MAX_FRAME: usize = 65_562;
+/// Frames kept for a guest that has posted no receive buffers.
+const MAX_PENDING_RX: usize = 1024;
+
+const F_MAC: u64 = 1 << 5;
+const F_STATUS: u64 = 1 << 16;
+
+/// Counters, for reports and tests.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NetStats {
+    pub tx_frames: u64,
+    pub rx_frames: u64,
+    pub rx_dropped: u64,
+}
+
+pub struct Net {
+    mac: [u8; 6],
+    mem: GuestMemoryMmap,
+    queues: Vec<Queue>,
+    backend: Box<dyn NetBackend>,
+    pending_rx: VecDeque<Vec<u8>>,
+    /// Why the device stopped, once the guest broke a queue.
+    pub broken: Option<String>,
+    pub stats: NetStats,
+}
+
+impl Net {
+    pub fn new(mac: [u8; 6], mem: GuestMemoryMmap, backend: Box<dyn NetBackend>) -> Net {
+        Net {
+            mac,
+            mem,
+            queues: Vec::new(),
+            backend,
+            pending_rx: VecDeque::new(),
+            broken: None,
+            stats: NetStats::default(),
+        }
+    }
+
+    pub fn backend(&mut self) -> &mut dyn NetBackend {
+        self.backend.as_mut()
+    }
+
+    fn fail(&mut self, why: String) {
+        if self.broken.is_none() {
+            eprintln!("wisp: virtio-net stopped: {why}");
+            self.broken = Some(why);
+        }
+    }
+
+    fn active(&self) -> bool {
+        self.queues.len() == 2 && self.broken.is_none()
+    }
+
+    /// Sends every frame the guest has queued for transmission.
+    pub fn process_tx(&mut self) {
+        if !self.active() {
+            return;
+        }
+        let mut done = Vec::new();
+        let result = (|| -> Result<(), String> {
+            let q = &mut self.queues[TX];
+            let iter = q
+                .iter(&self.mem)
+                .map_err(|e| format!("transmit queue: {e}"))?;
+            for chain in iter {
+                let head = chain.head_index();
+                let mut frame = Vec::new();
+                for desc in chain {
+                    if desc.is_write_only() {
+                        return Err("transmit descriptor is device-writable".into());
+                    }
+                    let len = desc.len() as usize;
+                    if frame.len() + len > MAX_FRAME + HDR_LEN {
+                        return Err(format!(
+                            "transmit chain longer than {} bytes",
+                            MAX_FRAME + HDR_LEN
+                        ));
+                    }
+                    let start = frame.len();
+                    frame.resize(start + len, 0);
+                    self.mem
+                        .read_slice(&mut frame[start..], desc.addr())
+                        .map_err(|_| {
+                            format!(
+                                "transmit buffer {:#x}+{len} is outside guest memory",
+                                desc.addr().0
+                            )
+                        })?;
+                }
+                done.push((head, frame));
+            }
+            Ok(())
+        })();
+        for (head, frame) in done {
+            if frame.len() > HDR_LEN {
+                self.backend.send(&frame[HDR_LEN..]);
+                self.stats.tx_frames += 1;
+            }
+            if let Err(e) = self.queues[TX].add_used(&self.mem, head, 0) {
+                self.fail(format!("transmit used ring: {e}"));
+                return;
+            }
+        }
+        if let Err(e) = result {
+            self.fail(e);
+        }
+    }
+
+    /// Moves frames from the backend into the guest's receive buffers;
+    /// returns how many were delivered.
+    pub fn process_rx(&mut self) -> usize {
+        while self.pending_rx.len() < MAX_PENDING_RX {
+            match self.backend.recv() {
+                Some(f) => self.pending_rx.push_back(f),
+                None => break,
+            }
+        }
+        if !self.active() {
+            return 0;
+        }
+        let mut delivered = 0;
+        while let Some(frame) = self.pending_rx.pop_front() {
+            let chain = match self.queues[RX].iter(&self.mem) {
+                Ok(mut it) => it.next(),
+                Err(e) => {
+                    self.fail(format!("receive queue: {e}"));
+                    return delivered;
+                }
+            };
+            let Some(chain) = chain else {
+                self.pending_rx.push_front(frame); // no buffer posted yet
+                break;
+            };
+            let head = chain.head_index();
+            let mut hdr = [0u8; HDR_LEN];
+            hdr[10] = 1; // num_buffers
+            let mut src = hdr.iter().chain(frame.iter()).copied().collect::<Vec<u8>>();
+            let total = src.len();
+            let mut written = 0usize;
+            for desc in chain {
+                if !desc.is_write_only() {
+                    self.fail("receive descriptor is not device-writable".into());
+                    return delivered;
+                }
+                let n = (desc.len() as usize).min(src.len() - written);
+                if n == 0 {
+                    break;
+                }
+                if self
+                    .mem
+                    .write_slice(&src[written..written + n], desc.addr())
+                    .is_err()
+                {
+                    self.fail(format!(
+                        "receive buffer {:#x} is outside guest memory",
+                        desc.addr().0
+                    ));
+                    return delivered;
+                }
+                written += n;
+            }
+            src.clear();
+            let len = if written == total {
+                self.stats.rx_frames += 1;
+                delivered += 1;
+                written as u32
+            } else {
+                self.stats.rx_dropped += 1; // buffer too small: drop the frame
+                0
+            };
+            if let Err(e) = self.queues[RX].add_used(&self.mem, head, len) {
+                self.fail(format!("receive used ring: {e}"));
+                return delivered;
+            }
+        }
+        delivered
+    }
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        1
+    }
+
+    fn avail_features(&self) -> u64 {
+        F_VERSION_1 | F_RING_EVENT_IDX | F_MAC | F_STATUS
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // mac[6], status u16 (link up), max_virtqueue_pairs u16.
+        let mut cfg = [0u8; 10];
+        cfg[..6].copy_from_slice(&self.mac);
+        cfg[6] = 1;
+        cfg[8] = 1;
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = cfg.get(offset as usize + i).copied().unwrap_or(0);
+        }
+    }
+
+    fn activate(&mut self, queues: Vec<Queue>, _acked: u64) {
+        if let Some(i) = queues.iter().position(|q| !q.is_valid(&self.mem)) {
+            self.fail(format!("queue {i} is not valid (addresses or size)"));
+            return;
+        }
+        self.queues = queues;
+    }
+
+    fn queue_notify(&mut self, index: u16) {
+        if index as usize == TX {
+            self.process_tx();
+        }
+        self.backend.poll();
+        self.process_rx();
+    }
+
+    fn reset(&mut self) {
+        self.queues.clear();
+        self.pending_rx.clear();
+        self.broken = None;
+    }
+}

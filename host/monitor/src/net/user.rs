@@ -1,0 +1,346 @@
+//! The built-in user-mode network: no root, no tap.
+//!
+//! The guest's NIC is wired to a virtual gateway (10.0.2.2, the addresses
+//! QEMU's user network uses) that runs its own TCP/IP stack (smoltcp) in the
+//! monitor. Each published port (`-p [127.0.0.1:]HOST:GUEST`) is a host
+//! socket listening on loopback by default; every accepted connection
+//! becomes a TCP connection from the gateway to the guest's port, and the
+//! monitor copies bytes between the two. No traffic leaves the host except
+//! through the published listeners.
+
+use std::collections::VecDeque;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::Duration;
+
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
+use smoltcp::socket::tcp;
+use smoltcp::time::Instant;
+use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, IpEndpoint};
+
+use super::NetBackend;
+
+/// Address of the virtual gateway.
+pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
+/// Address given to the guest.
+pub const GUEST: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
+pub const PREFIX_LEN: u8 = 24;
+const GATEWAY_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x35, 0x02];
+const SOCKET_BUFFER: usize = 256 * 1024;
+const MAX_CONNECTIONS: usize = 4096;
+
+/// One `-p` rule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortForward {
+    pub host: SocketAddr,
+    pub guest_port: u16,
+}
+
+impl std::str::FromStr for PortForward {
+    type Err = String;
+
+    /// `HOST:GUEST` or `ADDR:HOST:GUEST` (ADDR defaults to 127.0.0.1).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let parts: Vec<&str> = s.rsplitn(3, ':').collect();
+        let port = |p: &str| {
+            p.parse::<u16>()
+                .map_err(|_| format!("'{p}' is not a port number in '{s}'"))
+        };
+        let (addr, host, guest) = match parts.as_slice() {
+            [guest, host] => (Ipv4Addr::LOCALHOST, port(host)?, port(guest)?),
+            [guest, host, addr] => (
+                addr.parse::<Ipv4Addr>()
+                    .map_err(|_| format!("'{addr}' is not an IPv4 address in '{s}'"))?,
+                port(host)?,
+                port(guest)?,
+            ),
+            _ => return Err(format!("'{s}' is not HOST:GUEST or ADDR:HOST:GUEST")),
+        };
+        if guest == 0 {
+            return Err(format!("guest port 0 in '{s}'"));
+        }
+        Ok(PortForward {
+            host: SocketAddr::new(addr.into(), host),
+            guest_port: guest,
+        })
+    }
+}
+
+/// Frames between the gateway's stack and the guest.
+#[derive(Default)]
+struct Wire {
+    from_guest: VecDeque<Vec<u8>>,
+    to_guest: VecDeque<Vec<u8>>,
+}
+
+struct RxToken(Vec<u8>);
+struct TxToken<'a>(&'a mut VecDeque<Vec<u8>>);
+
+impl phy::RxToken for RxToken {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(&self.0)
+    }
+}
+
+impl phy::TxToken for TxToken<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let mut buf = vec![0u8; len];
+        let r = f(&mut buf);
+        self.0.push_back(buf);
+        r
+    }
+}
+
+impl Device for Wire {
+    type RxToken<'a> = RxToken;
+    type TxToken<'a> = TxToken<'a>;
+
+    fn receive(&mut self, _: Instant) -> Option<(RxToken, TxToken<'_>)> {
+        let f = self.from_guest.pop_front()?;
+        Some((RxToken(f), TxToken(&mut self.to_guest)))
+    }
+
+    fn transmit(&mut self, _: Instant) -> Option<TxToken<'_>> {
+        Some(TxToken(&mut self.to_guest))
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut caps = DeviceCapabilities::default();
+        caps.medium = Medium::Ethernet;
+        caps.max_transmission_unit = 1514;
+        caps
+    }
+}
+
+struct Listener {
+    socket: TcpListener,
+    guest_port: u16,
+}
+
+struct Connection {
+    stream: TcpStream,
+    handle: SocketHandle,
+    /// The host side closed its write half: close toward the guest once
+    /// everything was sent.
+    host_eof: bool,
+    /// The connection to the guest was established at some point.
+    established: bool,
+    /// The guest's end-of-file was passed on to the host.
+    guest_eof: bool,
+}
+
+/// The user-mode network backend.
+pub struct UserNet {
+    wire: Wire,
+    iface: Interface,
+    sockets: SocketSet<'static>,
+    listeners: Vec<Listener>,
+    connections: Vec<Connection>,
+    next_port: u16,
+}
+
+impl UserNet {
+    /// Binds every published port; fails if one cannot be bound.
+    pub fn new(forwards: &[PortForward]) -> std::io::Result<UserNet> {
+        let mut listeners = Vec::new();
+        for f in forwards {
+            let socket = TcpListener::bind(f.host).map_err(|e| {
+                std::io::Error::new(e.kind(), format!("cannot publish {}: {e}", f.host))
+            })?;
+            socket.set_nonblocking(true)?;
+            listeners.push(Listener {
+                socket,
+                guest_port: f.guest_port,
+            });
+        }
+        let mut wire = Wire::default();
+        let config = Config::new(HardwareAddress::Ethernet(EthernetAddress(GATEWAY_MAC)));
+        let mut iface = Interface::new(config, &mut wire, Instant::now());
+        iface.update_ip_addrs(|a| {
+            let _ = a.push(IpCidr::new(IpAddress::Ipv4(GATEWAY), PREFIX_LEN));
+        });
+        Ok(UserNet {
+            wire,
+            iface,
+            sockets: SocketSet::new(vec![]),
+            listeners,
+            connections: Vec::new(),
+            next_port: 49152,
+        })
+    }
+
+    /// The host addresses actually bound (useful with port 0).
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners
+            .iter()
+            .filter_map(|l| l.socket.local_addr().ok())
+            .collect()
+    }
+
+    fn accept(&mut self) {
+        for l in &self.listeners {
+            while self.connections.len() < MAX_CONNECTIONS {
+                let stream = match l.socket.accept() {
+                    Ok((s, _)) => s,
+                    Err(_) => break,
+                };
+                if stream.set_nonblocking(true).is_err() {
+                    continue;
+                }
+                let _ = stream.set_nodelay(true);
+                let mut sock = tcp::Socket::new(
+                    tcp::SocketBuffer::new(vec![0; SOCKET_BUFFER]),
+                    tcp::SocketBuffer::new(vec![0; SOCKET_BUFFER]),
+                );
+                sock.set_nagle_enabled(false);
+                let port = self.next_port;
+                self.next_port = if self.next_port == u16::MAX {
+                    49152
+                } else {
+                    self.next_port + 1
+                };
+                let remote = IpEndpoint::new(IpAddress::Ipv4(GUEST), l.guest_port);
+                if sock.connect(self.iface.context(), remote, port).is_err() {
+                    continue;
+                }
+                let handle = self.sockets.add(sock);
+                self.connections.push(Connection {
+                    stream,
+                    handle,
+                    host_eof: false,
+                    established: false,
+                    guest_eof: false,
+                });
+            }
+        }
+    }
+
+    /// Copies bytes both ways; drops finished connections.
+    fn pump(&mut self) {
+        let sockets = &mut self.sockets;
+        self.connections.retain_mut(|c| {
+            let sock = sockets.get_mut::<tcp::Socket>(c.handle);
+            if sock.state() == tcp::State::Established {
+                c.established = true;
+            }
+            // Guest -> host.
+            while sock.can_recv() {
+                let r = sock.recv(|buf| match c.stream.write(buf) {
+                    Ok(n) => (n, Ok(n)),
+                    Err(e) => (0, Err(e)),
+                });
+                match r {
+                    Ok(Ok(0)) | Ok(Err(_)) => break,
+                    Ok(Ok(_)) => {}
+                    Err(_) => break,
+                }
+            }
+            // Host -> guest.
+            if !c.host_eof && sock.may_send() {
+                while sock.can_send() {
+                    let r = sock.send(|buf| match c.stream.read(buf) {
+                        Ok(n) => (n, Ok(n)),
+                        Err(e) => (0, Err(e)),
+                    });
+                    match r {
+                        Ok(Ok(0)) => {
+                            c.host_eof = true;
+                            sock.close();
+                            break;
+                        }
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) if e.kind() == ErrorKind::WouldBlock => break,
+                        Ok(Err(_)) => {
+                            sock.abort();
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+            }
+            // The guest closed its side: pass the EOF on to the host.
+            if c.established && !c.guest_eof && !sock.may_recv() && sock.recv_queue() == 0 {
+                let _ = c.stream.shutdown(std::net::Shutdown::Write);
+                c.guest_eof = true;
+            }
+            let finished = matches!(sock.state(), tcp::State::Closed | tcp::State::TimeWait)
+                || (c.host_eof && sock.state() == tcp::State::Closed);
+            if finished {
+                sockets.remove(c.handle);
+                return false;
+            }
+            true
+        });
+    }
+}
+
+impl NetBackend for UserNet {
+    fn send(&mut self, frame: &[u8]) {
+        if self.wire.from_guest.len() < 4096 {
+            self.wire.from_guest.push_back(frame.to_vec());
+        }
+    }
+
+    fn recv(&mut self) -> Option<Vec<u8>> {
+        self.wire.to_guest.pop_front()
+    }
+
+    fn poll(&mut self) {
+        self.accept();
+        for _ in 0..4 {
+            self.iface
+                .poll(Instant::now(), &mut self.wire, &mut self.sockets);
+            self.pump();
+            if self.wire.from_guest.is_empty() {
+                break;
+            }
+        }
+        self.iface
+            .poll(Instant::now(), &mut self.wire, &mut self.sockets);
+    }
+
+    fn fds(&self) -> Vec<RawFd> {
+        let mut fds: Vec<RawFd> = self
+            .listeners
+            .iter()
+            .map(|l| l.socket.as_raw_fd())
+            .collect();
+        fds.extend(self.connections.iter().map(|c| c.stream.as_raw_fd()));
+        fds
+    }
+
+    fn next_timeout(&mut self) -> Option<Duration> {
+        self.iface
+            .poll_delay(Instant::now(), &self.sockets)
+            .map(|d| Duration::from_micros(d.total_micros()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_port_rules() {
+        assert_eq!(
+            "8080:80".parse::<PortForward>(),
+            Ok(PortForward {
+                host: "127.0.0.1:8080".parse().unwrap(),
+                guest_port: 80
+            })
+        );
+        assert_eq!(
+            "0.0.0.0:6379:6379".parse::<PortForward>(),
+            Ok(PortForward {
+                host: "0.0.0.0:6379".parse().unwrap(),
+                guest_port: 6379
+            })
+        );
+        assert!("80".parse::<PortForward>().is_err());
+        assert!("x:80".parse::<PortForward>().is_err());
+        assert!("8080:0".parse::<PortForward>().is_err());
+        assert!("1.2.3:8080:80".parse::<PortForward>().is_err());
+    }
+}
