@@ -141,6 +141,11 @@ extern "C" fn wisp_start_pvh(start_info: u32) -> ! {
             line[n] = b;
             n += 1;
         }
+        for token in core::str::from_utf8(&line[..n]).unwrap_or("").split_ascii_whitespace() {
+            if let Some(dev) = parse_virtio_mmio(token) {
+                boot.push_device(dev);
+            }
+        }
         let (len, argc) = split_args(&line[..n], args);
         boot.args_addr = args.as_ptr() as u64;
         boot.args_len = len as u32;
@@ -153,9 +158,38 @@ extern "C" fn wisp_start_pvh(start_info: u32) -> ! {
     crate::start(boot)
 }
 
+/// Parses Linux's `virtio_mmio.device=SIZE@BASE:IRQ` (SIZE decimal or hex,
+/// with an optional K/M suffix; BASE hex), as QEMU microvm appends for each
+/// virtio-mmio transport with a device.
+pub(crate) fn parse_virtio_mmio(token: &str) -> Option<wisp_abi::boot::Device> {
+    let spec = token.strip_prefix("virtio_mmio.device=")?;
+    let (size, rest) = spec.split_once('@')?;
+    let (base, irq) = rest.split_once(':').unwrap_or((rest, "0"));
+    let num = |s: &str| -> Option<u64> {
+        let (digits, mult) = match s.as_bytes().last()? {
+            b'K' | b'k' => (&s[..s.len() - 1], 1024),
+            b'M' | b'm' => (&s[..s.len() - 1], 1 << 20),
+            _ => (s, 1),
+        };
+        let v = match digits.strip_prefix("0x") {
+            Some(hex) => u64::from_str_radix(hex, 16).ok()?,
+            None => digits.parse().ok()?,
+        };
+        v.checked_mul(mult)
+    };
+    let mut d = wisp_abi::boot::Device::new(wisp_abi::manifest::DEVICE_VIRTIO_PROBE);
+    d.mmio_len = num(size)?;
+    d.mmio_base = num(base)?;
+    d.irq = irq.parse().ok()?;
+    // Only the 3-4 GiB window is mapped for devices.
+    let in_window = d.mmio_base >= 0xc000_0000 && d.mmio_base.checked_add(d.mmio_len)? <= 1 << 32;
+    (in_window && d.mmio_len >= 0x100).then_some(d)
+}
+
 /// Splits a command line into NUL-separated arguments in `out`: the tokens
-/// after a `--` token if there is one, else all tokens. Returns the bytes
-/// used and the count.
+/// after a `--` token if there is one, else all tokens except loader
+/// options QEMU adds (`virtio_mmio.device=`). Returns the bytes used and
+/// the count.
 pub(crate) fn split_args(line: &[u8], out: &mut [u8]) -> (usize, u32) {
     let text = core::str::from_utf8(line).unwrap_or("");
     let has_sep = text.split_ascii_whitespace().any(|t| t == "--");
@@ -169,6 +203,9 @@ pub(crate) fn split_args(line: &[u8], out: &mut [u8]) -> (usize, u32) {
     }
     let (mut used, mut argc) = (0usize, 0u32);
     for t in tokens {
+        if !has_sep && t.starts_with("virtio_mmio.") {
+            continue;
+        }
         if used + t.len() + 1 > out.len() {
             break;
         }

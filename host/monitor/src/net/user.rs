@@ -28,7 +28,7 @@ pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
 pub const GUEST: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
 pub const PREFIX_LEN: u8 = 24;
 const GATEWAY_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x35, 0x02];
-const SOCKET_BUFFER: usize = 256 * 1024;
+const SOCKET_BUFFER: usize = 64 * 1024;
 const MAX_CONNECTIONS: usize = 4096;
 
 /// One `-p` rule.

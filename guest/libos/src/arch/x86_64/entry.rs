@@ -85,6 +85,20 @@ wisp_pvh_entry:
     movl $(wisp_pvh_pd + {TABLE}), wisp_pvh_pdpt
     movl $(wisp_pvh_pt0 + {TABLE}), wisp_pvh_pd
 
+    /* PDPT[3] -> PD3: the 3-4 GiB device window (virtio-mmio), 2 MiB
+       user RW NX uncached pages. */
+    movl $(wisp_pvh_pd3 + {TABLE}), wisp_pvh_pdpt + 24
+    xor %ecx, %ecx
+11: mov %ecx, %eax
+    shl $21, %eax
+    add $0xc0000000, %eax
+    or ${MMIO}, %eax
+    mov %eax, wisp_pvh_pd3(,%ecx,8)
+    movl ${NX_HI}, wisp_pvh_pd3+4(,%ecx,8)
+    inc %ecx
+    cmp $512, %ecx
+    jne 11b
+
     /* PD[1..512]: 2 MiB user RW NX pages (1 GiB identity map). */
     mov $1, %ecx
 1:  mov %ecx, %eax
@@ -239,6 +253,7 @@ wisp_pvh_pml4: .skip 4096
 wisp_pvh_pdpt: .skip 4096
 wisp_pvh_pd:   .skip 4096
 wisp_pvh_pt0:  .skip 4096
+wisp_pvh_pd3:  .skip 4096
 wisp_pvh_idt:  .skip 32 * 16
 
     /* PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY = 18). */
@@ -299,6 +314,7 @@ wisp_exception_vectors:
     MEMMAP_MAX = const MEMMAP_MAX,
     TABLE = const pte::PRESENT | pte::WRITABLE | pte::USER,
     HUGE = const pte::PRESENT | pte::WRITABLE | pte::USER | pte::HUGE,
+    MMIO = const pte::PRESENT | pte::WRITABLE | pte::USER | pte::HUGE | (1 << 3) | (1 << 4),
     NX_HI = const (pte::NO_EXECUTE >> 32),
     DATA = const pte::PRESENT | pte::WRITABLE | pte::USER,
     TEXT = const pte::PRESENT | pte::USER,
