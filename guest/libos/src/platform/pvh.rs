@@ -141,7 +141,10 @@ extern "C" fn wisp_start_pvh(start_info: u32) -> ! {
             line[n] = b;
             n += 1;
         }
-        for token in core::str::from_utf8(&line[..n]).unwrap_or("").split_ascii_whitespace() {
+        for token in core::str::from_utf8(&line[..n])
+            .unwrap_or("")
+            .split_ascii_whitespace()
+        {
             if let Some(dev) = parse_virtio_mmio(token) {
                 boot.push_device(dev);
             }

@@ -30,6 +30,12 @@ pub const PREFIX_LEN: u8 = 24;
 const GATEWAY_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x35, 0x02];
 const SOCKET_BUFFER: usize = 64 * 1024;
 const MAX_CONNECTIONS: usize = 4096;
+/// Connections in handshake toward the guest at once. The guest listens
+/// with a fixed backlog of sockets; beyond it, a SYN would be refused, so
+/// further host connections wait in the host's accept queue instead.
+const MAX_HANDSHAKES: usize = 16;
+/// Host accept-queue length for published ports.
+const HOST_BACKLOG: i32 = 4096;
 
 /// One `-p` rule.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -150,6 +156,10 @@ impl UserNet {
                 std::io::Error::new(e.kind(), format!("cannot publish {}: {e}", f.host))
             })?;
             socket.set_nonblocking(true)?;
+            // std listens with a backlog of 128; deepen it so bursts of
+            // connections wait in the kernel rather than being refused.
+            // SAFETY: re-listening on a bound, listening socket we own.
+            unsafe { libc::listen(socket.as_raw_fd(), HOST_BACKLOG) };
             listeners.push(Listener {
                 socket,
                 guest_port: f.guest_port,
@@ -180,8 +190,13 @@ impl UserNet {
     }
 
     fn accept(&mut self) {
+        let mut handshakes = self
+            .connections
+            .iter()
+            .filter(|c| self.sockets.get::<tcp::Socket>(c.handle).state() == tcp::State::SynSent)
+            .count();
         for l in &self.listeners {
-            while self.connections.len() < MAX_CONNECTIONS {
+            while self.connections.len() < MAX_CONNECTIONS && handshakes < MAX_HANDSHAKES {
                 let stream = match l.socket.accept() {
                     Ok((s, _)) => s,
                     Err(_) => break,
@@ -206,6 +221,7 @@ impl UserNet {
                     continue;
                 }
                 let handle = self.sockets.add(sock);
+                handshakes += 1;
                 self.connections.push(Connection {
                     stream,
                     handle,

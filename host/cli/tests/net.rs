@@ -1,0 +1,253 @@
+//! Networking with real clients: curl and raw sockets against the httpd
+//! unikernel through `-p` (the user-mode network), and under QEMU through
+//! its user network. Everything stays on 127.0.0.1.
+
+mod common;
+
+use common::*;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+fn httpd() -> &'static Path {
+    static IMG: OnceLock<PathBuf> = OnceLock::new();
+    IMG.get_or_init(|| {
+        let out = scratch().join("httpd.wisp");
+        let o = wisp()
+            .arg("build")
+            .arg(repo().join("examples/httpd"))
+            .arg("-o")
+            .arg(&out)
+            .output()
+            .expect("build");
+        assert!(o.status.success(), "{}", stderr(&o));
+        out
+    })
+}
+
+/// A free port on 127.0.0.1.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running guest, killed when dropped.
+struct Guest {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_for_port(port: u16, child: &mut Child) {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(30) {
+        if let Ok(s) = TcpStream::connect(("127.0.0.1", port)) {
+            // The listener is the monitor's; make sure the guest answers.
+            drop(s);
+            if http_get(port, "/").is_ok() {
+                return;
+            }
+        }
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!("guest exited early: {st}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("port {port} never answered");
+}
+
+fn start_httpd(memory: &str) -> Guest {
+    require_kvm();
+    let port = free_port();
+    let mut child = wisp()
+        .args(["run", "--memory", memory, "-p", &format!("{port}:80")])
+        .arg(httpd())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn wisp run");
+    wait_for_port(port, &mut child);
+    Guest { child, port }
+}
+
+fn http_get(port: u16, path: &str) -> std::io::Result<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    if out.is_empty() {
+        return Err(std::io::Error::other("empty reply"));
+    }
+    Ok(out)
+}
+
+fn curl(args: &[&str]) -> std::process::Output {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-s", "--max-time", "20"]).args(args);
+    output_within(cmd, Duration::from_secs(30))
+}
+
+#[test]
+fn curl_gets_the_page_through_a_published_port() {
+    let g = start_httpd("64M");
+    let o = curl(&[&format!("http://127.0.0.1:{}/", g.port)]);
+    assert!(
+        stdout(&o).contains("Hello from a Wisp unikernel!"),
+        "{}",
+        stdout(&o)
+    );
+    let o = curl(&["-I", &format!("http://127.0.0.1:{}/", g.port)]);
+    let head = stdout(&o);
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    assert!(head.contains("Content-Length: "), "{head}");
+    let o = curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        &format!("http://127.0.0.1:{}/missing", g.port),
+    ]);
+    assert_eq!(stdout(&o), "404");
+    let o = curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-X",
+        "DELETE",
+        &format!("http://127.0.0.1:{}/", g.port),
+    ]);
+    assert_eq!(stdout(&o), "405");
+}
+
+#[test]
+fn keep_alive_serves_many_requests_on_one_connection() {
+    let g = start_httpd("64M");
+    let url = format!("http://127.0.0.1:{}/", g.port);
+    // curl reuses one connection for several URLs on the same host.
+    let o = curl(&["-v", &url, &url, &url]);
+    let err = stderr(&o);
+    assert_eq!(
+        stdout(&o).matches("Hello from a Wisp unikernel!").count(),
+        3
+    );
+    assert!(err.contains("Re-using existing connection"), "{err}");
+}
+
+#[test]
+fn malformed_requests_get_400_and_the_server_survives() {
+    let g = start_httpd("64M");
+    for garbage in [
+        &b"\x00\x01\x02 garbage\r\n\r\n"[..],
+        b"GET / HTTP/9.9 nonsense\r\n\r\n",
+        b"GET\r\n\r\n",
+    ] {
+        let mut s = TcpStream::connect(("127.0.0.1", g.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(garbage).unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        assert!(out.starts_with("HTTP/1.1 400"), "{garbage:?}: {out}");
+    }
+    // An endless header is cut off.
+    let mut s = TcpStream::connect(("127.0.0.1", g.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = s.write_all(b"GET / HTTP/1.1\r\nX-Long: ");
+    let _ = s.write_all(&vec![b'a'; 40_000]);
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    assert!(out.starts_with("HTTP/1.1 431"), "{out}");
+    // Still serving.
+    assert!(http_get(g.port, "/").unwrap().contains("200 OK"));
+}
+
+#[test]
+fn a_thousand_concurrent_connections() {
+    let g = start_httpd("256M");
+    let mut conns = Vec::new();
+    for _ in 0..1000 {
+        let s = TcpStream::connect(("127.0.0.1", g.port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        conns.push(s);
+    }
+    // Every connection is open at once; now each asks for the page.
+    for s in &mut conns {
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+    }
+    let mut ok = 0;
+    for s in &mut conns {
+        let mut out = String::new();
+        if s.read_to_string(&mut out).is_ok()
+            && out.starts_with("HTTP/1.1 200 OK")
+            && out.contains("</html>")
+        {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 1000);
+}
+
+#[test]
+fn an_image_that_needs_a_nic_is_refused_without_one() {
+    let o = run(httpd(), &[], &[]);
+    assert_clean_error(&o, "this image needs a network device");
+}
+
+#[test]
+fn publishing_a_port_in_use_is_a_clear_error() {
+    let busy = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port();
+    let o = run(httpd(), &["-p", &format!("{port}:80")], &[]);
+    assert_clean_error(&o, "Address already in use");
+}
+
+#[test]
+fn httpd_on_qemu_through_its_user_network() {
+    require_kvm();
+    let port = free_port();
+    let mut child = Command::new("qemu-system-x86_64")
+        .args([
+            "-M",
+            "microvm,acpi=off",
+            "-accel",
+            "kvm",
+            "-m",
+            "64M",
+            "-nodefaults",
+            "-no-user-config",
+        ])
+        .args(["-display", "none", "-serial", "stdio", "-no-reboot"])
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"])
+        .args([
+            "-netdev",
+            &format!("user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:80"),
+        ])
+        .args(["-device", "virtio-net-device,netdev=n0", "-kernel"])
+        .arg(httpd())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("qemu");
+    wait_for_port(port, &mut child);
+    let page = http_get(port, "/").expect("page");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(page.contains("Hello from a Wisp unikernel!"), "{page}");
+}
