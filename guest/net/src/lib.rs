@@ -4,8 +4,6 @@
 //! network, and then declares (in an ELF note) that it needs a NIC, so the
 //! monitor refuses to start it without one.
 //!
-//! * [`hal`]: the DMA and address-translation glue `virtio-drivers` needs
-//!   (the guest is identity-mapped, so physical = virtual);
 //! * [`phy`]: the virtio-net driver as a smoltcp `Device` (Hermit's habit);
 //! * [`stack`]: the smoltcp interface and socket set, polled by the executor;
 //! * [`tcp`]: async `TcpListener` / `TcpStream` with back-pressure.
@@ -18,7 +16,6 @@
 
 extern crate alloc;
 
-pub mod hal;
 pub mod phy;
 pub mod stack;
 pub mod tcp;
@@ -28,23 +25,5 @@ pub use tcp::{TcpListener, TcpStream};
 
 wisp::library!("net");
 
-/// ELF note: this image needs a network device (see
-/// `wisp_abi::manifest::NOTE_TYPE_DEVICE`).
-#[repr(C, align(4))]
-struct DeviceNote {
-    namesz: u32,
-    descsz: u32,
-    kind: u32,
-    name: [u8; 8],
-    device: u32,
-}
-
-#[used]
-#[link_section = ".note.wisp"]
-static NEEDS_NET: DeviceNote = DeviceNote {
-    namesz: 5,
-    descsz: 4,
-    kind: wisp_abi::manifest::NOTE_TYPE_DEVICE,
-    name: *b"Wisp\0\0\0\0",
-    device: wisp_abi::manifest::DEVICE_NET,
-};
+// A network library is useless without a NIC: declare it required.
+wisp_virtio::require_device!(wisp_abi::manifest::DEVICE_NET);

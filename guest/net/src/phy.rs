@@ -8,7 +8,7 @@ use smoltcp::time::Instant;
 use virtio_drivers::device::net::{RxBuffer, VirtIONet};
 use virtio_drivers::transport::mmio::MmioTransport;
 
-use crate::hal::WispHal;
+use wisp_virtio::hal::WispHal;
 
 /// Ring size of each queue.
 pub const QUEUE_SIZE: usize = 64;

@@ -8,13 +8,11 @@
 use alloc::vec;
 use alloc::vec::Vec;
 use core::cell::RefCell;
-use core::ptr::NonNull;
 
 use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
 use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Address};
-use virtio_drivers::transport::mmio::{MmioTransport, VirtIOHeader};
-use wisp_abi::manifest::{DEVICE_NET, DEVICE_VIRTIO_PROBE};
+use wisp_abi::manifest::DEVICE_NET;
 
 use crate::phy::{Driver, Nic, BUF_LEN};
 
@@ -70,38 +68,15 @@ fn now() -> Instant {
     Instant::from_micros((wisp::time::monotonic_ns() / 1000) as i64)
 }
 
-/// Finds the NIC: a `DEVICE_NET` entry (Wisp monitor), or a virtio-mmio
-/// transport whose device ID is 1 (QEMU command line).
-fn find_nic() -> Option<(u64, u64, &'static wisp_abi::boot::Device)> {
-    let boot = wisp::boot::boot_page();
-    boot.devices().iter().find_map(|d| {
-        let is_net = match d.kind {
-            DEVICE_NET => true,
-            DEVICE_VIRTIO_PROBE => {
-                // SAFETY: the boot page lists this as a virtio-mmio window,
-                // which the page tables map uncached; offset 8 is DeviceID.
-                let id =
-                    unsafe { core::ptr::read_volatile((d.mmio_base + 8) as usize as *const u32) };
-                id == 1
-            }
-            _ => false,
-        };
-        is_net.then_some((d.mmio_base, d.mmio_len, d))
-    })
-}
-
 /// Brings the stack up if it is not yet.
 pub fn init() -> Result<(), NetError> {
     if STACK.0.borrow().is_some() {
         return Ok(());
     }
     wisp::library_linked(&crate::LIB_NAME);
-    let (base, len, dev) = find_nic().ok_or(NetError::NoDevice)?;
-    let header = NonNull::new(base as usize as *mut VirtIOHeader).ok_or(NetError::NoDevice)?;
-    // SAFETY: the boot page describes a virtio-mmio window of `len` bytes at
-    // `base`, mapped for the guest's whole life and used only by this driver.
-    let transport =
-        unsafe { MmioTransport::new(header, len as usize) }.map_err(|_| NetError::Driver)?;
+    let dev =
+        wisp_virtio::find(DEVICE_NET, wisp_virtio::VIRTIO_NET, 0).ok_or(NetError::NoDevice)?;
+    let transport = wisp_virtio::transport(dev).ok_or(NetError::Driver)?;
     let driver = Driver::new(transport, BUF_LEN).map_err(|_| NetError::Driver)?;
     let mac = driver.mac_address();
     let mut nic = Nic(alloc::rc::Rc::new(RefCell::new(driver)));

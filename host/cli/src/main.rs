@@ -58,6 +58,9 @@ enum Command {
         /// Give the guest a NIC on the user-mode network even without -p.
         #[arg(long = "net", value_parser = ["user"])]
         net: Option<String>,
+        /// Give the guest a block device backed by FILE (",ro": read-only).
+        #[arg(long, value_name = "FILE[,ro]")]
+        disk: Option<wisp_monitor::DiskConfig>,
         /// Arguments for the application (after `--`).
         #[arg(last = true)]
         args: Vec<String>,
@@ -87,6 +90,7 @@ fn main() -> ExitCode {
             trace_boot,
             publish,
             net,
+            disk,
             args,
         } => run::run(
             &run::RunArgs {
@@ -97,6 +101,7 @@ fn main() -> ExitCode {
                 args,
                 publish,
                 net: net.is_some(),
+                disk,
             },
             started,
         ),

@@ -17,6 +17,7 @@ pub struct RunArgs {
     pub args: Vec<String>,
     pub publish: Vec<wisp_monitor::net::user::PortForward>,
     pub net: bool,
+    pub disk: Option<wisp_monitor::DiskConfig>,
 }
 
 /// Runs the guest; returns the status `wisp run` exits with.
@@ -32,6 +33,7 @@ pub fn run(a: &RunArgs, started: Instant) -> anyhow::Result<u8> {
         args: a.args.clone(),
         trace_boot: a.trace_boot,
         net: (a.net || !a.publish.is_empty()).then(|| a.publish.clone()),
+        disk: a.disk.clone(),
     };
     // Creating the KVM VM and vCPU on a second thread while the image is
     // read was measured slower here (contention on 2 vCPUs): sequential.

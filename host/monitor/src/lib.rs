@@ -38,4 +38,4 @@ mod layout_tests;
 mod testing;
 
 pub use image::{Image, ImageError};
-pub use vm::{Outcome, Shell, Vm, VmConfig, VmError};
+pub use vm::{DiskConfig, Outcome, Shell, Vm, VmConfig, VmError};

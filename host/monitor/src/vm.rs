@@ -9,12 +9,13 @@ use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::boot::{self, BootError, Clock};
+use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::VirtioMmio;
 use crate::devices::virtio::net::Net;
 use crate::devices::{MmioDevice, MMIO_BASE, MMIO_WINDOW};
 use crate::net::user::{self, PortForward, UserNet};
 use wisp_abi::boot::Device;
-use wisp_abi::manifest::DEVICE_NET;
+use wisp_abi::manifest::{DEVICE_BLOCK, DEVICE_NET};
 
 /// MAC address of the guest's NIC (locally administered).
 pub const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
@@ -38,6 +39,35 @@ pub struct VmConfig {
     /// Attach a NIC on the built-in user-mode network, publishing these
     /// ports (`None`: no NIC).
     pub net: Option<Vec<PortForward>>,
+    /// Attach a block device backed by a file.
+    pub disk: Option<DiskConfig>,
+}
+
+/// `--disk FILE[,ro]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub path: std::path::PathBuf,
+    pub read_only: bool,
+}
+
+impl std::str::FromStr for DiskConfig {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (path, opts) = match s.rsplit_once(',') {
+            Some((p, "ro")) => (p, true),
+            Some((p, "rw")) => (p, false),
+            Some((_, o)) => return Err(format!("unknown disk option '{o}' (use ro or rw)")),
+            None => (s, false),
+        };
+        if path.is_empty() {
+            return Err("empty disk path".into());
+        }
+        Ok(DiskConfig {
+            path: path.into(),
+            read_only: opts,
+        })
+    }
 }
 
 /// How a guest ended.
@@ -85,6 +115,8 @@ pub enum VmError {
     MissingDevice(&'static str, &'static str),
     #[error("network: {0}")]
     Net(std::io::Error),
+    #[error("disk {0}: {1}")]
+    Disk(String, std::io::Error),
 }
 
 fn kvm_call(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -128,8 +160,8 @@ pub struct Vm {
     trace: Option<BootTrace>,
     /// Exits from `KVM_RUN` to this monitor (each costs 80-110 µs on PVM).
     exits: u64,
-    /// The guest's NIC, at `MMIO_BASE`.
-    nic: Option<VirtioMmio<Net>>,
+    /// The guest's devices, by MMIO base address.
+    bus: Vec<(u64, BusDevice)>,
 }
 
 impl Vm {
@@ -207,22 +239,35 @@ impl Vm {
             boot_unix_ns,
         };
         let mut devices = Vec::new();
-        let mut nic = None;
+        let mut bus = Vec::new();
         if let Some(forwards) = &cfg.net {
             let backend = UserNet::new(forwards).map_err(VmError::Net)?;
             let mut d = Device::new(DEVICE_NET);
-            d.mmio_base = MMIO_BASE;
+            d.mmio_base = MMIO_BASE + bus.len() as u64 * MMIO_WINDOW;
             d.mmio_len = MMIO_WINDOW;
             d.mac[..6].copy_from_slice(&GUEST_MAC);
             d.ipv4 = user::GUEST.octets();
             d.gateway = user::GATEWAY.octets();
             d.prefix_len = user::PREFIX_LEN as u32;
             devices.push(d);
-            nic = Some(VirtioMmio::new(Net::new(
-                GUEST_MAC,
-                mem.clone(),
-                Box::new(backend),
-            )));
+            bus.push((
+                d.mmio_base,
+                BusDevice::Net(VirtioMmio::new(Net::new(
+                    GUEST_MAC,
+                    mem.clone(),
+                    Box::new(backend),
+                ))),
+            ));
+        }
+        if let Some(disk) = &cfg.disk {
+            let block = Block::open(&disk.path, disk.read_only, mem.clone())
+                .map_err(|e| VmError::Disk(disk.path.display().to_string(), e))?;
+            let mut d = Device::new(DEVICE_BLOCK);
+            d.mmio_base = MMIO_BASE + bus.len() as u64 * MMIO_WINDOW;
+            d.mmio_len = MMIO_WINDOW;
+            d.capacity = block.capacity_bytes();
+            devices.push(d);
+            bus.push((d.mmio_base, BusDevice::Block(VirtioMmio::new(block))));
         }
         boot::write_boot_page(
             &mem,
@@ -241,7 +286,7 @@ impl Vm {
             layout,
             trace,
             exits: 0,
-            nic,
+            bus,
         })
     }
 
@@ -297,24 +342,16 @@ impl Vm {
                     )));
                 }
                 VcpuExit::MmioRead(addr, data) => {
-                    match self
-                        .nic
-                        .as_mut()
-                        .filter(|_| (MMIO_BASE..MMIO_BASE + MMIO_WINDOW).contains(&addr))
-                    {
-                        Some(nic) => nic.read(addr - MMIO_BASE, data),
+                    match find_device(&mut self.bus, addr) {
+                        Some((dev, offset)) => dev.read(offset, data),
                         None => return Ok(no_device(addr)),
                     }
                     continue;
                 }
                 VcpuExit::MmioWrite(addr, data) => {
                     let data = data.to_vec();
-                    match self
-                        .nic
-                        .as_mut()
-                        .filter(|_| (MMIO_BASE..MMIO_BASE + MMIO_WINDOW).contains(&addr))
-                    {
-                        Some(nic) => nic.write(addr - MMIO_BASE, &data),
+                    match find_device(&mut self.bus, addr) {
+                        Some((dev, offset)) => dev.write(offset, &data),
                         None => return Ok(no_device(addr)),
                     }
                     continue;
@@ -361,7 +398,11 @@ impl Vm {
                     if let Some(left) = deadline.remaining() {
                         d = d.min(left);
                     }
-                    match self.nic.as_mut() {
+                    let nic = self.bus.iter_mut().find_map(|(_, dev)| match dev {
+                        BusDevice::Net(n) => Some(n),
+                        _ => None,
+                    });
+                    match nic {
                         Some(nic) => wait_for_network(&mut nic.device, d),
                         None => std::thread::sleep(d),
                     }
@@ -385,6 +426,31 @@ impl Vm {
             }
         }
     }
+}
+
+/// A device on the MMIO bus.
+enum BusDevice {
+    Net(VirtioMmio<Net>),
+    Block(VirtioMmio<Block>),
+}
+
+impl BusDevice {
+    fn mmio(&mut self) -> &mut dyn MmioDevice {
+        match self {
+            BusDevice::Net(d) => d,
+            BusDevice::Block(d) => d,
+        }
+    }
+}
+
+/// The device whose window holds `addr`, and the offset into it.
+fn find_device(bus: &mut [(u64, BusDevice)], addr: u64) -> Option<(&mut dyn MmioDevice, u64)> {
+    bus.iter_mut()
+        .find(|(base, _)| (*base..*base + MMIO_WINDOW).contains(&addr))
+        .map(|(base, dev)| {
+            let offset = addr - *base;
+            (dev.mmio(), offset)
+        })
 }
 
 fn no_device(addr: u64) -> Outcome {

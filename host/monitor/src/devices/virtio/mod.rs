@@ -1,5 +1,6 @@
 //! virtio devices over the virtio-mmio transport.
 
+pub mod block;
 pub mod mmio;
 pub mod net;
 

@@ -77,8 +77,26 @@ impl Net {
         self.queues.len() == 2 && self.broken.is_none()
     }
 
-    /// Sends every frame the guest has queued for transmission.
+    /// Sends every frame the guest has queued for transmission, then asks
+    /// for a notification on the next one (EVENT_IDX: `avail_event`).
     pub fn process_tx(&mut self) {
+        for _ in 0..8 {
+            self.process_tx_once();
+            if !self.active() {
+                return;
+            }
+            match self.queues[TX].enable_notification(&self.mem) {
+                Ok(true) => continue, // more arrived meanwhile
+                Ok(false) => return,
+                Err(e) => {
+                    self.fail(format!("transmit queue: {e}"));
+                    return;
+                }
+            }
+        }
+    }
+
+    fn process_tx_once(&mut self) {
         if !self.active() {
             return;
         }
