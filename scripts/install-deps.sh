@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Installs what Wisp needs on a Debian bookworm machine, only what is missing:
-# a C compiler (the static spawn peer in the benchmark), QEMU 10 from
-# bookworm-backports (the second monitor the tests boot images on), and
-# the Rust toolchain check. Safe to run repeatedly.
+# a C compiler (linking images; the static spawn peer in the benchmark),
+# QEMU 10 from bookworm-backports (the second monitor the tests boot images
+# on), the clients the tests use (curl, redis-cli, ping, ip), and the Rust
+# toolchain check. Extra packages can be requested: `install-deps.sh wrk
+# nginx` (the benchmarks do). Safe to run repeatedly.
 set -euo pipefail
 
 SUDO=""
@@ -11,6 +13,19 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 need_apt=()
 command -v gcc >/dev/null || need_apt+=(gcc)
 command -v qemu-system-x86_64 >/dev/null || need_apt+=(qemu-system-x86)
+command -v curl >/dev/null || need_apt+=(curl)
+command -v redis-cli >/dev/null || need_apt+=(redis-tools)
+command -v ip >/dev/null || need_apt+=(iproute2)
+command -v ping >/dev/null || need_apt+=(iputils-ping)
+command -v tar >/dev/null || need_apt+=(tar)
+# Extra packages named on the command line (binary name = package name,
+# except where mapped here).
+for extra in "$@"; do
+    case "$extra" in
+        redis-server) command -v redis-server >/dev/null || need_apt+=(redis-server) ;;
+        *) command -v "$extra" >/dev/null || need_apt+=("$extra") ;;
+    esac
+done
 
 if [ "${#need_apt[@]}" -gt 0 ]; then
     if ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then

@@ -106,6 +106,23 @@ impl Disk {
 
     /// Reads `buf.len()` bytes (a multiple of [`SECTOR`]) from `sector`.
     pub async fn read(&mut self, sector: u64, buf: &mut [u8]) -> Result<(), BlkError> {
+        self.read_now(sector, buf)
+    }
+
+    /// Writes `buf` (a multiple of [`SECTOR`]) at `sector`. Not durable
+    /// until [`Disk::flush`].
+    pub async fn write(&mut self, sector: u64, buf: &[u8]) -> Result<(), BlkError> {
+        self.write_now(sector, buf)
+    }
+
+    /// Makes every completed write durable (the monitor `fdatasync`s).
+    pub async fn flush(&mut self) -> Result<(), BlkError> {
+        self.flush_now()
+    }
+
+    /// [`Disk::read`], completing before it returns (the request is served
+    /// during the notification exit).
+    pub fn read_now(&mut self, sector: u64, buf: &mut [u8]) -> Result<(), BlkError> {
         self.check(sector, buf.len())?;
         for (i, chunk) in buf.chunks_mut(MAX_CHUNK).enumerate() {
             let at = sector + (i * MAX_CHUNK / SECTOR) as u64;
@@ -116,9 +133,8 @@ impl Disk {
         Ok(())
     }
 
-    /// Writes `buf` (a multiple of [`SECTOR`]) at `sector`. Not durable
-    /// until [`Disk::flush`].
-    pub async fn write(&mut self, sector: u64, buf: &[u8]) -> Result<(), BlkError> {
+    /// [`Disk::write`], completing before it returns.
+    pub fn write_now(&mut self, sector: u64, buf: &[u8]) -> Result<(), BlkError> {
         if self.read_only() {
             return Err(BlkError::ReadOnly);
         }
@@ -132,8 +148,8 @@ impl Disk {
         Ok(())
     }
 
-    /// Makes every completed write durable (the monitor `fdatasync`s).
-    pub async fn flush(&mut self) -> Result<(), BlkError> {
+    /// [`Disk::flush`], completing before it returns.
+    pub fn flush_now(&mut self) -> Result<(), BlkError> {
         self.driver.flush().map_err(|_| BlkError::Io)
     }
 }
