@@ -8,7 +8,7 @@ use common::*;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -28,58 +28,10 @@ fn httpd() -> &'static Path {
     })
 }
 
-/// A free port on 127.0.0.1.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A running guest, killed when dropped.
-struct Guest {
-    child: Child,
-    port: u16,
-}
-
-impl Drop for Guest {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn wait_for_port(port: u16, child: &mut Child) {
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(30) {
-        if let Ok(s) = TcpStream::connect(("127.0.0.1", port)) {
-            // The listener is the monitor's; make sure the guest answers.
-            drop(s);
-            if http_get(port, "/").is_ok() {
-                return;
-            }
-        }
-        if let Some(st) = child.try_wait().unwrap() {
-            panic!("guest exited early: {st}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("port {port} never answered");
-}
-
 fn start_httpd(memory: &str) -> Guest {
-    require_kvm();
-    let port = free_port();
-    let mut child = wisp()
-        .args(["run", "--memory", memory, "-p", &format!("{port}:80")])
-        .arg(httpd())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn wisp run");
-    wait_for_port(port, &mut child);
-    Guest { child, port }
+    start_guest(httpd(), 80, &["--memory", memory], &[], |port| {
+        http_get(port, "/").is_ok()
+    })
 }
 
 fn http_get(port: u16, path: &str) -> std::io::Result<String> {
@@ -245,7 +197,15 @@ fn httpd_on_qemu_through_its_user_network() {
         .stderr(Stdio::null())
         .spawn()
         .expect("qemu");
-    wait_for_port(port, &mut child);
+    let start = Instant::now();
+    while http_get(port, "/").is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "QEMU guest never answered"
+        );
+        assert!(child.try_wait().unwrap().is_none(), "QEMU exited early");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let page = http_get(port, "/").expect("page");
     let _ = child.kill();
     let _ = child.wait();

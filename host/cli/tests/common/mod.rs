@@ -142,3 +142,81 @@ pub fn assert_clean_error(o: &Output, needle: &str) {
     assert!(!err.contains("panicked"), "no panic: {err}");
     assert!(err.contains(needle), "expected '{needle}' in: {err}");
 }
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running guest, killed when dropped.
+pub struct Guest {
+    pub child: std::process::Child,
+    pub port: u16,
+}
+
+impl Guest {
+    /// Kills the monitor with SIGKILL, as a crash would.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Builds an example image once per test process.
+pub fn example(name: &'static str) -> PathBuf {
+    static IMAGES: std::sync::Mutex<Vec<(&'static str, PathBuf)>> =
+        std::sync::Mutex::new(Vec::new());
+    let mut images = IMAGES.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, p)) = images.iter().find(|(n, _)| *n == name) {
+        return p.clone();
+    }
+    let p = build_image(&format!("examples/{name}"), name);
+    images.push((name, p.clone()));
+    p
+}
+
+/// Starts `wisp run FLAGS -p PORT:GUEST_PORT IMAGE -- ARGS` and waits
+/// until `ready(port)` holds.
+pub fn start_guest(
+    image: &Path,
+    guest_port: u16,
+    flags: &[&str],
+    args: &[&str],
+    ready: impl Fn(u16) -> bool,
+) -> Guest {
+    require_kvm();
+    let port = free_port();
+    let mut child = wisp()
+        .arg("run")
+        .args(flags)
+        .args(["-p", &format!("{port}:{guest_port}")])
+        .arg(image)
+        .arg("--")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn wisp run");
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(30) {
+        if ready(port) {
+            return Guest { child, port };
+        }
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!("guest exited early: {st}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("guest on port {port} never became ready");
+}
