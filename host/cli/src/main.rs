@@ -55,9 +55,12 @@ enum Command {
         /// network. Repeatable.
         #[arg(short = 'p', long = "publish", value_name = "[ADDR:]HOST:GUEST")]
         publish: Vec<wisp_monitor::net::user::PortForward>,
-        /// Give the guest a NIC on the user-mode network even without -p.
-        #[arg(long = "net", value_parser = ["user"])]
-        net: Option<String>,
+        /// Give the guest a NIC: `user` (the built-in user-mode network,
+        /// also implied by -p) or `tap:NAME` (an existing tap interface),
+        /// with optional `,ip=A.B.C.D/N,gw=A.B.C.D` (tap; default
+        /// 10.0.2.15/24 via 10.0.2.2). Repeatable: one NIC each.
+        #[arg(long = "net", value_name = "user|tap:NAME[,ip=..,gw=..]")]
+        net: Vec<wisp_monitor::net::NicConfig>,
         /// Give the guest a block device backed by FILE (",ro": read-only).
         #[arg(long, value_name = "FILE[,ro]")]
         disk: Option<wisp_monitor::DiskConfig>,
@@ -100,7 +103,7 @@ fn main() -> ExitCode {
                 trace_boot,
                 args,
                 publish,
-                net: net.is_some(),
+                net,
                 disk,
             },
             started,

@@ -16,7 +16,7 @@ pub struct RunArgs {
     pub trace_boot: bool,
     pub args: Vec<String>,
     pub publish: Vec<wisp_monitor::net::user::PortForward>,
-    pub net: bool,
+    pub net: Vec<wisp_monitor::net::NicConfig>,
     pub disk: Option<wisp_monitor::DiskConfig>,
 }
 
@@ -32,7 +32,8 @@ pub fn run(a: &RunArgs, started: Instant) -> anyhow::Result<u8> {
         memory: a.memory,
         args: a.args.clone(),
         trace_boot: a.trace_boot,
-        net: (a.net || !a.publish.is_empty()).then(|| a.publish.clone()),
+        nics: nics(&a.net, &a.publish),
+        publish: a.publish.clone(),
         disk: a.disk.clone(),
     };
     // Creating the KVM VM and vCPU on a second thread while the image is
@@ -66,4 +67,18 @@ pub fn run(a: &RunArgs, started: Instant) -> anyhow::Result<u8> {
     // `teardown::exit_now`'s child rather than here, on the caller's time.
     std::mem::forget(vm);
     Ok(outcome.status())
+}
+
+/// The NICs: those given with `--net`, plus a user-mode NIC if ports are
+/// published and none of the `--net` NICs is one.
+fn nics(
+    given: &[wisp_monitor::net::NicConfig],
+    publish: &[wisp_monitor::net::user::PortForward],
+) -> Vec<wisp_monitor::net::NicConfig> {
+    use wisp_monitor::net::BackendKind;
+    let mut nics = given.to_vec();
+    if !publish.is_empty() && !nics.iter().any(|n| n.backend == BackendKind::User) {
+        nics.push("user".parse().expect("'user' is a valid network"));
+    }
+    nics
 }

@@ -211,3 +211,104 @@ fn httpd_on_qemu_through_its_user_network() {
     let _ = child.wait();
     assert!(page.contains("Hello from a Wisp unikernel!"), "{page}");
 }
+
+/// A network namespace with a tap device, removed when dropped.
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn new(tag: &str) -> Netns {
+        let name = format!("wisp-{}-{tag}", std::process::id());
+        let ip = |args: &[&str]| {
+            let o = Command::new("ip")
+                .args(args)
+                .output()
+                .expect("run ip (iproute2)");
+            assert!(
+                o.status.success(),
+                "ip {args:?} failed (the network tests create namespaces and need CAP_NET_ADMIN): {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        };
+        ip(&["netns", "add", &name]);
+        let ns = Netns { name };
+        ip(&["-n", &ns.name, "link", "set", "lo", "up"]);
+        ip(&[
+            "-n", &ns.name, "tuntap", "add", "dev", "tap0", "mode", "tap",
+        ]);
+        ip(&["-n", &ns.name, "addr", "add", "10.0.3.1/24", "dev", "tap0"]);
+        ip(&["-n", &ns.name, "link", "set", "tap0", "up"]);
+        ns
+    }
+
+    /// A command run inside the namespace. `nsenter` execs the program
+    /// itself (no intermediate process), so killing the child kills it.
+    fn exec(&self, cmd: &[&str]) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{}", self.name)).args(cmd);
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+#[test]
+fn curl_and_ping_through_a_tap_in_a_namespace() {
+    require_kvm();
+    let ns = Netns::new("tap");
+    let child = ns
+        .exec(&[
+            env!("CARGO_BIN_EXE_wisp"),
+            "run",
+            "--net",
+            "tap:tap0,ip=10.0.3.2/24,gw=10.0.3.1",
+        ])
+        .arg(httpd())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("wisp run in the namespace");
+    let mut guest = Guest { child, port: 0 };
+    let guest_alive = |g: &mut Guest| g.child.try_wait().unwrap().is_none();
+    let start = Instant::now();
+    loop {
+        let o = output_within(
+            ns.exec(&["curl", "-s", "--max-time", "2", "http://10.0.3.2/"]),
+            Duration::from_secs(10),
+        );
+        if stdout(&o).contains("Hello from a Wisp unikernel!") {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no answer through the tap"
+        );
+        assert!(guest_alive(&mut guest), "guest exited early");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let o = output_within(
+        ns.exec(&["ping", "-c", "3", "-i", "0.2", "-W", "2", "10.0.3.2"]),
+        Duration::from_secs(20),
+    );
+    assert!(stdout(&o).contains("3 received"), "{}", stdout(&o));
+    // A flood of malformed frames (truncated and garbage Ethernet/IPv4)
+    // from the namespace: the guest keeps serving.
+    let flood = "import socket,os\ns=socket.socket(socket.AF_PACKET,socket.SOCK_RAW)\ns.bind(('tap0',0))\nfor i in range(3000):\n    n=(i*7)%1480\n    s.send(b'\\xff'*6+os.urandom(6)+b'\\x08\\x00'+os.urandom(max(n,1)))\n";
+    let o = output_within(ns.exec(&["python3", "-c", flood]), Duration::from_secs(30));
+    assert!(o.status.success(), "flood: {}", stderr(&o));
+    let o = output_within(
+        ns.exec(&["curl", "-s", "--max-time", "5", "http://10.0.3.2/"]),
+        Duration::from_secs(10),
+    );
+    assert!(
+        stdout(&o).contains("Hello from a Wisp unikernel!"),
+        "still serving after the flood"
+    );
+}

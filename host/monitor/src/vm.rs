@@ -13,7 +13,9 @@ use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::VirtioMmio;
 use crate::devices::virtio::net::Net;
 use crate::devices::{MmioDevice, MMIO_BASE, MMIO_WINDOW};
-use crate::net::user::{self, PortForward, UserNet};
+use crate::net::tap::Tap;
+use crate::net::user::{PortForward, UserNet};
+use crate::net::{BackendKind, NetBackend, NicConfig};
 use wisp_abi::boot::Device;
 use wisp_abi::manifest::{DEVICE_BLOCK, DEVICE_NET};
 
@@ -36,9 +38,11 @@ pub struct VmConfig {
     /// Arguments passed to the application.
     pub args: Vec<String>,
     pub trace_boot: bool,
-    /// Attach a NIC on the built-in user-mode network, publishing these
-    /// ports (`None`: no NIC).
-    pub net: Option<Vec<PortForward>>,
+    /// The guest's NICs, in order (the first is the one the guest's
+    /// network stack uses).
+    pub nics: Vec<NicConfig>,
+    /// Ports published on the user-mode NIC.
+    pub publish: Vec<PortForward>,
     /// Attach a block device backed by a file.
     pub disk: Option<DiskConfig>,
 }
@@ -174,19 +178,17 @@ impl Vm {
         mut trace: Option<BootTrace>,
     ) -> Result<Vm, VmError> {
         let args = boot::encode_args(&cfg.args);
-        if image.required_devices & (1 << DEVICE_NET) != 0 && cfg.net.is_none() {
+        if image.required_devices & (1 << DEVICE_NET) != 0 && cfg.nics.is_empty() {
             return Err(VmError::MissingDevice(
                 "network",
                 "-p HOST:GUEST or --net user",
             ));
         }
-        if image.required_devices & !(1 << DEVICE_NET) != 0 {
-            return Err(VmError::MissingDevice(
-                "block",
-                "block devices are not supported yet",
-            ));
+        if image.required_devices & (1 << DEVICE_BLOCK) != 0 && cfg.disk.is_none() {
+            return Err(VmError::MissingDevice("block", "--disk FILE"));
         }
-        let layout = Layout::with_devices(image, cfg.memory, args.len(), cfg.net.is_some())?;
+        let has_devices = !cfg.nics.is_empty() || cfg.disk.is_some();
+        let layout = Layout::with_devices(image, cfg.memory, args.len(), has_devices)?;
         let Shell { vm, vcpu, ready_at } = shell;
         if let Some(t) = trace.as_mut() {
             t.mark_at("KVM VM and vCPU created", ready_at);
@@ -240,23 +242,24 @@ impl Vm {
         };
         let mut devices = Vec::new();
         let mut bus = Vec::new();
-        if let Some(forwards) = &cfg.net {
-            let backend = UserNet::new(forwards).map_err(VmError::Net)?;
+        for (i, nic) in cfg.nics.iter().enumerate() {
+            let backend: Box<dyn NetBackend> = match &nic.backend {
+                BackendKind::User => Box::new(UserNet::new(&cfg.publish).map_err(VmError::Net)?),
+                BackendKind::Tap(name) => Box::new(Tap::open(name).map_err(VmError::Net)?),
+            };
+            let mut mac = GUEST_MAC;
+            mac[5] = mac[5].wrapping_add(i as u8);
             let mut d = Device::new(DEVICE_NET);
             d.mmio_base = MMIO_BASE + bus.len() as u64 * MMIO_WINDOW;
             d.mmio_len = MMIO_WINDOW;
-            d.mac[..6].copy_from_slice(&GUEST_MAC);
-            d.ipv4 = user::GUEST.octets();
-            d.gateway = user::GATEWAY.octets();
-            d.prefix_len = user::PREFIX_LEN as u32;
+            d.mac[..6].copy_from_slice(&mac);
+            d.ipv4 = nic.ip.octets();
+            d.gateway = nic.gateway.octets();
+            d.prefix_len = nic.prefix_len as u32;
             devices.push(d);
             bus.push((
                 d.mmio_base,
-                BusDevice::Net(VirtioMmio::new(Net::new(
-                    GUEST_MAC,
-                    mem.clone(),
-                    Box::new(backend),
-                ))),
+                BusDevice::Net(VirtioMmio::new(Net::new(mac, mem.clone(), backend))),
             ));
         }
         if let Some(disk) = &cfg.disk {
@@ -398,13 +401,18 @@ impl Vm {
                     if let Some(left) = deadline.remaining() {
                         d = d.min(left);
                     }
-                    let nic = self.bus.iter_mut().find_map(|(_, dev)| match dev {
-                        BusDevice::Net(n) => Some(n),
-                        _ => None,
-                    });
-                    match nic {
-                        Some(nic) => wait_for_network(&mut nic.device, d),
-                        None => std::thread::sleep(d),
+                    let mut nics: Vec<&mut Net> = self
+                        .bus
+                        .iter_mut()
+                        .filter_map(|(_, dev)| match dev {
+                            BusDevice::Net(n) => Some(&mut n.device),
+                            _ => None,
+                        })
+                        .collect();
+                    if nics.is_empty() {
+                        std::thread::sleep(d);
+                    } else {
+                        wait_for_network(&mut nics, d);
                     }
                 }
                 Ok(Hypercall::Exit(status)) => {
@@ -461,11 +469,15 @@ fn no_device(addr: u64) -> Outcome {
 
 /// Serves the network while the guest waits: returns as soon as frames were
 /// delivered to the guest, or after `timeout`.
-fn wait_for_network(net: &mut Net, timeout: Duration) {
+fn wait_for_network(nics: &mut [&mut Net], timeout: Duration) {
     let until = std::time::Instant::now() + timeout;
     loop {
-        net.backend().poll();
-        if net.process_rx() > 0 {
+        let mut delivered = 0;
+        for net in nics.iter_mut() {
+            net.backend().poll();
+            delivered += net.process_rx();
+        }
+        if delivered > 0 {
             return;
         }
         let now = std::time::Instant::now();
@@ -473,19 +485,17 @@ fn wait_for_network(net: &mut Net, timeout: Duration) {
             return;
         }
         let mut wait = until - now;
-        if let Some(t) = net.backend().next_timeout() {
-            wait = wait.min(t);
-        }
-        let mut fds: Vec<libc::pollfd> = net
-            .backend()
-            .fds()
-            .into_iter()
-            .map(|fd| libc::pollfd {
+        let mut fds: Vec<libc::pollfd> = Vec::new();
+        for net in nics.iter_mut() {
+            if let Some(t) = net.backend().next_timeout() {
+                wait = wait.min(t);
+            }
+            fds.extend(net.backend().fds().into_iter().map(|fd| libc::pollfd {
                 fd,
                 events: libc::POLLIN,
                 revents: 0,
-            })
-            .collect();
+            }));
+        }
         let ms = wait.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
         // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs that
         // outlives the call.
