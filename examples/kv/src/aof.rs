@@ -27,6 +27,9 @@ const CHUNK: usize = 64 * 1024;
 /// Longest record: more unparsed bytes than this is a torn record.
 const MAX_RECORD: u64 = resp::MAX_BULK as u64 + 64 * 1024;
 
+/// A command: its arguments.
+pub type Command = Vec<Vec<u8>>;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fsync {
     Always,
@@ -71,7 +74,7 @@ pub struct Aof {
 
 impl Aof {
     /// Opens (or formats) the log and returns the commands to replay.
-    pub fn open(mut disk: Disk, policy: Fsync) -> Result<(Aof, Vec<Vec<Vec<u8>>>), AofError> {
+    pub fn open(mut disk: Disk, policy: Fsync) -> Result<(Aof, Vec<Command>), AofError> {
         let mut first = vec![0u8; SECTOR];
         disk.read_now(0, &mut first)?;
         if first.iter().all(|&b| b == 0) {

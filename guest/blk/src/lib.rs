@@ -98,7 +98,8 @@ impl Disk {
 
     fn check(&self, sector: u64, len: usize) -> Result<(), BlkError> {
         let n = (len / SECTOR) as u64;
-        if len % SECTOR != 0 || sector.checked_add(n).is_none_or(|end| end > self.sectors) {
+        if !len.is_multiple_of(SECTOR) || sector.checked_add(n).is_none_or(|end| end > self.sectors)
+        {
             return Err(BlkError::OutOfRange);
         }
         Ok(())

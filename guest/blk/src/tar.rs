@@ -179,6 +179,10 @@ impl TarFs {
 pub trait Sectors {
     /// Size in bytes.
     fn len(&self) -> u64;
+    /// Whether there is nothing to read.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
     /// Reads whole sectors starting at `sector`.
     async fn read_sectors(&mut self, sector: u64, buf: &mut [u8]) -> Result<(), BlkError>;
 }

@@ -197,7 +197,7 @@ pub fn start_guest(
 ) -> Guest {
     require_kvm();
     let port = free_port();
-    let mut child = wisp()
+    let child = wisp()
         .arg("run")
         .args(flags)
         .args(["-p", &format!("{port}:{guest_port}")])
@@ -208,12 +208,14 @@ pub fn start_guest(
         .stderr(Stdio::inherit())
         .spawn()
         .expect("spawn wisp run");
+    // Owned by the guard from here on, so every path reaps the process.
+    let mut guest = Guest { child, port };
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(30) {
         if ready(port) {
-            return Guest { child, port };
+            return guest;
         }
-        if let Some(st) = child.try_wait().unwrap() {
+        if let Some(st) = guest.child.try_wait().unwrap() {
             panic!("guest exited early: {st}");
         }
         std::thread::sleep(Duration::from_millis(20));

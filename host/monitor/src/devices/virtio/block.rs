@@ -100,7 +100,7 @@ impl Block {
     fn execute(&mut self, r: &Request) -> (u8, u32) {
         let total: u64 = r.data.iter().map(|d| d.1 as u64).sum();
         let in_range = |len: u64| {
-            len % SECTOR == 0
+            len.is_multiple_of(SECTOR)
                 && len <= MAX_REQUEST
                 && r.sector
                     .checked_add(len / SECTOR)

@@ -158,18 +158,11 @@ impl<D: VirtioDevice> MmioDevice for VirtioMmio<D> {
         let configurable = self.status & status::DRIVER_OK == 0;
         match offset {
             0x014 => self.device_features_sel = v,
-            0x020 => {
-                if configurable {
-                    match self.driver_features_sel {
-                        0 => self.acked_features = (self.acked_features & !0xffff_ffff) | v as u64,
-                        1 => {
-                            self.acked_features =
-                                (self.acked_features & 0xffff_ffff) | ((v as u64) << 32)
-                        }
-                        _ => {}
-                    }
-                }
-            }
+            0x020 if configurable => match self.driver_features_sel {
+                0 => self.acked_features = (self.acked_features & !0xffff_ffff) | v as u64,
+                1 => self.acked_features = (self.acked_features & 0xffff_ffff) | ((v as u64) << 32),
+                _ => {}
+            },
             0x024 => self.driver_features_sel = v,
             0x030 => self.queue_sel = v,
             0x038 if configurable => {
@@ -182,10 +175,8 @@ impl<D: VirtioDevice> MmioDevice for VirtioMmio<D> {
                     q.set_ready(v == 1);
                 }
             }
-            0x050 => {
-                if self.activated && self.status & status::NEEDS_RESET == 0 {
-                    self.device.queue_notify(v as u16);
-                }
+            0x050 if self.activated && self.status & status::NEEDS_RESET == 0 => {
+                self.device.queue_notify(v as u16);
             }
             0x064 => self.interrupt_status &= !v,
             0x070 => self.set_status(v),
