@@ -18,6 +18,10 @@ command -v redis-cli >/dev/null || need_apt+=(redis-tools)
 command -v ip >/dev/null || need_apt+=(iproute2)
 command -v ping >/dev/null || need_apt+=(iputils-ping)
 command -v tar >/dev/null || need_apt+=(tar)
+command -v nsenter >/dev/null || need_apt+=(util-linux)
+command -v python3 >/dev/null || need_apt+=(python3)
+# DHCP and DNS server for the namespace tests.
+command -v dnsmasq >/dev/null || [ -x /usr/sbin/dnsmasq ] || need_apt+=(dnsmasq-base)
 # Extra packages named on the command line (binary name = package name,
 # except where mapped here).
 for extra in "$@"; do

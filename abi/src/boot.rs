@@ -50,7 +50,8 @@ pub struct Device {
     pub gateway: [u8; 4],
     /// Network devices: the prefix length of `ipv4`'s network.
     pub prefix_len: u32,
-    pub _reserved: u32,
+    /// Network devices: a DNS server (0 = none).
+    pub dns: [u8; 4],
 }
 
 /// The boot page itself. Its guest-physical address is passed in `rdi` at
@@ -98,7 +99,7 @@ impl Device {
             ipv4: [0; 4],
             gateway: [0; 4],
             prefix_len: 0,
-            _reserved: 0,
+            dns: [0; 4],
         }
     }
 }
@@ -132,7 +133,7 @@ impl BootPage {
                 ipv4: [0; 4],
                 gateway: [0; 4],
                 prefix_len: 0,
-                _reserved: 0,
+                dns: [0; 4],
             }; MAX_DEVICES],
         }
     }

@@ -16,12 +16,16 @@
 
 extern crate alloc;
 
+pub mod dns;
 pub mod phy;
 pub mod stack;
 pub mod tcp;
+pub mod udp;
 
+pub use smoltcp::wire::{IpAddress, IpEndpoint, Ipv4Address};
 pub use stack::{Config, NetError};
 pub use tcp::{TcpListener, TcpStream};
+pub use udp::UdpSocket;
 
 wisp::library!("net");
 

@@ -27,6 +27,14 @@ pub enum NetError {
     Bind,
     /// The connection was reset or closed.
     Closed,
+    /// No route to the destination (or no address yet).
+    Unreachable,
+    /// No DNS server is configured.
+    NoDnsServer,
+    /// Not a valid DNS name.
+    BadName,
+    /// The name does not resolve.
+    NotFound,
 }
 
 impl core::fmt::Display for NetError {
@@ -36,16 +44,22 @@ impl core::fmt::Display for NetError {
             NetError::Driver => "network device failed to initialise",
             NetError::Bind => "cannot listen on that port",
             NetError::Closed => "connection closed",
+            NetError::Unreachable => "destination unreachable",
+            NetError::NoDnsServer => "no DNS server configured",
+            NetError::BadName => "invalid DNS name",
+            NetError::NotFound => "name not found",
         })
     }
 }
 
-/// Interface configuration.
-#[derive(Clone, Copy, Debug)]
+/// Interface configuration (an unspecified address means "not configured
+/// yet": DHCP is running).
+#[derive(Clone, Debug)]
 pub struct Config {
     pub address: Ipv4Address,
     pub prefix_len: u8,
     pub gateway: Ipv4Address,
+    pub dns_servers: Vec<Ipv4Address>,
 }
 
 /// The stack.
@@ -56,6 +70,8 @@ pub struct Stack {
     pub config: Config,
     /// Sockets whose owners dropped them; removed once closed.
     pub closing: Vec<SocketHandle>,
+    /// The DHCP client, when the address comes from DHCP.
+    pub dhcp: Option<SocketHandle>,
 }
 
 struct Global(RefCell<Option<Stack>>);
@@ -81,33 +97,38 @@ pub fn init() -> Result<(), NetError> {
     let mac = driver.mac_address();
     let mut nic = Nic(alloc::rc::Rc::new(RefCell::new(driver)));
 
-    let config = if dev.ipv4 != [0; 4] {
-        Config {
-            address: Ipv4Address::from_octets(dev.ipv4),
-            prefix_len: dev.prefix_len as u8,
-            gateway: Ipv4Address::from_octets(dev.gateway),
-        }
+    let dns_servers = if dev.dns != [0; 4] {
+        vec![Ipv4Address::from_octets(dev.dns)]
     } else {
-        // QEMU's user network (slirp) defaults.
-        Config {
-            address: Ipv4Address::new(10, 0, 2, 15),
-            prefix_len: 24,
-            gateway: Ipv4Address::new(10, 0, 2, 2),
-        }
+        Vec::new()
+    };
+    let use_dhcp = dev.ipv4 == [0; 4];
+    let config = Config {
+        address: Ipv4Address::from_octets(dev.ipv4),
+        prefix_len: dev.prefix_len as u8,
+        gateway: Ipv4Address::from_octets(dev.gateway),
+        dns_servers,
     };
     let mut ic = IfaceConfig::new(HardwareAddress::Ethernet(EthernetAddress(mac)));
     ic.random_seed = wisp::arch::x86_64::io::rdtsc();
     let mut iface = Interface::new(ic, &mut nic, now());
-    iface.update_ip_addrs(|a| {
-        let _ = a.push(IpCidr::new(config.address.into(), config.prefix_len));
-    });
-    let _ = iface.routes_mut().add_default_ipv4_route(config.gateway);
+    let mut sockets = SocketSet::new(vec![]);
+    let dhcp = if use_dhcp {
+        Some(sockets.add(smoltcp::socket::dhcpv4::Socket::new()))
+    } else {
+        iface.update_ip_addrs(|a| {
+            let _ = a.push(IpCidr::new(config.address.into(), config.prefix_len));
+        });
+        let _ = iface.routes_mut().add_default_ipv4_route(config.gateway);
+        None
+    };
     *STACK.0.borrow_mut() = Some(Stack {
         iface,
-        sockets: SocketSet::new(vec![]),
+        sockets,
         nic,
         config,
         closing: Vec::new(),
+        dhcp,
     });
     wisp::exec::set_io_poller(poll);
     Ok(())
@@ -122,7 +143,63 @@ pub fn with<R>(f: impl FnOnce(&mut Stack) -> R) -> R {
 
 /// The interface's configuration, once up.
 pub fn config() -> Option<Config> {
-    STACK.0.borrow().as_ref().map(|s| s.config)
+    STACK.0.borrow().as_ref().map(|s| s.config.clone())
+}
+
+/// The DNS servers known so far.
+pub fn dns_servers() -> Vec<Ipv4Address> {
+    STACK
+        .0
+        .borrow()
+        .as_ref()
+        .map(|s| s.config.dns_servers.clone())
+        .unwrap_or_default()
+}
+
+/// Waits until the interface has an address (immediately for a static
+/// one; after the DHCP exchange otherwise).
+pub async fn configured() -> Result<Config, NetError> {
+    init()?;
+    loop {
+        let c = config().expect("stack is up");
+        if !c.address.is_unspecified() {
+            return Ok(c);
+        }
+        // Sleep rather than spin: on the Wisp monitor frames arrive while
+        // the guest waits, so a spinning guest would never see the answer.
+        wisp::exec::sleep(core::time::Duration::from_millis(5)).await;
+    }
+}
+
+/// Applies DHCP events to the interface.
+fn poll_dhcp(s: &mut Stack) {
+    let Some(h) = s.dhcp else { return };
+    let event = s
+        .sockets
+        .get_mut::<smoltcp::socket::dhcpv4::Socket>(h)
+        .poll();
+    match event {
+        None => {}
+        Some(smoltcp::socket::dhcpv4::Event::Configured(c)) => {
+            s.iface.update_ip_addrs(|a| {
+                a.clear();
+                let _ = a.push(IpCidr::Ipv4(c.address));
+            });
+            s.iface.routes_mut().remove_default_ipv4_route();
+            if let Some(r) = c.router {
+                let _ = s.iface.routes_mut().add_default_ipv4_route(r);
+            }
+            s.config.address = c.address.address();
+            s.config.prefix_len = c.address.prefix_len();
+            s.config.gateway = c.router.unwrap_or(Ipv4Address::UNSPECIFIED);
+            s.config.dns_servers = c.dns_servers.iter().copied().collect();
+        }
+        Some(smoltcp::socket::dhcpv4::Event::Deconfigured) => {
+            s.iface.update_ip_addrs(|a| a.clear());
+            s.iface.routes_mut().remove_default_ipv4_route();
+            s.config.address = Ipv4Address::UNSPECIFIED;
+        }
+    }
 }
 
 /// The executor's I/O poller: moves frames and returns the next deadline.
@@ -130,6 +207,7 @@ fn poll() -> Option<u64> {
     with(|s| {
         let t = now();
         s.iface.poll(t, &mut s.nic, &mut s.sockets);
+        poll_dhcp(s);
         let sockets = &mut s.sockets;
         s.closing.retain(|&h| {
             let sock = sockets.get::<smoltcp::socket::tcp::Socket>(h);

@@ -312,3 +312,143 @@ fn curl_and_ping_through_a_tap_in_a_namespace() {
         "still serving after the flood"
     );
 }
+
+#[test]
+fn udp_and_tcp_echo_through_published_ports() {
+    let echo = example("echo");
+    let port = free_port();
+    let tcp = format!("{port}:7");
+    let udp = format!("{port}:7/udp");
+    let g = start_guest(&echo, 7, &["-p", &udp, "-p", &tcp], &[], |_| true);
+    let _ = g.port; // the start helper published TCP on another port too
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let start = Instant::now();
+    let mut buf = [0u8; 2048];
+    let got = loop {
+        sock.send_to(b"ping over udp", ("127.0.0.1", port)).unwrap();
+        if let Ok((n, _)) = sock.recv_from(&mut buf) {
+            break buf[..n].to_vec();
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "no UDP echo");
+    };
+    assert_eq!(got, b"ping over udp");
+    let big = vec![0x5au8; 1400];
+    sock.send_to(&big, ("127.0.0.1", port)).unwrap();
+    let (n, _) = sock.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..n], &big[..]);
+    let mut t = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    t.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    t.write_all(b"over tcp").unwrap();
+    let mut back = [0u8; 8];
+    t.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"over tcp");
+}
+
+#[test]
+fn dhcp_and_dns_from_a_server_in_the_namespace() {
+    require_kvm();
+    let ns = Netns::new("dhcp");
+    let dnsmasq = if Path::new("/usr/sbin/dnsmasq").exists() {
+        "/usr/sbin/dnsmasq"
+    } else {
+        "dnsmasq"
+    };
+    let leases = scratch().join(format!("{}.leases", ns.name));
+    let server = ns
+        .exec(&[
+            dnsmasq,
+            "--no-daemon",
+            "--conf-file=/dev/null",
+            "--interface=tap0",
+            "--bind-interfaces",
+            "--dhcp-range=10.0.3.50,10.0.3.99,255.255.255.0,1h",
+            "--dhcp-option=3,10.0.3.1",
+            "--dhcp-option=6,10.0.3.1",
+            "--address=/wisp.test/10.0.3.77",
+            "--no-resolv",
+            "--no-hosts",
+            &format!("--dhcp-leasefile={}", leases.display()),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("dnsmasq (dnsmasq-base)");
+    let _server = Guest {
+        child: server,
+        port: 0,
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let probe = repo().join("guest/testapps/netprobe");
+    let image = scratch().join("netprobe.wisp");
+    let o = wisp()
+        .arg("build")
+        .arg(&probe)
+        .arg("-o")
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut cmd = ns.exec(&[
+        env!("CARGO_BIN_EXE_wisp"),
+        "run",
+        "--timeout",
+        "30s",
+        "--net",
+        "tap:tap0,ip=dhcp",
+    ]);
+    cmd.arg(&image).args(["--", "wisp.test", "nowhere.test"]);
+    let o = output_within(cmd, Duration::from_secs(40));
+    let out = stdout(&o);
+    assert!(out.contains("address 10.0.3."), "{out}");
+    assert!(out.contains("gateway 10.0.3.1 dns [10.0.3.1]"), "{out}");
+    assert!(out.contains("wisp.test -> [10.0.3.77]"), "{out}");
+    assert!(out.contains("nowhere.test: name not found"), "{out}");
+    assert_eq!(status(&o), 1, "one name failed");
+}
+
+#[test]
+fn dhcp_on_qemu_user_network() {
+    require_kvm();
+    let probe = repo().join("guest/testapps/netprobe");
+    let image = scratch().join("netprobe-q.wisp");
+    let o = wisp()
+        .arg("build")
+        .arg(&probe)
+        .arg("-o")
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args([
+        "-M",
+        "microvm,acpi=off",
+        "-accel",
+        "kvm",
+        "-m",
+        "64M",
+        "-nodefaults",
+        "-no-user-config",
+    ])
+    .args(["-display", "none", "-serial", "stdio", "-no-reboot"])
+    .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"])
+    .args([
+        "-netdev",
+        "user,id=n0,restrict=on",
+        "-device",
+        "virtio-net-device,netdev=n0",
+        "-kernel",
+    ])
+    .arg(&image)
+    .args(["-append", "ip=dhcp"]);
+    let o = output_within(cmd, Duration::from_secs(60));
+    // restrict=on keeps the guest off the outside network; slirp then
+    // offers no router, so only the address is checked.
+    assert!(
+        stdout(&o).contains("address 10.0.2.15/24"),
+        "{}",
+        stdout(&o)
+    );
+}

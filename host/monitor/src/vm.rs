@@ -256,6 +256,7 @@ impl Vm {
             d.ipv4 = nic.ip.octets();
             d.gateway = nic.gateway.octets();
             d.prefix_len = nic.prefix_len as u32;
+            d.dns = nic.dns.map_or([0; 4], |a| a.octets());
             devices.push(d);
             bus.push((
                 d.mmio_base,

@@ -141,11 +141,11 @@ extern "C" fn wisp_start_pvh(start_info: u32) -> ! {
             line[n] = b;
             n += 1;
         }
-        for token in core::str::from_utf8(&line[..n])
-            .unwrap_or("")
-            .split_ascii_whitespace()
-        {
-            if let Some(dev) = parse_virtio_mmio(token) {
+        let text = core::str::from_utf8(&line[..n]).unwrap_or("");
+        let net = NetOptions::parse(text);
+        for token in text.split_ascii_whitespace() {
+            if let Some(mut dev) = parse_virtio_mmio(token) {
+                net.apply(&mut dev);
                 boot.push_device(dev);
             }
         }
@@ -159,6 +159,73 @@ extern "C" fn wisp_start_pvh(start_info: u32) -> ! {
     boot.boot_unix_ns = rtc_unix_seconds().saturating_mul(1_000_000_000);
     boot.boot_tsc = rdtsc();
     crate::start(boot)
+}
+
+/// Network settings from the command line, applied to every virtio
+/// device entry (only NICs read them): `ip=dhcp` or `ip=A.B.C.D/N`,
+/// `gw=A.B.C.D`, `dns=A.B.C.D`. The defaults are QEMU's user network
+/// (10.0.2.15/24 via 10.0.2.2, DNS 10.0.2.3).
+pub(crate) struct NetOptions {
+    ip: [u8; 4],
+    prefix_len: u32,
+    gateway: [u8; 4],
+    dns: [u8; 4],
+}
+
+fn ipv4(s: &str) -> Option<[u8; 4]> {
+    let mut out = [0u8; 4];
+    let mut parts = s.split('.');
+    for b in &mut out {
+        *b = parts.next()?.parse().ok()?;
+    }
+    parts.next().is_none().then_some(out)
+}
+
+impl NetOptions {
+    pub(crate) fn parse(cmdline: &str) -> NetOptions {
+        let mut o = NetOptions {
+            ip: [10, 0, 2, 15],
+            prefix_len: 24,
+            gateway: [10, 0, 2, 2],
+            dns: [10, 0, 2, 3],
+        };
+        for token in cmdline.split_ascii_whitespace() {
+            if token == "--" {
+                break;
+            }
+            match token.split_once('=') {
+                Some(("ip", "dhcp")) => {
+                    o.ip = [0; 4];
+                    o.gateway = [0; 4];
+                    o.dns = [0; 4];
+                }
+                Some(("ip", v)) => {
+                    let (addr, len) = v.split_once('/').unwrap_or((v, "24"));
+                    if let (Some(a), Ok(l)) = (ipv4(addr), len.parse::<u32>()) {
+                        o.ip = a;
+                        o.prefix_len = l.min(32);
+                    }
+                }
+                Some(("gw", v)) => o.gateway = ipv4(v).unwrap_or(o.gateway),
+                Some(("dns", v)) => o.dns = ipv4(v).unwrap_or(o.dns),
+                _ => {}
+            }
+        }
+        o
+    }
+
+    fn apply(&self, d: &mut wisp_abi::boot::Device) {
+        d.ipv4 = self.ip;
+        d.prefix_len = self.prefix_len;
+        d.gateway = self.gateway;
+        d.dns = self.dns;
+    }
+}
+
+/// Whether a command-line token is an option for the loader or the
+/// network rather than an argument for the application.
+fn is_loader_option(t: &str) -> bool {
+    t.starts_with("virtio_mmio.") || ["ip=", "gw=", "dns="].iter().any(|p| t.starts_with(p))
 }
 
 /// Parses Linux's `virtio_mmio.device=SIZE@BASE:IRQ` (SIZE decimal or hex,
@@ -206,7 +273,7 @@ pub(crate) fn split_args(line: &[u8], out: &mut [u8]) -> (usize, u32) {
     }
     let (mut used, mut argc) = (0usize, 0u32);
     for t in tokens {
-        if !has_sep && t.starts_with("virtio_mmio.") {
+        if !has_sep && is_loader_option(t) {
             continue;
         }
         if used + t.len() + 1 > out.len() {

@@ -10,13 +10,13 @@
 
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::Duration;
 
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
-use smoltcp::socket::tcp;
+use smoltcp::socket::{tcp, udp};
 use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, IpEndpoint};
 
@@ -42,14 +42,24 @@ const HOST_BACKLOG: i32 = 4096;
 pub struct PortForward {
     pub host: SocketAddr,
     pub guest_port: u16,
+    pub udp: bool,
 }
 
 impl std::str::FromStr for PortForward {
     type Err = String;
 
-    /// `HOST:GUEST` or `ADDR:HOST:GUEST` (ADDR defaults to 127.0.0.1).
+    /// `HOST:GUEST` or `ADDR:HOST:GUEST` (ADDR defaults to 127.0.0.1),
+    /// with an optional `/tcp` (the default) or `/udp` suffix.
     fn from_str(s: &str) -> Result<Self, String> {
-        let parts: Vec<&str> = s.rsplitn(3, ':').collect();
+        let (spec, udp) = match s.rsplit_once('/') {
+            Some((spec, "udp")) => (spec, true),
+            Some((spec, "tcp")) => (spec, false),
+            Some((_, p)) => {
+                return Err(format!("unknown protocol '{p}' in '{s}' (use tcp or udp)"))
+            }
+            None => (s, false),
+        };
+        let parts: Vec<&str> = spec.rsplitn(3, ':').collect();
         let port = |p: &str| {
             p.parse::<u16>()
                 .map_err(|_| format!("'{p}' is not a port number in '{s}'"))
@@ -70,6 +80,7 @@ impl std::str::FromStr for PortForward {
         Ok(PortForward {
             host: SocketAddr::new(addr.into(), host),
             guest_port: guest,
+            udp,
         })
     }
 }
@@ -125,6 +136,19 @@ struct Listener {
     guest_port: u16,
 }
 
+/// A published UDP port: datagrams from each host client go to the guest
+/// from a gateway socket of their own, so replies find their way back.
+struct UdpForward {
+    socket: UdpSocket,
+    guest_port: u16,
+    /// client -> (gateway socket, last activity)
+    clients: Vec<(SocketAddr, SocketHandle, std::time::Instant)>,
+}
+
+/// Host clients tracked per UDP port, and how long an idle one is kept.
+const UDP_CLIENTS: usize = 256;
+const UDP_IDLE: Duration = Duration::from_secs(60);
+
 struct Connection {
     stream: TcpStream,
     handle: SocketHandle,
@@ -143,6 +167,7 @@ pub struct UserNet {
     iface: Interface,
     sockets: SocketSet<'static>,
     listeners: Vec<Listener>,
+    udp: Vec<UdpForward>,
     connections: Vec<Connection>,
     next_port: u16,
 }
@@ -151,7 +176,19 @@ impl UserNet {
     /// Binds every published port; fails if one cannot be bound.
     pub fn new(forwards: &[PortForward]) -> std::io::Result<UserNet> {
         let mut listeners = Vec::new();
-        for f in forwards {
+        let mut udp = Vec::new();
+        for f in forwards.iter().filter(|f| f.udp) {
+            let socket = UdpSocket::bind(f.host).map_err(|e| {
+                std::io::Error::new(e.kind(), format!("cannot publish {}/udp: {e}", f.host))
+            })?;
+            socket.set_nonblocking(true)?;
+            udp.push(UdpForward {
+                socket,
+                guest_port: f.guest_port,
+                clients: Vec::new(),
+            });
+        }
+        for f in forwards.iter().filter(|f| !f.udp) {
             let socket = TcpListener::bind(f.host).map_err(|e| {
                 std::io::Error::new(e.kind(), format!("cannot publish {}: {e}", f.host))
             })?;
@@ -176,6 +213,7 @@ impl UserNet {
             iface,
             sockets: SocketSet::new(vec![]),
             listeners,
+            udp,
             connections: Vec::new(),
             next_port: 49152,
         })
@@ -230,6 +268,78 @@ impl UserNet {
                     guest_eof: false,
                 });
             }
+        }
+    }
+
+    fn new_port(&mut self) -> u16 {
+        let port = self.next_port;
+        self.next_port = if self.next_port == u16::MAX {
+            49152
+        } else {
+            self.next_port + 1
+        };
+        port
+    }
+
+    /// Moves datagrams between published UDP ports and the guest.
+    fn pump_udp(&mut self) {
+        let now = std::time::Instant::now();
+        let mut buf = vec![0u8; 65536];
+        for i in 0..self.udp.len() {
+            // Host clients -> guest.
+            loop {
+                let (n, from) = match self.udp[i].socket.recv_from(&mut buf) {
+                    Ok(r) => r,
+                    Err(_) => break,
+                };
+                let handle = match self.udp[i].clients.iter_mut().find(|c| c.0 == from) {
+                    Some(c) => {
+                        c.2 = now;
+                        c.1
+                    }
+                    None => {
+                        if self.udp[i].clients.len() >= UDP_CLIENTS {
+                            continue; // too many clients: drop, as a full queue would
+                        }
+                        let mut s = udp::Socket::new(
+                            udp::PacketBuffer::new(
+                                vec![udp::PacketMetadata::EMPTY; 64],
+                                vec![0; 65536],
+                            ),
+                            udp::PacketBuffer::new(
+                                vec![udp::PacketMetadata::EMPTY; 64],
+                                vec![0; 65536],
+                            ),
+                        );
+                        let port = self.new_port();
+                        if s.bind(port).is_err() {
+                            continue;
+                        }
+                        let h = self.sockets.add(s);
+                        self.udp[i].clients.push((from, h, now));
+                        h
+                    }
+                };
+                let to = IpEndpoint::new(IpAddress::Ipv4(GUEST), self.udp[i].guest_port);
+                let _ = self
+                    .sockets
+                    .get_mut::<udp::Socket>(handle)
+                    .send_slice(&buf[..n], to);
+            }
+            // Guest -> host clients; forget idle clients.
+            let fwd = &mut self.udp[i];
+            let sockets = &mut self.sockets;
+            fwd.clients.retain(|&(client, h, last)| {
+                let s = sockets.get_mut::<udp::Socket>(h);
+                while let Ok((data, _)) = s.recv() {
+                    let _ = fwd.socket.send_to(data, client);
+                }
+                let keep = now.duration_since(last) < UDP_IDLE;
+                if !keep {
+                    sockets.remove(h);
+                }
+                keep
+            });
         }
     }
 
@@ -309,6 +419,7 @@ impl NetBackend for UserNet {
             self.iface
                 .poll(Instant::now(), &mut self.wire, &mut self.sockets);
             self.pump();
+            self.pump_udp();
             if self.wire.from_guest.is_empty() {
                 break;
             }
@@ -324,6 +435,7 @@ impl NetBackend for UserNet {
             .map(|l| l.socket.as_raw_fd())
             .collect();
         fds.extend(self.connections.iter().map(|c| c.stream.as_raw_fd()));
+        fds.extend(self.udp.iter().map(|u| u.socket.as_raw_fd()));
         fds
     }
 
