@@ -220,6 +220,10 @@ fn poll() -> Option<u64> {
             }
             !done
         });
+        // Frames still in the receive ring must be handled before any wait.
+        if s.nic.0.borrow().can_recv() {
+            return Some(wisp::time::monotonic_ns());
+        }
         s.iface
             .poll_delay(t, &s.sockets)
             .map(|d| wisp::time::monotonic_ns() + d.total_micros() * 1000)

@@ -47,6 +47,10 @@ pub struct Net {
     /// Why the device stopped, once the guest broke a queue.
     pub broken: Option<String>,
     pub stats: NetStats,
+    /// Frames were delivered outside a wait (during a notification exit):
+    /// the next wait must return at once, or the guest would sleep with
+    /// frames it has not seen.
+    delivered_since_wait: bool,
 }
 
 impl Net {
@@ -59,7 +63,17 @@ impl Net {
             pending_rx: VecDeque::new(),
             broken: None,
             stats: NetStats::default(),
+            delivered_since_wait: false,
         }
+    }
+
+    /// Whether frames reached the guest since its last wait (and forgets it).
+    pub fn take_delivered_since_wait(&mut self) -> bool {
+        std::mem::take(&mut self.delivered_since_wait)
+    }
+
+    pub fn pending_len(&self) -> usize {
+        self.pending_rx.len()
     }
 
     pub fn backend(&mut self) -> &mut dyn NetBackend {
@@ -258,7 +272,9 @@ impl VirtioDevice for Net {
             self.process_tx();
         }
         self.backend.poll();
-        self.process_rx();
+        if self.process_rx() > 0 {
+            self.delivered_since_wait = true;
+        }
     }
 
     fn reset(&mut self) {
