@@ -66,13 +66,18 @@ python3 - "$work" "$rounds" <<'PY'
 import re, sys, statistics
 work, rounds = sys.argv[1], int(sys.argv[2])
 def unit(v):
-    m = re.match(r"([\d.]+)(us|ms|s)", v); x = float(m.group(1))
-    return x / 1000 if m.group(2) == "us" else x * 1000 if m.group(2) == "s" else x
+    m = re.match(r"([\d.]+)(us|ms|s|m)", v)
+    if not m:
+        raise SystemExit(f"cannot parse latency {v!r}")
+    x = float(m.group(1))
+    return {"us": x / 1000, "ms": x, "s": x * 1000, "m": x * 60000}[m.group(2)]
 res = {}
 for who in ("nginx", "wisp"):
     rps, p50, p99 = [], [], []
     for r in range(1, rounds + 1):
         t = open(f"{work}/wrk-{who}-{r}.txt").read()
+        if "Requests/sec" not in t:
+            raise SystemExit(f"wrk against {who} failed:\n{t}")
         rps.append(float(re.search(r"Requests/sec:\s+([\d.]+)", t).group(1)))
         p50.append(unit(re.search(r"50%\s+(\S+)", t).group(1)))
         p99.append(unit(re.search(r"99%\s+(\S+)", t).group(1)))
