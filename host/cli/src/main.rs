@@ -61,6 +61,13 @@ enum Command {
         /// 10.0.2.15/24 via 10.0.2.2). Repeatable: one NIC each.
         #[arg(long = "net", value_name = "user|tap:NAME[,ip=..,gw=..]")]
         net: Vec<wisp_monitor::net::NicConfig>,
+        /// Run without the seccomp filter (for debugging the monitor).
+        #[arg(long)]
+        no_seccomp: bool,
+        /// Test hook: after installing the seccomp filter, make a forbidden
+        /// system call (the process must be killed).
+        #[arg(long, hide = true)]
+        seccomp_selftest: bool,
         /// Give the guest a block device backed by FILE (",ro": read-only).
         #[arg(long, value_name = "FILE[,ro]")]
         disk: Option<wisp_monitor::DiskConfig>,
@@ -94,6 +101,8 @@ fn main() -> ExitCode {
             publish,
             net,
             disk,
+            no_seccomp,
+            seccomp_selftest,
             args,
         } => run::run(
             &run::RunArgs {
@@ -105,6 +114,8 @@ fn main() -> ExitCode {
                 publish,
                 net,
                 disk,
+                no_seccomp,
+                seccomp_selftest,
             },
             started,
         ),

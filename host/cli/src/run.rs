@@ -18,6 +18,8 @@ pub struct RunArgs {
     pub publish: Vec<wisp_monitor::net::user::PortForward>,
     pub net: Vec<wisp_monitor::net::NicConfig>,
     pub disk: Option<wisp_monitor::DiskConfig>,
+    pub no_seccomp: bool,
+    pub seccomp_selftest: bool,
 }
 
 /// Runs the guest; returns the status `wisp run` exits with.
@@ -44,7 +46,21 @@ pub fn run(a: &RunArgs, started: Instant) -> anyhow::Result<u8> {
         Some(t) => Deadline::arm(t).context("arming --timeout")?,
         None => Deadline::none(),
     };
+    // Everything the guest can reach is set up: from here on the monitor
+    // only serves it, under the seccomp filter.
     let stdout = std::io::stdout();
+    let stderr = std::io::stderr();
+    if !a.no_seccomp {
+        wisp_monitor::seccomp::install()?;
+        if a.seccomp_selftest {
+            // A monitor never opens sockets while serving a guest: the
+            // filter must kill the process here (SIGSYS).
+            // SAFETY: a plain syscall with constant arguments.
+            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+            anyhow::bail!("seccomp self-test: socket() was allowed (fd {fd})");
+        }
+    }
+    let _ = &stderr;
     let mut out = stdout.lock();
     let outcome = vm.run(&mut out, &deadline)?;
     let _ = out.flush();

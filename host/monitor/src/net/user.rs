@@ -287,11 +287,7 @@ impl UserNet {
         let mut buf = vec![0u8; 65536];
         for i in 0..self.udp.len() {
             // Host clients -> guest.
-            loop {
-                let (n, from) = match self.udp[i].socket.recv_from(&mut buf) {
-                    Ok(r) => r,
-                    Err(_) => break,
-                };
+            while let Ok((n, from)) = self.udp[i].socket.recv_from(&mut buf) {
                 let handle = match self.udp[i].clients.iter_mut().find(|c| c.0 == from) {
                     Some(c) => {
                         c.2 = now;
@@ -456,19 +452,24 @@ mod tests {
             "8080:80".parse::<PortForward>(),
             Ok(PortForward {
                 host: "127.0.0.1:8080".parse().unwrap(),
-                guest_port: 80
+                guest_port: 80,
+                udp: false
             })
         );
         assert_eq!(
             "0.0.0.0:6379:6379".parse::<PortForward>(),
             Ok(PortForward {
                 host: "0.0.0.0:6379".parse().unwrap(),
-                guest_port: 6379
+                guest_port: 6379,
+                udp: false
             })
         );
         assert!("80".parse::<PortForward>().is_err());
         assert!("x:80".parse::<PortForward>().is_err());
         assert!("8080:0".parse::<PortForward>().is_err());
         assert!("1.2.3:8080:80".parse::<PortForward>().is_err());
+        assert!("53:53/udp".parse::<PortForward>().unwrap().udp);
+        assert!(!"53:53/tcp".parse::<PortForward>().unwrap().udp);
+        assert!("53:53/sctp".parse::<PortForward>().is_err());
     }
 }
