@@ -67,17 +67,16 @@ pub fn run(a: &RunArgs, started: Instant) -> anyhow::Result<u8> {
     drop(deadline);
     match &outcome {
         Outcome::Exited(_) => {}
-        Outcome::Crashed(crash) => eprintln!("wisp: {crash}"),
+        Outcome::Crashed(crash) => wisp_monitor::report(format_args!("wisp: {crash}")),
         Outcome::TimedOut { rip } => {
-            eprintln!(
+            wisp_monitor::report(format_args!(
                 "wisp: guest stopped: --timeout of {:?} expired (guest was at rip {rip:#x})",
                 a.timeout.unwrap_or_default()
-            )
+            ))
         }
     }
     if let Some(t) = vm.trace() {
-        eprint!("{}", t.report());
-        eprintln!("  guest exits to the monitor: {}", vm.exits());
+        wisp_monitor::report(format_args!("{}  guest exits to the monitor: {}", t.report(), vm.exits()));
     }
     // The process exits right after this: leave the VM to be torn down by
     // `teardown::exit_now`'s child rather than here, on the caller's time.

@@ -40,3 +40,10 @@ mod testing;
 
 pub use image::{Image, ImageError};
 pub use vm::{DiskConfig, Outcome, Shell, Vm, VmConfig, VmError};
+
+/// Writes a line to stderr, ignoring failure: a closed stderr must never
+/// take the monitor down (and `eprintln!` would panic on it).
+pub fn report(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{args}");
+}

@@ -36,6 +36,85 @@ fn recurse(n: u64) -> u64 {
     recurse(buf[3] + 1) + buf[5]
 }
 
+/// One raw hypercall.
+fn hypercall(port: u16, value: u32) {
+    // SAFETY: `out` to a hypercall port; the monitor validates `value`.
+    unsafe { core::arch::asm!("out dx, eax", in("dx") port, in("eax") value) }
+}
+
+/// A page-aligned ring area for [`virtio_attack`].
+#[repr(C, align(4096))]
+struct Rings([u8; 6 * 4096]);
+static mut RINGS: Rings = Rings([0; 6 * 4096]);
+
+/// Programs the NIC's transmit queue by hand with a malicious descriptor
+/// chain and notifies the device.
+fn virtio_attack(kind: &str) {
+    let boot = wisp::boot::boot_page();
+    let Some(nic) = boot.devices().iter().find(|d| d.kind == 1) else {
+        println!("no NIC: run with --net user");
+        return;
+    };
+    let base = nic.mmio_base as usize;
+    let w = |off: usize, v: u32| {
+        // SAFETY: the NIC's register window, mapped by the monitor.
+        unsafe { core::ptr::write_volatile((base + off) as *mut u32, v) }
+    };
+    let rings = (&raw mut RINGS) as usize;
+    let (desc, avail, used) = (rings, rings + 4096, rings + 8192);
+    let rx = rings + 3 * 4096; // a valid, empty receive queue
+    w(0x070, 1); // ACKNOWLEDGE
+    w(0x070, 3); // DRIVER
+    w(0x024, 1);
+    w(0x020, 1); // VERSION_1
+    w(0x024, 0);
+    w(0x020, 0);
+    w(0x070, 11); // FEATURES_OK
+    w(0x030, 0); // receive queue: valid and empty
+    w(0x038, 8);
+    w(0x080, rx as u32);
+    w(0x084, 0);
+    w(0x090, (rx + 4096) as u32);
+    w(0x094, 0);
+    w(0x0a0, (rx + 8192) as u32);
+    w(0x0a4, 0);
+    w(0x044, 1);
+    w(0x030, 1); // transmit queue
+    w(0x038, 8);
+    w(0x080, desc as u32);
+    w(0x084, 0);
+    w(0x090, avail as u32);
+    w(0x094, 0);
+    w(0x0a0, used as u32);
+    w(0x0a4, 0);
+    w(0x044, 1);
+    w(0x070, 15); // DRIVER_OK
+    let put = |addr: usize, v: u64, size: usize| {
+        // SAFETY: inside RINGS, which only this function uses.
+        unsafe {
+            match size {
+                2 => core::ptr::write_volatile(addr as *mut u16, v as u16),
+                4 => core::ptr::write_volatile(addr as *mut u32, v as u32),
+                _ => core::ptr::write_volatile(addr as *mut u64, v),
+            }
+        }
+    };
+    // Descriptor 0: addr, len, flags, next.
+    let (addr, len, flags, next, idx) = match kind {
+        "ring-outside" => (0xffff_ff00_0000u64, 4096u64, 0u64, 0u64, 1u64),
+        "ring-loop" => (rings as u64 + 9000, 64, 1, 0, 1), // NEXT to itself
+        "ring-huge" => (0x10_0000, 0xffff_ffff, 0, 0, 1),
+        _ => (0x10_0000, 64, 0, 0, 1000), // avail index far past the ring
+    };
+    put(desc, addr, 8);
+    put(desc + 8, len, 4);
+    put(desc + 12, flags, 2);
+    put(desc + 14, next, 2);
+    put(avail + 4, 0, 2); // ring[0] = descriptor 0
+    put(avail + 2, idx, 2);
+    w(0x050, 1); // notify the transmit queue
+}
+
 fn main(args: wisp::Args) -> i32 {
     let args: Vec<&str> = args.collect();
     let arg = |i: usize| args.get(i).copied().unwrap_or("");
@@ -129,6 +208,35 @@ fn main(args: wisp::Args) -> i32 {
             );
         }
         "clock" => println!("unix {}", wisp::time::unix_time().as_secs()),
+        // Hostile hypercalls: argument blocks outside memory, oversized
+        // console writes. The monitor must stop the guest cleanly.
+        "bad-console-ptr" => hypercall(0x500, 0xffff_f000),
+        "bad-wait-ptr" => hypercall(0x501, 0xffff_fff8),
+        "huge-console" => {
+            let args = [0x10_0000u64, 1 << 40];
+            hypercall(0x500, args.as_ptr() as usize as u32);
+        }
+        "unknown-port-read" => {
+            // SAFETY: an `in` from a port the I/O bitmap denies: #GP.
+            unsafe { core::arch::asm!("in al, dx", in("dx") 0x3f8u16, out("al") _) }
+        }
+        "console-flood" => {
+            // 64 MiB as fast as the console takes it, in 64 KiB writes.
+            let chunk = alloc::vec![b'x'; 64 * 1024];
+            for _ in 0..1024 {
+                wisp::platform::console_write(&chunk);
+            }
+            wisp::platform::console_write(b"\nflood done\n");
+        }
+        "exception-storm" => {
+            // Faults from inside the handler path end the guest at once.
+            println!("read {}", read(0));
+        }
+        // Hostile virtio rings on the NIC (run with --net user).
+        "ring-outside" | "ring-loop" | "ring-huge" | "ring-avail-idx" => {
+            virtio_attack(arg(0));
+            println!("survived");
+        }
         "text-end" => println!("{:#x}", &raw const __text_end as usize),
         other => {
             println!("probe: unknown action '{other}'");

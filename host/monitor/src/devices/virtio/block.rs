@@ -90,7 +90,7 @@ impl Block {
 
     fn fail(&mut self, why: String) {
         if self.broken.is_none() {
-            eprintln!("wisp: virtio-blk stopped: {why}");
+            crate::report(format_args!("wisp: virtio-blk stopped: {why}"));
             self.broken = Some(why);
         }
     }
@@ -188,6 +188,11 @@ impl Block {
             for chain in iter {
                 let head = chain.head_index();
                 let descs: Vec<_> = chain.collect();
+                // virtio-queue ends a chain after queue-size descriptors; one
+                // that still points on loops (or is longer than the ring).
+                if descs.last().is_some_and(|d| d.has_next()) {
+                    return Err("request descriptor chain loops or is longer than the queue".into());
+                }
                 if descs.len() < 2 {
                     return Err("request chain shorter than header + status".into());
                 }

@@ -82,7 +82,7 @@ impl Net {
 
     fn fail(&mut self, why: String) {
         if self.broken.is_none() {
-            eprintln!("wisp: virtio-net stopped: {why}");
+            crate::report(format_args!("wisp: virtio-net stopped: {why}"));
             self.broken = Some(why);
         }
     }
@@ -123,7 +123,9 @@ impl Net {
             for chain in iter {
                 let head = chain.head_index();
                 let mut frame = Vec::new();
+                let mut last_has_next = false;
                 for desc in chain {
+                    last_has_next = desc.has_next();
                     if desc.is_write_only() {
                         return Err("transmit descriptor is device-writable".into());
                     }
@@ -144,6 +146,11 @@ impl Net {
                                 desc.addr().0
                             )
                         })?;
+                }
+                // virtio-queue ends a chain after queue-size descriptors; one
+                // that still points on loops (or is longer than the ring).
+                if last_has_next {
+                    return Err("transmit descriptor chain loops or is longer than the queue".into());
                 }
                 done.push((head, frame));
             }
