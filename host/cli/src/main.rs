@@ -61,6 +61,18 @@ enum Command {
         /// 10.0.2.15/24 via 10.0.2.2). Repeatable: one NIC each.
         #[arg(long = "net", value_name = "user|tap:NAME[,ip=..,gw=..]")]
         net: Vec<wisp_monitor::net::NicConfig>,
+        /// Limit each NIC to BYTES per second in each direction (e.g. 10M).
+        #[arg(long, value_name = "BYTES", value_parser = units::parse_memory)]
+        net_rate: Option<u64>,
+        /// Limit each NIC to N frames per second in each direction.
+        #[arg(long, value_name = "N")]
+        net_ops: Option<u64>,
+        /// Limit the disk to BYTES per second (e.g. 50M).
+        #[arg(long, value_name = "BYTES", value_parser = units::parse_memory)]
+        disk_rate: Option<u64>,
+        /// Limit the disk to N requests per second.
+        #[arg(long, value_name = "N")]
+        disk_ops: Option<u64>,
         /// Run without the seccomp filter (for debugging the monitor).
         #[arg(long)]
         no_seccomp: bool,
@@ -103,6 +115,10 @@ fn main() -> ExitCode {
             disk,
             no_seccomp,
             seccomp_selftest,
+            net_rate,
+            net_ops,
+            disk_rate,
+            disk_ops,
             args,
         } => run::run(
             &run::RunArgs {
@@ -116,6 +132,8 @@ fn main() -> ExitCode {
                 disk,
                 no_seccomp,
                 seccomp_selftest,
+                net_limits: (net_rate.unwrap_or(0), net_ops.unwrap_or(0)),
+                disk_limits: (disk_rate.unwrap_or(0), disk_ops.unwrap_or(0)),
             },
             started,
         ),

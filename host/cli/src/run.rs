@@ -19,6 +19,8 @@ pub struct RunArgs {
     pub net: Vec<wisp_monitor::net::NicConfig>,
     pub disk: Option<wisp_monitor::DiskConfig>,
     pub no_seccomp: bool,
+    pub net_limits: (u64, u64),
+    pub disk_limits: (u64, u64),
     pub seccomp_selftest: bool,
 }
 
@@ -36,6 +38,8 @@ pub fn run(a: &RunArgs, started: Instant) -> anyhow::Result<u8> {
         trace_boot: a.trace_boot,
         nics: nics(&a.net, &a.publish),
         publish: a.publish.clone(),
+        net_limits: a.net_limits,
+        disk_limits: a.disk_limits,
         disk: a.disk.clone(),
     };
     // Creating the KVM VM and vCPU on a second thread while the image is
@@ -68,15 +72,17 @@ pub fn run(a: &RunArgs, started: Instant) -> anyhow::Result<u8> {
     match &outcome {
         Outcome::Exited(_) => {}
         Outcome::Crashed(crash) => wisp_monitor::report(format_args!("wisp: {crash}")),
-        Outcome::TimedOut { rip } => {
-            wisp_monitor::report(format_args!(
-                "wisp: guest stopped: --timeout of {:?} expired (guest was at rip {rip:#x})",
-                a.timeout.unwrap_or_default()
-            ))
-        }
+        Outcome::TimedOut { rip } => wisp_monitor::report(format_args!(
+            "wisp: guest stopped: --timeout of {:?} expired (guest was at rip {rip:#x})",
+            a.timeout.unwrap_or_default()
+        )),
     }
     if let Some(t) = vm.trace() {
-        wisp_monitor::report(format_args!("{}  guest exits to the monitor: {}", t.report(), vm.exits()));
+        wisp_monitor::report(format_args!(
+            "{}  guest exits to the monitor: {}",
+            t.report(),
+            vm.exits()
+        ));
     }
     // The process exits right after this: leave the VM to be torn down by
     // `teardown::exit_now`'s child rather than here, on the caller's time.

@@ -25,6 +25,7 @@ pub mod kvm;
 pub mod layout;
 pub mod net;
 pub mod paging;
+pub mod ratelimit;
 pub mod seccomp;
 pub mod timeout;
 pub mod trace;

@@ -16,6 +16,7 @@ use crate::devices::{MmioDevice, MMIO_BASE, MMIO_WINDOW};
 use crate::net::tap::Tap;
 use crate::net::user::{PortForward, UserNet};
 use crate::net::{BackendKind, NetBackend, NicConfig};
+use crate::ratelimit::{Limits, TokenBucket};
 use wisp_abi::boot::Device;
 use wisp_abi::manifest::{DEVICE_BLOCK, DEVICE_NET};
 
@@ -43,6 +44,10 @@ pub struct VmConfig {
     pub nics: Vec<NicConfig>,
     /// Ports published on the user-mode NIC.
     pub publish: Vec<PortForward>,
+    /// Per-NIC limits in each direction: (bytes/s, frames/s), 0 = none.
+    pub net_limits: (u64, u64),
+    /// Disk limits: (bytes/s, requests/s), 0 = none.
+    pub disk_limits: (u64, u64),
     /// Attach a block device backed by a file.
     pub disk: Option<DiskConfig>,
 }
@@ -166,6 +171,9 @@ pub struct Vm {
     exits: u64,
     /// The guest's devices, by MMIO base address.
     bus: Vec<(u64, BusDevice)>,
+    console_limit: TokenBucket,
+    /// Console bytes dropped by the rate limit, not yet reported.
+    console_dropped: u64,
 }
 
 impl Vm {
@@ -260,7 +268,12 @@ impl Vm {
             devices.push(d);
             bus.push((
                 d.mmio_base,
-                BusDevice::Net(VirtioMmio::new(Net::new(mac, mem.clone(), backend))),
+                BusDevice::Net(VirtioMmio::new({
+                    let mut net = Net::new(mac, mem.clone(), backend);
+                    net.tx_limits = Limits::new(cfg.net_limits.0, cfg.net_limits.1);
+                    net.rx_limits = Limits::new(cfg.net_limits.0, cfg.net_limits.1);
+                    net
+                })),
             ));
         }
         if let Some(disk) = &cfg.disk {
@@ -271,6 +284,8 @@ impl Vm {
             d.mmio_len = MMIO_WINDOW;
             d.capacity = block.capacity_bytes();
             devices.push(d);
+            let mut block = block;
+            block.limits = Limits::new(cfg.disk_limits.0, cfg.disk_limits.1);
             bus.push((d.mmio_base, BusDevice::Block(VirtioMmio::new(block))));
         }
         boot::write_boot_page(
@@ -291,6 +306,8 @@ impl Vm {
             trace,
             exits: 0,
             bus,
+            console_limit: TokenBucket::new(CONSOLE_RATE, CONSOLE_BURST),
+            console_dropped: 0,
         })
     }
 
@@ -389,6 +406,14 @@ impl Vm {
             };
             match call {
                 Ok(Hypercall::Console { addr, len }) => {
+                    // A flood is cut to the console's rate, not buffered.
+                    let allowed = self.console_limit.take_up_to(len);
+                    if allowed < len {
+                        self.console_dropped += len - allowed;
+                    } else if self.console_dropped > 0 {
+                        report_dropped(&mut self.console_dropped);
+                    }
+                    let len = allowed;
                     let mut buf = vec![0u8; len as usize];
                     if self.mem.read_slice(&mut buf, GuestAddress(addr)).is_err() {
                         return Ok(crashed_protocol(format!(
@@ -417,6 +442,9 @@ impl Vm {
                     }
                 }
                 Ok(Hypercall::Exit(status)) => {
+                    if self.console_dropped > 0 {
+                        report_dropped(&mut self.console_dropped);
+                    }
                     mark(&mut self.trace, "guest exited");
                     console.flush().map_err(VmError::Console)?;
                     return Ok(Outcome::Exited(status));
@@ -462,6 +490,20 @@ fn find_device(bus: &mut [(u64, BusDevice)], addr: u64) -> Option<(&mut dyn Mmio
         })
 }
 
+/// Console output a guest may write, per second and in one burst; the rest
+/// is dropped (and counted), so a flooding guest costs the host neither
+/// memory nor unbounded log space.
+pub const CONSOLE_RATE: u64 = 1 << 20;
+pub const CONSOLE_BURST: u64 = 4 << 20;
+
+fn report_dropped(dropped: &mut u64) {
+    crate::report(format_args!(
+        "wisp: {} bytes of guest console output dropped (limit {} KiB/s)",
+        std::mem::take(dropped),
+        CONSOLE_RATE >> 10
+    ));
+}
+
 fn no_device(addr: u64) -> Outcome {
     crashed_protocol(format!(
         "guest accessed {addr:#x}, where there is no memory or device"
@@ -496,6 +538,9 @@ fn wait_for_network(nics: &mut [&mut Net], timeout: Duration) {
         let mut wait = until - now;
         let mut fds: Vec<libc::pollfd> = Vec::new();
         for net in nics.iter_mut() {
+            if let Some(d) = net.rx_delay() {
+                wait = wait.min(d.max(Duration::from_millis(1)));
+            }
             if let Some(t) = net.backend().next_timeout() {
                 wait = wait.min(t);
             }

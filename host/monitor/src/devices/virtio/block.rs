@@ -17,6 +17,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::mmio::VirtioDevice;
 use super::{F_RING_EVENT_IDX, F_VERSION_1};
+use crate::ratelimit::Limits;
 
 pub const SECTOR: u64 = 512;
 pub const QUEUE_SIZE: u16 = 128;
@@ -48,6 +49,8 @@ pub struct Block {
     queue: Option<Queue>,
     pub broken: Option<String>,
     pub stats: BlockStats,
+    /// Limits on requests and bytes (the guest is stalled to meet them).
+    pub limits: Limits,
 }
 
 /// One parsed request: where its data lives in guest memory.
@@ -79,6 +82,7 @@ impl Block {
             queue: None,
             broken: None,
             stats: BlockStats::default(),
+            limits: Limits::default(),
         })
     }
 
@@ -99,6 +103,7 @@ impl Block {
     /// guest.
     fn execute(&mut self, r: &Request) -> (u8, u32) {
         let total: u64 = r.data.iter().map(|d| d.1 as u64).sum();
+        self.limits.wait_for(total.min(MAX_REQUEST));
         let in_range = |len: u64| {
             len.is_multiple_of(SECTOR)
                 && len <= MAX_REQUEST

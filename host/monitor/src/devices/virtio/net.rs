@@ -16,6 +16,7 @@ use vm_memory::{Bytes, GuestMemoryMmap};
 use super::mmio::VirtioDevice;
 use super::{F_RING_EVENT_IDX, F_VERSION_1};
 use crate::net::NetBackend;
+use crate::ratelimit::Limits;
 
 pub const QUEUE_SIZE: u16 = 256;
 const RX: usize = 0;
@@ -51,6 +52,9 @@ pub struct Net {
     /// the next wait must return at once, or the guest would sleep with
     /// frames it has not seen.
     delivered_since_wait: bool,
+    /// Limits on what the guest sends (stalls it) and receives (queues).
+    pub tx_limits: Limits,
+    pub rx_limits: Limits,
 }
 
 impl Net {
@@ -64,12 +68,20 @@ impl Net {
             broken: None,
             stats: NetStats::default(),
             delivered_since_wait: false,
+            tx_limits: Limits::default(),
+            rx_limits: Limits::default(),
         }
     }
 
     /// Whether frames reached the guest since its last wait (and forgets it).
     pub fn take_delivered_since_wait(&mut self) -> bool {
         std::mem::take(&mut self.delivered_since_wait)
+    }
+
+    /// How long until the next queued frame may be delivered (rate limit).
+    pub fn rx_delay(&mut self) -> Option<std::time::Duration> {
+        let len = self.pending_rx.front()?.len() as u64;
+        Some(self.rx_limits.time_until(len))
     }
 
     pub fn pending_len(&self) -> usize {
@@ -150,7 +162,9 @@ impl Net {
                 // virtio-queue ends a chain after queue-size descriptors; one
                 // that still points on loops (or is longer than the ring).
                 if last_has_next {
-                    return Err("transmit descriptor chain loops or is longer than the queue".into());
+                    return Err(
+                        "transmit descriptor chain loops or is longer than the queue".into(),
+                    );
                 }
                 done.push((head, frame));
             }
@@ -158,6 +172,7 @@ impl Net {
         })();
         for (head, frame) in done {
             if frame.len() > HDR_LEN {
+                self.tx_limits.wait_for((frame.len() - HDR_LEN) as u64);
                 self.backend.send(&frame[HDR_LEN..]);
                 self.stats.tx_frames += 1;
             }
@@ -185,6 +200,10 @@ impl Net {
         }
         let mut delivered = 0;
         while let Some(frame) = self.pending_rx.pop_front() {
+            if !self.rx_limits.try_take(frame.len() as u64) {
+                self.pending_rx.push_front(frame); // over the limit: later
+                break;
+            }
             let chain = match self.queues[RX].iter(&self.mem) {
                 Ok(mut it) => it.next(),
                 Err(e) => {
