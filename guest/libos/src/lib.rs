@@ -22,6 +22,7 @@ extern crate alloc;
 
 pub mod arch;
 pub mod boot;
+pub mod cmdline;
 pub mod console;
 pub mod exec;
 mod manifest;
