@@ -18,3 +18,6 @@ cargo build --release -q
 
 echo "== tests"
 cargo test --release --workspace
+
+echo "== fuzz targets, briefly (they must keep building and not fail at once)"
+bash scripts/fuzz.sh "${FUZZ_SECONDS:-3}"

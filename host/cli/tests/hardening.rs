@@ -157,3 +157,42 @@ fn net_rate_limit_caps_throughput() {
         "1 MiB took only {took:?} at 256 KiB/s"
     );
 }
+
+/// Runs `wisp run hello` as user `nobody` (uid 65534), with `env` added.
+fn run_as_nobody(env: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = std::process::Command::new("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(env!("CARGO_BIN_EXE_wisp"))
+        .args(["run"])
+        .arg(hello())
+        .args(["--", "unprivileged"]);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    output_within(cmd, Duration::from_secs(60))
+}
+
+#[test]
+fn runs_unprivileged_with_only_its_own_kvm_device() {
+    require_kvm();
+    // A jailer-style set-up: a private device node the unprivileged user
+    // owns, and nothing else (no root, no groups).
+    let dir = scratch().join(format!("jail-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let node = dir.join("kvm");
+    let _ = std::fs::remove_file(&node);
+    let c = std::ffi::CString::new(node.to_str().unwrap()).unwrap();
+    // SAFETY: creates a character device node (10, 232 = KVM) at a path we
+    // own; plain syscall with valid arguments.
+    let rc = unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(10, 232)) };
+    assert_eq!(rc, 0, "mknod needs root (CAP_MKNOD): {}", std::io::Error::last_os_error());
+    // SAFETY: chown of the node we just made to nobody:nogroup.
+    assert_eq!(unsafe { libc::chown(c.as_ptr(), 65534, 65534) }, 0);
+    let o = run_as_nobody(&[("WISP_KVM", node.to_str().unwrap())]);
+    assert_eq!(stdout(&o), "Hello from Wisp! args: [\"unprivileged\"]\n", "stderr: {}", stderr(&o));
+    assert_eq!(status(&o), 0);
+    // Without access to a KVM device, a clear error.
+    let o = run_as_nobody(&[]);
+    assert_clean_error(&o, "no permission to open /dev/kvm");
+    let _ = std::fs::remove_dir_all(&dir);
+}

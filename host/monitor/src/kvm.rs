@@ -14,9 +14,17 @@ pub enum KvmError {
     ApiVersion(i32),
 }
 
-/// Opens `/dev/kvm` and checks the API version.
+/// The KVM device: `$WISP_KVM` if set (a jailer-style set-up gives the
+/// monitor its own device node, e.g. inside a chroot), else `/dev/kvm`.
+pub fn device_path() -> std::ffi::CString {
+    let path = std::env::var_os("WISP_KVM").unwrap_or_else(|| "/dev/kvm".into());
+    std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str()))
+        .unwrap_or_else(|_| c"/dev/kvm".to_owned())
+}
+
+/// Opens the KVM device and checks the API version.
 pub fn open() -> Result<Kvm, KvmError> {
-    let kvm = Kvm::new().map_err(|e| match e.errno() {
+    let kvm = Kvm::new_with_path(device_path()).map_err(|e| match e.errno() {
         libc::ENOENT => KvmError::Missing,
         libc::EACCES | libc::EPERM => KvmError::PermissionDenied,
         _ => KvmError::Open(e),
