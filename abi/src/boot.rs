@@ -123,18 +123,7 @@ impl BootPage {
             argc: 0,
             device_count: 0,
             _reserved: 0,
-            devices: [Device {
-                kind: 0,
-                irq: 0,
-                mmio_base: 0,
-                mmio_len: 0,
-                mac: [0; 8],
-                capacity: 0,
-                ipv4: [0; 4],
-                gateway: [0; 4],
-                prefix_len: 0,
-                dns: [0; 4],
-            }; MAX_DEVICES],
+            devices: [Device::new(0); MAX_DEVICES],
         }
     }
 

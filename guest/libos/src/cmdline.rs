@@ -129,4 +129,3 @@ pub fn split_args(line: &[u8], out: &mut [u8]) -> (usize, u32) {
     }
     (used, argc)
 }
-

@@ -14,7 +14,7 @@ use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Address};
 use wisp_abi::manifest::DEVICE_NET;
 
-use crate::phy::{Driver, Nic, BUF_LEN};
+use crate::phy::{Driver, Nic, NicState};
 
 /// Network errors visible to applications.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,9 +93,10 @@ pub fn init() -> Result<(), NetError> {
     let dev =
         wisp_virtio::find(DEVICE_NET, wisp_virtio::VIRTIO_NET, 0).ok_or(NetError::NoDevice)?;
     let transport = wisp_virtio::transport(dev).ok_or(NetError::Driver)?;
-    let driver = Driver::new(transport, BUF_LEN).map_err(|_| NetError::Driver)?;
-    let mac = driver.mac_address();
-    let mut nic = Nic(alloc::rc::Rc::new(RefCell::new(driver)));
+    let driver = Driver::new(transport).map_err(|_| NetError::Driver)?;
+    let state = NicState::new(driver).map_err(|_| NetError::Driver)?;
+    let mac = state.mac_address();
+    let mut nic = Nic(alloc::rc::Rc::new(RefCell::new(state)));
 
     let dns_servers = if dev.dns != [0; 4] {
         vec![Ipv4Address::from_octets(dev.dns)]
@@ -206,7 +207,15 @@ fn poll_dhcp(s: &mut Stack) {
 fn poll() -> Option<u64> {
     with(|s| {
         let t = now();
-        s.iface.poll(t, &mut s.nic, &mut s.sockets);
+        // The monitor drains the transmit ring at the guest's exits; when it
+        // is full, exit now (a zero wait) so it drains and smoltcp can go on.
+        for _ in 0..8 {
+            s.iface.poll(t, &mut s.nic, &mut s.sockets);
+            if !s.nic.0.borrow_mut().tx_full() {
+                break;
+            }
+            wisp::platform::wait(0);
+        }
         poll_dhcp(s);
         let sockets = &mut s.sockets;
         s.closing.retain(|&h| {

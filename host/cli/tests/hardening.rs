@@ -185,11 +185,21 @@ fn runs_unprivileged_with_only_its_own_kvm_device() {
     // SAFETY: creates a character device node (10, 232 = KVM) at a path we
     // own; plain syscall with valid arguments.
     let rc = unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(10, 232)) };
-    assert_eq!(rc, 0, "mknod needs root (CAP_MKNOD): {}", std::io::Error::last_os_error());
+    assert_eq!(
+        rc,
+        0,
+        "mknod needs root (CAP_MKNOD): {}",
+        std::io::Error::last_os_error()
+    );
     // SAFETY: chown of the node we just made to nobody:nogroup.
     assert_eq!(unsafe { libc::chown(c.as_ptr(), 65534, 65534) }, 0);
     let o = run_as_nobody(&[("WISP_KVM", node.to_str().unwrap())]);
-    assert_eq!(stdout(&o), "Hello from Wisp! args: [\"unprivileged\"]\n", "stderr: {}", stderr(&o));
+    assert_eq!(
+        stdout(&o),
+        "Hello from Wisp! args: [\"unprivileged\"]\n",
+        "stderr: {}",
+        stderr(&o)
+    );
     assert_eq!(status(&o), 0);
     // Without access to a KVM device, a clear error.
     let o = run_as_nobody(&[]);

@@ -174,29 +174,15 @@ fn publishing_a_port_in_use_is_a_clear_error() {
 fn httpd_on_qemu_through_its_user_network() {
     require_kvm();
     let port = free_port();
-    let mut child = Command::new("qemu-system-x86_64")
-        .args([
-            "-M",
-            "microvm,acpi=off",
-            "-accel",
-            "kvm",
-            "-m",
-            "64M",
-            "-nodefaults",
-            "-no-user-config",
-        ])
-        .args(["-display", "none", "-serial", "stdio", "-no-reboot"])
-        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"])
-        .args([
-            "-netdev",
-            &format!("user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:80"),
-        ])
-        .args(["-device", "virtio-net-device,netdev=n0", "-kernel"])
-        .arg(httpd())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("qemu");
+    let fwd = format!("user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:80");
+    let mut child = qemu_command(
+        httpd(),
+        &["-netdev", &fwd, "-device", "virtio-net-device,netdev=n0"],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .expect("qemu");
     let start = Instant::now();
     while http_get(port, "/").is_err() {
         assert!(
@@ -421,28 +407,16 @@ fn dhcp_on_qemu_user_network() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
-    let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args([
-        "-M",
-        "microvm,acpi=off",
-        "-accel",
-        "kvm",
-        "-m",
-        "64M",
-        "-nodefaults",
-        "-no-user-config",
-    ])
-    .args(["-display", "none", "-serial", "stdio", "-no-reboot"])
-    .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"])
-    .args([
-        "-netdev",
-        "user,id=n0,restrict=on",
-        "-device",
-        "virtio-net-device,netdev=n0",
-        "-kernel",
-    ])
-    .arg(&image)
-    .args(["-append", "ip=dhcp"]);
+    let mut cmd = qemu_command(
+        &image,
+        &[
+            "-netdev",
+            "user,id=n0,restrict=on",
+            "-device",
+            "virtio-net-device,netdev=n0",
+        ],
+    );
+    cmd.args(["-append", "ip=dhcp"]);
     let o = output_within(cmd, Duration::from_secs(60));
     // restrict=on keeps the guest off the outside network; slirp then
     // offers no router, so only the address is checked.

@@ -77,6 +77,7 @@ fn timers_and_heap_work_on_qemu() {
 #[test]
 fn boots_with_acpi_on_too() {
     require_kvm();
+    // The same command line with ACPI left on (the README's form).
     let mut cmd = std::process::Command::new("qemu-system-x86_64");
     cmd.args([
         "-M",

@@ -316,6 +316,17 @@ impl Vm {
         &self.layout
     }
 
+    /// Sends what the guest's NICs have queued (the guest does not notify
+    /// for transmit: frames go out at its exits).
+    fn flush_network(&mut self) {
+        for (_, dev) in &mut self.bus {
+            if let BusDevice::Net(n) = dev {
+                n.device.process_tx();
+                n.device.backend().poll();
+            }
+        }
+    }
+
     /// How many times the guest exited to the monitor so far.
     pub fn exits(&self) -> u64 {
         self.exits
@@ -442,6 +453,8 @@ impl Vm {
                     }
                 }
                 Ok(Hypercall::Exit(status)) => {
+                    // Frames the guest queued just before exiting still go out.
+                    self.flush_network();
                     if self.console_dropped > 0 {
                         report_dropped(&mut self.console_dropped);
                     }
@@ -513,9 +526,15 @@ fn no_device(addr: u64) -> Outcome {
 /// Serves the network while the guest waits: returns as soon as frames were
 /// delivered to the guest, or after `timeout`.
 fn wait_for_network(nics: &mut [&mut Net], timeout: Duration) {
-    // Frames handed over during an earlier exit may not have been seen.
+    // Send what the guest queued (it does not notify: see Net::process_tx);
+    // frames handed over during an earlier exit may not have been seen.
     let mut unseen = false;
     for net in nics.iter_mut() {
+        net.process_tx();
+        net.backend().poll();
+        if net.process_rx() > 0 {
+            unseen = true;
+        }
         unseen |= net.take_delivered_since_wait();
     }
     if unseen {

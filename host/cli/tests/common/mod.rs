@@ -118,10 +118,9 @@ pub fn run(image: &Path, flags: &[&str], args: &[&str]) -> Output {
     output_within(cmd, Duration::from_secs(60))
 }
 
-/// Boots `image` under QEMU microvm with the README's command line plus
-/// `append`, bounded to 60 s.
-pub fn qemu(image: &Path, append: &str) -> Output {
-    require_kvm();
+/// QEMU microvm with the README's command line (ACPI off) for `image`,
+/// with `extra` arguments before `-kernel`.
+pub fn qemu_command(image: &Path, extra: &[&str]) -> Command {
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args([
         "-M",
@@ -134,9 +133,19 @@ pub fn qemu(image: &Path, append: &str) -> Output {
         "-no-user-config",
     ])
     .args(["-display", "none", "-serial", "stdio", "-no-reboot"])
-    .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4", "-kernel"])
-    .arg(image)
-    .args(["-append", append]);
+    .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"])
+    .args(extra)
+    .arg("-kernel")
+    .arg(image);
+    cmd
+}
+
+/// Boots `image` under QEMU microvm with the README's command line plus
+/// `append`, bounded to 60 s.
+pub fn qemu(image: &Path, append: &str) -> Output {
+    require_kvm();
+    let mut cmd = qemu_command(image, &[]);
+    cmd.args(["-append", append]);
     output_within(cmd, Duration::from_secs(60))
 }
 
