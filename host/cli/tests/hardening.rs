@@ -158,13 +158,15 @@ fn net_rate_limit_caps_throughput() {
     );
 }
 
-/// Runs `wisp run hello` as user `nobody` (uid 65534), with `env` added.
-fn run_as_nobody(env: &[(&str, &str)]) -> std::process::Output {
+/// Runs `wisp run IMAGE` as user `nobody` (uid 65534) from `jail`, where
+/// the binary and the image were copied (the checkout may sit below a
+/// directory `nobody` cannot enter), with `env` added.
+fn run_as_nobody(jail: &std::path::Path, env: &[(&str, &str)]) -> std::process::Output {
     let mut cmd = std::process::Command::new("setpriv");
     cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-        .arg(env!("CARGO_BIN_EXE_wisp"))
+        .arg(jail.join("wisp"))
         .args(["run"])
-        .arg(hello())
+        .arg(jail.join("hello.wisp"))
         .args(["--", "unprivileged"]);
     for (k, v) in env {
         cmd.env(k, v);
@@ -177,8 +179,17 @@ fn runs_unprivileged_with_only_its_own_kvm_device() {
     require_kvm();
     // A jailer-style set-up: a private device node the unprivileged user
     // owns, and nothing else (no root, no groups).
-    let dir = scratch().join(format!("jail-{}", std::process::id()));
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("wisp-jail-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::copy(env!("CARGO_BIN_EXE_wisp"), dir.join("wisp")).unwrap();
+    std::fs::copy(hello(), dir.join("hello.wisp")).unwrap();
+    std::fs::set_permissions(
+        dir.join("hello.wisp"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
     let node = dir.join("kvm");
     let _ = std::fs::remove_file(&node);
     let c = std::ffi::CString::new(node.to_str().unwrap()).unwrap();
@@ -193,7 +204,7 @@ fn runs_unprivileged_with_only_its_own_kvm_device() {
     );
     // SAFETY: chown of the node we just made to nobody:nogroup.
     assert_eq!(unsafe { libc::chown(c.as_ptr(), 65534, 65534) }, 0);
-    let o = run_as_nobody(&[("WISP_KVM", node.to_str().unwrap())]);
+    let o = run_as_nobody(&dir, &[("WISP_KVM", node.to_str().unwrap())]);
     assert_eq!(
         stdout(&o),
         "Hello from Wisp! args: [\"unprivileged\"]\n",
@@ -202,7 +213,7 @@ fn runs_unprivileged_with_only_its_own_kvm_device() {
     );
     assert_eq!(status(&o), 0);
     // Without access to a KVM device, a clear error.
-    let o = run_as_nobody(&[]);
+    let o = run_as_nobody(&dir, &[]);
     assert_clean_error(&o, "no permission to open /dev/kvm");
     let _ = std::fs::remove_dir_all(&dir);
 }
