@@ -61,6 +61,10 @@ enum Command {
         /// 10.0.2.15/24 via 10.0.2.2). Repeatable: one NIC each.
         #[arg(long = "net", value_name = "user|tap:NAME[,ip=..,gw=..]")]
         net: Vec<wisp_monitor::net::NicConfig>,
+        /// Hold the guest to this share of one CPU, e.g. 0.25 (a spinning
+        /// guest included).
+        #[arg(long, value_name = "FRACTION", value_parser = units::parse_cpus)]
+        cpus: Option<f64>,
         /// Limit each NIC to BYTES per second in each direction (e.g. 10M).
         #[arg(long, value_name = "BYTES", value_parser = units::parse_memory)]
         net_rate: Option<u64>,
@@ -115,6 +119,7 @@ fn main() -> ExitCode {
             disk,
             no_seccomp,
             seccomp_selftest,
+            cpus,
             net_rate,
             net_ops,
             disk_rate,
@@ -132,6 +137,7 @@ fn main() -> ExitCode {
                 disk,
                 no_seccomp,
                 seccomp_selftest,
+                cpus,
                 net_limits: (net_rate.unwrap_or(0), net_ops.unwrap_or(0)),
                 disk_limits: (disk_rate.unwrap_or(0), disk_ops.unwrap_or(0)),
             },

@@ -19,6 +19,7 @@ pub struct RunArgs {
     pub net: Vec<wisp_monitor::net::NicConfig>,
     pub disk: Option<wisp_monitor::DiskConfig>,
     pub no_seccomp: bool,
+    pub cpus: Option<f64>,
     pub net_limits: (u64, u64),
     pub disk_limits: (u64, u64),
     pub seccomp_selftest: bool,
@@ -50,6 +51,9 @@ pub fn run(a: &RunArgs, started: Instant) -> anyhow::Result<u8> {
         Some(t) => Deadline::arm(t).context("arming --timeout")?,
         None => Deadline::none(),
     };
+    if let Some(f) = a.cpus {
+        vm.limit_cpu(f).context("arming --cpus")?;
+    }
     // Everything the guest can reach is set up: from here on the monitor
     // only serves it, under the seccomp filter.
     let stdout = std::io::stdout();

@@ -53,6 +53,20 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// A CPU share: a fraction in (0, 1), e.g. `0.25` (1 means no limit).
+pub fn parse_cpus(s: &str) -> Result<f64, String> {
+    let f: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a fraction (try 0.5)"))?;
+    if !(f > 0.0 && f < 1.0) {
+        return Err(format!(
+            "--cpus {s}: give a fraction of one CPU between 0 and 1 (exclusive)"
+        ));
+    }
+    Ok(f)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -217,3 +217,33 @@ fn runs_unprivileged_with_only_its_own_kvm_device() {
     assert_clean_error(&o, "no permission to open /dev/kvm");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn cpu_quota_holds_a_spinning_guest() {
+    require_kvm();
+    let child = wisp()
+        .args(["run", "--cpus", "0.2", "--timeout", "2s"])
+        .arg(probe())
+        .args(["--", "spin"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: zeroed rusage is valid; wait4 fills it for our own child.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for the child we spawned (std does not reap it first:
+    // we never call wait on `child`).
+    let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(rc, pid);
+    std::mem::forget(child);
+    assert_eq!(libc::WEXITSTATUS(status), 124, "stopped by --timeout");
+    let cpu = usage.ru_utime.tv_sec as f64
+        + usage.ru_utime.tv_usec as f64 / 1e6
+        + usage.ru_stime.tv_sec as f64
+        + usage.ru_stime.tv_usec as f64 / 1e6;
+    // 2 s of wall time at 20% of a CPU: well under one second of CPU
+    // (unlimited, the spinning guest uses most of the 2 s).
+    assert!(cpu < 0.8, "used {cpu:.2} s of CPU in 2 s at --cpus 0.2");
+}

@@ -87,3 +87,67 @@ impl Drop for Deadline {
         }
     }
 }
+
+static CPU_SLICE_DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_prof(_: libc::c_int) {
+    CPU_SLICE_DONE.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// `--cpus FRACTION`: the guest may use at most this share of one CPU.
+///
+/// A profiling timer (`ITIMER_PROF`, which counts the process's CPU time,
+/// guest time included) fires after every slice of CPU the process used;
+/// its signal interrupts `KVM_RUN`, and the run loop then sleeps long
+/// enough that CPU time over wall time stays at the fraction. A guest
+/// spinning at CPL3 is held to it without any cooperation.
+#[derive(Debug)]
+pub struct CpuQuota {
+    slice: Duration,
+    fraction: f64,
+}
+
+impl CpuQuota {
+    /// CPU accounted between checks.
+    const SLICE: Duration = Duration::from_millis(10);
+
+    /// Arms the quota for this process (`fraction` in (0, 1)).
+    pub fn arm(fraction: f64) -> std::io::Result<CpuQuota> {
+        // SAFETY: installs a handler that only stores to an atomic
+        // (async-signal-safe); no SA_RESTART so KVM_RUN returns EINTR.
+        let rc = unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_prof as *const () as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(libc::SIGPROF, &sa, std::ptr::null_mut())
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let tv = libc::timeval {
+            tv_sec: 0,
+            tv_usec: Self::SLICE.as_micros() as libc::suseconds_t,
+        };
+        let timer = libc::itimerval {
+            it_interval: tv,
+            it_value: tv,
+        };
+        // SAFETY: valid itimerval; the old value is not wanted.
+        if unsafe { libc::setitimer(libc::ITIMER_PROF, &timer, std::ptr::null_mut()) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(CpuQuota {
+            slice: Self::SLICE,
+            fraction,
+        })
+    }
+
+    /// Called when `KVM_RUN` was interrupted: if a CPU slice was used up,
+    /// sleeps off the rest of its share.
+    pub fn throttle(&self) {
+        if CPU_SLICE_DONE.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            let off = self.slice.as_secs_f64() * (1.0 / self.fraction - 1.0);
+            std::thread::sleep(Duration::from_secs_f64(off));
+        }
+    }
+}

@@ -27,7 +27,7 @@ use crate::hypercall::{self, Hypercall};
 use crate::image::Image;
 use crate::kvm::{self, KvmError};
 use crate::layout::{Layout, LayoutError};
-use crate::timeout::Deadline;
+use crate::timeout::{CpuQuota, Deadline};
 use crate::trace::BootTrace;
 use crate::vcpu;
 
@@ -172,6 +172,8 @@ pub struct Vm {
     /// The guest's devices, by MMIO base address.
     bus: Vec<(u64, BusDevice)>,
     console_limit: TokenBucket,
+    /// `--cpus`: the share of a CPU the guest may use.
+    cpu_quota: Option<CpuQuota>,
     /// Console bytes dropped by the rate limit, not yet reported.
     console_dropped: u64,
 }
@@ -308,6 +310,7 @@ impl Vm {
             bus,
             console_limit: TokenBucket::new(CONSOLE_RATE, CONSOLE_BURST),
             console_dropped: 0,
+            cpu_quota: None,
         })
     }
 
@@ -325,6 +328,12 @@ impl Vm {
                 n.device.backend().poll();
             }
         }
+    }
+
+    /// Holds the guest to `fraction` of one CPU from now on.
+    pub fn limit_cpu(&mut self, fraction: f64) -> std::io::Result<()> {
+        self.cpu_quota = Some(CpuQuota::arm(fraction)?);
+        Ok(())
     }
 
     /// How many times the guest exited to the monitor so far.
@@ -355,7 +364,12 @@ impl Vm {
                     self.exits += 1;
                     exit
                 }
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    if let Some(q) = &self.cpu_quota {
+                        q.throttle();
+                    }
+                    continue;
+                }
                 Err(e) => {
                     return Err(VmError::KvmCall {
                         what: "run vCPU",
