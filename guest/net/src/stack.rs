@@ -72,6 +72,71 @@ pub struct Stack {
     pub closing: Vec<SocketHandle>,
     /// The DHCP client, when the address comes from DHCP.
     pub dhcp: Option<SocketHandle>,
+    /// Accept queues of the TCP listeners.
+    pub listeners: Vec<ListenQueue>,
+    pub next_listener: u64,
+}
+
+/// One listening port: sockets waiting for a handshake, and connections
+/// established but not yet accepted.
+pub struct ListenQueue {
+    pub id: u64,
+    pub port: u16,
+    pub listening: Vec<SocketHandle>,
+    pub ready: alloc::collections::VecDeque<SocketHandle>,
+    pub waker: Option<core::task::Waker>,
+}
+
+impl ListenQueue {
+    pub fn new(id: u64, port: u16) -> ListenQueue {
+        ListenQueue {
+            id,
+            port,
+            listening: Vec::new(),
+            ready: Default::default(),
+            waker: None,
+        }
+    }
+}
+
+impl Stack {
+    /// Moves sockets that left the listening states to their accept queue
+    /// (waking the acceptor), and keeps every queue's backlog listening.
+    pub fn collect_accepted(&mut self) {
+        use smoltcp::socket::tcp::{Socket, State};
+        for q in &mut self.listeners {
+            let sockets = &mut self.sockets;
+            let mut moved = false;
+            q.listening.retain(|&h| {
+                let waiting = matches!(
+                    sockets.get::<Socket>(h).state(),
+                    State::Listen | State::SynReceived
+                );
+                if !waiting {
+                    q.ready.push_back(h);
+                    moved = true;
+                }
+                waiting
+            });
+            if moved {
+                if let Some(w) = q.waker.take() {
+                    w.wake();
+                }
+            }
+        }
+        let _ = self.refill_listeners();
+    }
+
+    /// Tops every listener's backlog up to `BACKLOG` listening sockets.
+    pub fn refill_listeners(&mut self) -> Result<(), NetError> {
+        for q in &mut self.listeners {
+            while q.listening.len() < crate::tcp::BACKLOG {
+                let s = crate::tcp::listening_socket(q.port).ok_or(NetError::Bind)?;
+                q.listening.push(self.sockets.add(s));
+            }
+        }
+        Ok(())
+    }
 }
 
 struct Global(RefCell<Option<Stack>>);
@@ -130,6 +195,8 @@ pub fn init() -> Result<(), NetError> {
         config,
         closing: Vec::new(),
         dhcp,
+        listeners: Vec::new(),
+        next_listener: 0,
     });
     wisp::exec::set_io_poller(poll);
     Ok(())
@@ -217,6 +284,7 @@ fn poll() -> Option<u64> {
             wisp::platform::wait(0);
         }
         poll_dhcp(s);
+        s.collect_accepted();
         let sockets = &mut s.sockets;
         s.closing.retain(|&h| {
             let sock = sockets.get::<smoltcp::socket::tcp::Socket>(h);

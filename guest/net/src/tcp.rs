@@ -5,7 +5,6 @@
 //! shrinks as unread data accumulates.
 
 use alloc::vec;
-use alloc::vec::Vec;
 use core::future::poll_fn;
 use core::task::Poll;
 
@@ -21,7 +20,7 @@ const RX_BUFFER: usize = 16 * 1024;
 const TX_BUFFER: usize = 16 * 1024;
 /// Listening sockets kept per port: connections whose handshake can be
 /// in progress at once.
-const BACKLOG: usize = 32;
+pub(crate) const BACKLOG: usize = 32;
 /// Idle connections are dropped after this long without any segment.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -36,9 +35,14 @@ fn new_socket() -> tcp::Socket<'static> {
 }
 
 /// A TCP listener on a local port, on every address of the interface.
+///
+/// Like a kernel's accept queue: the stack keeps [`BACKLOG`] sockets
+/// listening on the port and, on every poll, moves those that completed a
+/// handshake to a ready queue and replaces them, so connections keep being
+/// accepted even while the application is busy.
 pub struct TcpListener {
     port: u16,
-    backlog: Vec<SocketHandle>,
+    id: u64,
 }
 
 impl TcpListener {
@@ -48,17 +52,17 @@ impl TcpListener {
         if port == 0 {
             return Err(NetError::Bind);
         }
-        let mut backlog = Vec::with_capacity(BACKLOG);
-        for _ in 0..BACKLOG {
-            backlog.push(Self::listening(port)?);
-        }
-        Ok(TcpListener { port, backlog })
-    }
-
-    fn listening(port: u16) -> Result<SocketHandle, NetError> {
-        let mut s = new_socket();
-        s.listen(port).map_err(|_| NetError::Bind)?;
-        Ok(stack::with(|st| st.sockets.add(s)))
+        let id = stack::with(|st| {
+            if st.listeners.iter().any(|l| l.port == port) {
+                return Err(NetError::Bind);
+            }
+            let id = st.next_listener;
+            st.next_listener += 1;
+            st.listeners.push(stack::ListenQueue::new(id, port));
+            Ok(id)
+        })?;
+        stack::with(|st| st.refill_listeners())?;
+        Ok(TcpListener { port, id })
     }
 
     /// The port listened on.
@@ -68,30 +72,21 @@ impl TcpListener {
 
     /// Waits for the next connection.
     pub async fn accept(&mut self) -> Result<TcpStream, NetError> {
+        let id = self.id;
         poll_fn(|cx| {
-            let ready = stack::with(|st| {
-                self.backlog.iter().position(|&h| {
-                    let s = st.sockets.get_mut::<tcp::Socket>(h);
-                    match s.state() {
-                        State::Listen | State::SynReceived => {
-                            s.register_recv_waker(cx.waker());
-                            false
-                        }
-                        _ => true,
+            stack::with(|st| {
+                st.collect_accepted();
+                let Some(q) = st.listeners.iter_mut().find(|l| l.id == id) else {
+                    return Poll::Ready(Err(NetError::Closed));
+                };
+                match q.ready.pop_front() {
+                    Some(handle) => Poll::Ready(Ok(TcpStream { handle })),
+                    None => {
+                        q.waker = Some(cx.waker().clone());
+                        Poll::Pending
                     }
-                })
-            });
-            match ready {
-                Some(i) => {
-                    let fresh = match Self::listening(self.port) {
-                        Ok(h) => h,
-                        Err(e) => return Poll::Ready(Err(e)),
-                    };
-                    let handle = core::mem::replace(&mut self.backlog[i], fresh);
-                    Poll::Ready(Ok(TcpStream { handle }))
                 }
-                None => Poll::Pending,
-            }
+            })
         })
         .await
     }
@@ -100,11 +95,21 @@ impl TcpListener {
 impl Drop for TcpListener {
     fn drop(&mut self) {
         stack::with(|st| {
-            for &h in &self.backlog {
-                st.sockets.remove(h);
+            if let Some(i) = st.listeners.iter().position(|l| l.id == self.id) {
+                let q = st.listeners.remove(i);
+                for h in q.listening.into_iter().chain(q.ready) {
+                    st.sockets.remove(h);
+                }
             }
         });
     }
+}
+
+/// A fresh socket listening on `port`.
+pub(crate) fn listening_socket(port: u16) -> Option<tcp::Socket<'static>> {
+    let mut s = new_socket();
+    s.listen(port).ok()?;
+    Some(s)
 }
 
 /// One TCP connection.
