@@ -247,3 +247,50 @@ fn cpu_quota_holds_a_spinning_guest() {
     // (unlimited, the spinning guest uses most of the 2 s).
     assert!(cpu < 0.8, "used {cpu:.2} s of CPU in 2 s at --cpus 0.2");
 }
+
+#[test]
+fn a_crashing_or_spinning_guest_leaves_other_guests_untouched() {
+    require_kvm();
+    let g = start_guest(&example("httpd"), 80, &[], &[], |port| {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let get = |port: u16| {
+        let mut cmd = std::process::Command::new("curl");
+        cmd.args([
+            "-s",
+            "--max-time",
+            "10",
+            &format!("http://127.0.0.1:{port}/"),
+        ]);
+        stdout(&output_within(cmd, Duration::from_secs(20)))
+    };
+    assert!(get(g.port).contains("Hello from a Wisp unikernel!"));
+    // Neighbours crash, break their rings, flood and spin...
+    for action in ["ud", "ring-outside", "console-flood", "bad-console-ptr"] {
+        let _ = run(probe(), &["--net", "user"], &[action]);
+    }
+    let mut spinner = wisp()
+        .args(["run"])
+        .arg(probe())
+        .args(["--", "spin"])
+        .spawn()
+        .expect("spinner");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        get(g.port).contains("Hello from a Wisp unikernel!"),
+        "still serving next to a spinning guest"
+    );
+    // ...and stopping a guest (SIGTERM to its monitor) stops it at once,
+    // even while it spins at CPL3.
+    // SAFETY: sends SIGTERM to our own child.
+    unsafe { libc::kill(spinner.id() as libc::pid_t, libc::SIGTERM) };
+    let start = Instant::now();
+    while spinner.try_wait().unwrap().is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "a spinning guest did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(get(g.port).contains("Hello from a Wisp unikernel!"));
+}
