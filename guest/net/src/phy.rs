@@ -150,7 +150,15 @@ impl Device for Nic {
     type TxToken<'a> = TxToken;
 
     fn receive(&mut self, _: Instant) -> Option<(RxToken, TxToken)> {
-        let (buf, hdr, len) = self.0.borrow_mut().recv()?;
+        let mut s = self.0.borrow_mut();
+        // A frame received may need an immediate answer (a SYN-ACK): take
+        // it only when the answer has room, or the answer would be lost.
+        s.reap_tx();
+        if !s.raw.can_send() {
+            return None;
+        }
+        let (buf, hdr, len) = s.recv()?;
+        drop(s);
         Some((RxToken(self.clone(), buf, hdr, len), TxToken(self.clone())))
     }
 

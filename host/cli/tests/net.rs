@@ -144,16 +144,17 @@ fn a_thousand_concurrent_connections() {
             .unwrap();
     }
     let mut ok = 0;
-    for s in &mut conns {
+    let mut failures = Vec::new();
+    for (i, s) in conns.iter_mut().enumerate() {
         let mut out = String::new();
-        if s.read_to_string(&mut out).is_ok()
-            && out.starts_with("HTTP/1.1 200 OK")
-            && out.contains("</html>")
-        {
+        let r = s.read_to_string(&mut out);
+        if r.is_ok() && out.starts_with("HTTP/1.1 200 OK") && out.contains("</html>") {
             ok += 1;
+        } else {
+            failures.push(format!("#{i}: {r:?} {:?}", &out[..out.len().min(80)]));
         }
     }
-    assert_eq!(ok, 1000);
+    assert_eq!(ok, 1000, "{failures:?}");
 }
 
 #[test]
