@@ -278,6 +278,8 @@ fn poll() -> Option<u64> {
         // is full, exit now (a zero wait) so it drains and smoltcp can go on.
         for _ in 0..8 {
             s.iface.poll(t, &mut s.nic, &mut s.sockets);
+            // Keep every backlog listening before more SYNs come in.
+            s.collect_accepted();
             if !s.nic.0.borrow_mut().tx_full() {
                 break;
             }

@@ -33,7 +33,7 @@ const MAX_CONNECTIONS: usize = 4096;
 /// Connections in handshake toward the guest at once. The guest listens
 /// with a fixed backlog of sockets; beyond it, a SYN would be refused, so
 /// further host connections wait in the host's accept queue instead.
-const MAX_HANDSHAKES: usize = 16;
+const MAX_HANDSHAKES: usize = 8;
 /// Host accept-queue length for published ports.
 const HOST_BACKLOG: i32 = 4096;
 
