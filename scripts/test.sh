@@ -10,6 +10,7 @@ bash scripts/install-deps.sh
 echo "== format and lints"
 cargo fmt --all --check
 (cd guest && cargo fmt --all --check)
+(cd fuzz && cargo fmt --check)
 cargo clippy --release --workspace --all-targets -q -- -D warnings
 (cd guest && cargo clippy --release --target x86_64-unknown-linux-gnu --workspace -q -- -D warnings)
 

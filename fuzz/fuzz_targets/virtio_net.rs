@@ -39,7 +39,11 @@ fuzz_target!(|data: &[u8]| {
     // First half: guest memory; second half: (offset, value) register writes.
     let (memory, ops) = data.split_at(data.len() / 2);
     let _ = mem.write_slice(&memory[..memory.len().min(MEM)], GuestAddress(0));
-    let mut dev = VirtioMmio::new(Net::new([2, 0, 0, 0, 0, 1], mem.clone(), Box::new(Loop(vec![vec![0xab; 60]]))));
+    let mut dev = VirtioMmio::new(Net::new(
+        [2, 0, 0, 0, 0, 1],
+        mem.clone(),
+        Box::new(Loop(vec![vec![0xab; 60]])),
+    ));
     for op in ops.chunks_exact(5) {
         let offset = (op[0] as u64) * 4;
         let value = u32::from_le_bytes([op[1], op[2], op[3], op[4]]);

@@ -228,10 +228,6 @@ fn main(args: wisp::Args) -> i32 {
             }
             wisp::platform::console_write(b"\nflood done\n");
         }
-        "exception-storm" => {
-            // Faults from inside the handler path end the guest at once.
-            println!("read {}", read(0));
-        }
         // Hostile virtio rings on the NIC (run with --net user).
         "ring-outside" | "ring-loop" | "ring-huge" | "ring-avail-idx" => {
             virtio_attack(arg(0));

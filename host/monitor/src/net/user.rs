@@ -283,6 +283,9 @@ impl UserNet {
 
     /// Moves datagrams between published UDP ports and the guest.
     fn pump_udp(&mut self) {
+        if self.udp.is_empty() {
+            return; // runs on every poll: no buffer, no clock read, without UDP ports
+        }
         let now = std::time::Instant::now();
         let mut buf = vec![0u8; 65536];
         for i in 0..self.udp.len() {

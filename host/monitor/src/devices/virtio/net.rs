@@ -223,38 +223,40 @@ impl Net {
             let head = chain.head_index();
             let mut hdr = [0u8; HDR_LEN];
             hdr[10] = 1; // num_buffers
-            let mut src = hdr.iter().chain(frame.iter()).copied().collect::<Vec<u8>>();
-            let total = src.len();
-            let mut written = 0usize;
+            let total = HDR_LEN + frame.len();
+            // The chain's writable buffers, up to what the frame needs; the
+            // header and the frame are then written straight into them.
+            let mut bufs = Vec::new();
+            let mut room = 0usize;
             for desc in chain {
                 if !desc.is_write_only() {
                     self.fail("receive descriptor is not device-writable".into());
                     return delivered;
                 }
-                let n = (desc.len() as usize).min(src.len() - written);
-                if n == 0 {
+                bufs.push((desc.addr(), desc.len() as usize));
+                room += desc.len() as usize;
+                if room >= total {
                     break;
                 }
-                if self
-                    .mem
-                    .write_slice(&src[written..written + n], desc.addr())
-                    .is_err()
-                {
+            }
+            let fits = room >= total;
+            if fits {
+                let written = scatter(&self.mem, &bufs, 0, &hdr)
+                    .and_then(|()| scatter(&self.mem, &bufs, HDR_LEN, &frame));
+                if let Err(addr) = written {
                     self.fail(format!(
                         "receive buffer {:#x} is outside guest memory",
-                        desc.addr().0
+                        addr.0
                     ));
                     return delivered;
                 }
-                written += n;
             }
-            src.clear();
-            let len = if written == total {
+            let len = if fits {
                 self.stats.rx_frames += 1;
                 delivered += 1;
-                written as u32
+                total as u32
             } else {
-                self.stats.rx_dropped += 1; // buffer too small: drop the frame
+                self.stats.rx_dropped += 1; // buffers too small: drop the frame
                 0
             };
             if let Err(e) = self.queues[RX].add_used(&self.mem, head, len) {
@@ -313,4 +315,30 @@ impl VirtioDevice for Net {
         self.pending_rx.clear();
         self.broken = None;
     }
+}
+
+/// Writes `data` at byte `offset` of the buffer list `bufs` (guest address,
+/// length), which the caller sized to hold it; returns the address that
+/// could not be written.
+fn scatter(
+    mem: &GuestMemoryMmap,
+    bufs: &[(GuestAddress, usize)],
+    mut offset: usize,
+    mut data: &[u8],
+) -> Result<(), GuestAddress> {
+    for &(addr, len) in bufs {
+        if data.is_empty() {
+            break;
+        }
+        if offset >= len {
+            offset -= len;
+            continue;
+        }
+        let n = (len - offset).min(data.len());
+        let at = GuestAddress(addr.0.wrapping_add(offset as u64));
+        mem.write_slice(&data[..n], at).map_err(|_| at)?;
+        data = &data[n..];
+        offset = 0;
+    }
+    Ok(())
 }
