@@ -222,6 +222,27 @@ fn fire_timers() -> Option<u64> {
     next
 }
 
+/// How long an idle executor keeps polling its I/O before it waits in the
+/// monitor. Short, because on a host with few cores the vCPU may share
+/// one with the monitor's I/O thread, which cannot fill the rings while
+/// the guest spins on that core.
+const IDLE_SPIN_NS: u64 = 30_000;
+
+/// Polls the I/O source until a task is woken (`true`) or `ns` pass.
+fn spin_for_io(poll: IoPoller, ns: u64) -> bool {
+    let until = Instant::now().as_nanos().saturating_add(ns);
+    loop {
+        poll();
+        if !READY.0.borrow().is_empty() {
+            return true;
+        }
+        if Instant::now().as_nanos() >= until {
+            return false;
+        }
+        core::hint::spin_loop();
+    }
+}
+
 /// Runs `future` to completion on this vCPU, together with spawned tasks.
 pub fn block_on<F: Future>(future: F) -> F::Output {
     crate::library_linked(&LIB_NAME);
@@ -277,6 +298,15 @@ pub fn block_on<F: Future>(future: F) -> F::Output {
         };
         if poller.is_some() && crate::platform::is_pvh() {
             timeout = timeout.min(PVH_IO_POLL_NS);
+        }
+        if let Some(poll) = poller.filter(|_| !crate::platform::is_pvh()) {
+            // The monitor's I/O thread fills the rings while the guest runs:
+            // look again for a short while before paying for an exit (a
+            // wait costs ~100 µs on KVM PVM, a look at the rings ~0.1 µs).
+            if spin_for_io(poll, timeout.min(IDLE_SPIN_NS)) {
+                continue;
+            }
+            timeout = timeout.saturating_sub(IDLE_SPIN_NS);
         }
         if timeout > 0 {
             crate::platform::wait(timeout);

@@ -80,10 +80,12 @@ enum Command {
         /// Run without the seccomp filter (for debugging the monitor).
         #[arg(long)]
         no_seccomp: bool,
-        /// Test hook: after installing the seccomp filter, make a forbidden
-        /// system call (the process must be killed).
-        #[arg(long, hide = true)]
-        seccomp_selftest: bool,
+        /// Test hook: after installing the seccomp filters, make a forbidden
+        /// system call on this thread: control (default), vcpu or io (the
+        /// process must be killed).
+        #[arg(long, hide = true, num_args = 0..=1, require_equals = true,
+              default_missing_value = "control", value_name = "THREAD")]
+        seccomp_selftest: Option<wisp_monitor::seccomp::ThreadKind>,
         /// Give the guest a block device backed by FILE (",ro": read-only).
         #[arg(long, value_name = "FILE[,ro]")]
         disk: Option<wisp_monitor::DiskConfig>,
@@ -140,6 +142,7 @@ fn main() -> ExitCode {
                 cpus,
                 net_limits: (net_rate.unwrap_or(0), net_ops.unwrap_or(0)),
                 disk_limits: (disk_rate.unwrap_or(0), disk_ops.unwrap_or(0)),
+                quiet: false,
             },
             started,
         ),

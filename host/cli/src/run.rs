@@ -1,13 +1,12 @@
 //! `wisp run`: boot an image on the Wisp monitor in this process.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use wisp_monitor::timeout::Deadline;
+use wisp_monitor::seccomp::{self, ThreadKind};
 use wisp_monitor::trace::BootTrace;
-use wisp_monitor::{Image, Outcome, Shell, Vm, VmConfig};
+use wisp_monitor::{Image, Outcome, Shell, StartOptions, VmConfig};
 
 pub struct RunArgs {
     pub image: PathBuf,
@@ -22,7 +21,8 @@ pub struct RunArgs {
     pub cpus: Option<f64>,
     pub net_limits: (u64, u64),
     pub disk_limits: (u64, u64),
-    pub seccomp_selftest: bool,
+    pub seccomp_selftest: Option<ThreadKind>,
+    pub quiet: bool,
 }
 
 /// Runs the guest; returns the status `wisp run` exits with.
@@ -43,55 +43,59 @@ pub fn run(a: &RunArgs, started: Instant) -> anyhow::Result<u8> {
         disk_limits: a.disk_limits,
         disk: a.disk.clone(),
     };
-    // Creating the KVM VM and vCPU on a second thread while the image is
-    // read was measured slower here (contention on 2 vCPUs): sequential.
-    let shell = Shell::create()?;
-    let mut vm = Vm::new(shell, &image, &cfg, trace)?;
-    let deadline = match a.timeout {
-        Some(t) => Deadline::arm(t).context("arming --timeout")?,
-        None => Deadline::none(),
-    };
-    if let Some(f) = a.cpus {
-        vm.limit_cpu(f).context("arming --cpus")?;
-    }
-    // Everything the guest can reach is set up: from here on the monitor
-    // only serves it, under the seccomp filter.
-    let stdout = std::io::stdout();
-    let stderr = std::io::stderr();
-    if !a.no_seccomp {
-        wisp_monitor::seccomp::install()?;
-        if a.seccomp_selftest {
-            // A monitor never opens sockets while serving a guest: the
-            // filter must kill the process here (SIGSYS).
-            // SAFETY: a plain syscall with constant arguments.
-            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
-            anyhow::bail!("seccomp self-test: socket() was allowed (fd {fd})");
+    // Cheap checks before KVM is touched. Creating the KVM VM and vCPU on a
+    // second thread while the image is read was measured slower here
+    // (contention on 2 vCPUs): sequential.
+    wisp_monitor::vm::check(&image, &cfg)?;
+    let vm = Shell::create(cfg.memory)?.build(&image, &cfg, trace)?;
+    if !a.quiet {
+        for (addr, port, udp) in vm.published() {
+            let proto = if *udp { "/udp" } else { "" };
+            wisp_monitor::report(format_args!(
+                "wisp: {addr}{proto} -> guest port {port}{proto}"
+            ));
         }
     }
-    let _ = &stderr;
-    let mut out = stdout.lock();
-    let outcome = vm.run(&mut out, &deadline)?;
-    let _ = out.flush();
-    drop(deadline);
-    match &outcome {
+    let running = vm.start(
+        Box::new(std::io::stdout()),
+        StartOptions {
+            cpu_quota: a.cpus,
+            no_seccomp: a.no_seccomp,
+            seccomp_selftest: a.seccomp_selftest,
+        },
+    )?;
+    // Everything the guest can reach is set up: from here on this thread
+    // only waits for the guest, under its own filter.
+    if !a.no_seccomp {
+        seccomp::install(ThreadKind::Control)?;
+        if a.seccomp_selftest == Some(ThreadKind::Control) {
+            seccomp::forbidden_call();
+        }
+    }
+    let report = running.wait(a.timeout)?;
+    match &report.outcome {
         Outcome::Exited(_) => {}
         Outcome::Crashed(crash) => wisp_monitor::report(format_args!("wisp: {crash}")),
         Outcome::TimedOut { rip } => wisp_monitor::report(format_args!(
             "wisp: guest stopped: --timeout of {:?} expired (guest was at rip {rip:#x})",
             a.timeout.unwrap_or_default()
         )),
+        Outcome::Stopped { rip } => {
+            wisp_monitor::report(format_args!("wisp: guest stopped (at rip {rip:#x})"))
+        }
     }
-    if let Some(t) = vm.trace() {
+    if let Some(t) = &report.trace {
         wisp_monitor::report(format_args!(
             "{}  guest exits to the monitor: {}",
             t.report(),
-            vm.exits()
+            report.counters.exits
         ));
     }
+    let status = report.outcome.status();
     // The process exits right after this: leave the VM to be torn down by
     // `teardown::exit_now`'s child rather than here, on the caller's time.
-    std::mem::forget(vm);
-    Ok(outcome.status())
+    std::mem::forget(report.machine);
+    Ok(status)
 }
 
 /// The NICs: those given with `--net`, plus a user-mode NIC if ports are

@@ -56,6 +56,25 @@ pub fn human(bytes: u64) -> String {
     }
 }
 
+/// Checks a guest memory size on its own (before any image is known): a
+/// whole number of MiB, between [`MIN_MEMORY`] and [`MAX_MEMORY`].
+pub fn check_memory(mem_size: u64) -> Result<(), LayoutError> {
+    if !mem_size.is_multiple_of(1 << 20) {
+        return Err(LayoutError::MemoryUnaligned(human(mem_size)));
+    }
+    if mem_size > MAX_MEMORY {
+        return Err(LayoutError::MemoryTooLarge(human(mem_size)));
+    }
+    if mem_size < MIN_MEMORY {
+        return Err(LayoutError::MemoryTooSmall {
+            given: human(mem_size),
+            needed: MIN_MEMORY,
+            image_end: 0,
+        });
+    }
+    Ok(())
+}
+
 /// The addresses of every boot structure for one guest.
 #[derive(Clone, Debug)]
 pub struct Layout {

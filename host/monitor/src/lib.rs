@@ -17,19 +17,24 @@
 //! supervisor-only, so a compromised guest cannot forge its way to CPL0.
 
 pub mod boot;
+pub mod control;
 pub mod crash;
+pub mod device_manager;
 pub mod devices;
 pub mod hypercall;
 pub mod image;
+pub mod io_thread;
 pub mod kvm;
 pub mod layout;
+pub mod memory;
 pub mod net;
 pub mod paging;
+pub mod quota;
 pub mod ratelimit;
 pub mod seccomp;
-pub mod timeout;
 pub mod trace;
 pub mod vcpu;
+mod vcpu_thread;
 pub mod vm;
 
 #[cfg(test)]
@@ -39,8 +44,11 @@ mod layout_tests;
 #[cfg(test)]
 mod testing;
 
+pub use control::{Controller, CounterValues, StopReason, VmState};
 pub use image::{Image, ImageError};
-pub use vm::{DiskConfig, Outcome, Shell, Vm, VmConfig, VmError};
+pub use vm::{
+    DiskConfig, Loaded, Outcome, RunReport, RunningVm, Shell, StartOptions, Vm, VmConfig, VmError,
+};
 
 /// Writes a line to stderr, ignoring failure: a closed stderr must never
 /// take the monitor down (and `eprintln!` would panic on it).

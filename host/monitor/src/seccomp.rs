@@ -1,13 +1,12 @@
-//! The monitor's seccomp filter (Firecracker's model: every vCPU runs
-//! hostile code from its first instruction).
+//! The monitor's seccomp filters, one per kind of thread (Firecracker's
+//! model: every vCPU runs hostile code from its first instruction).
 //!
-//! Installed once the VM is built (memory mapped, devices open, ports
-//! bound) and before the guest first runs, it allows only the system calls
-//! serving a running guest needs; anything else kills the process. `ioctl`
-//! is limited to the requests the run loop makes (KVM_RUN, register reads
-//! for crash reports, FIONBIO on accepted sockets), and `clone` to the
-//! one shape the teardown child uses. The monitor runs one thread, so one
-//! filter covers it.
+//! Each thread of a running guest installs its own filter on itself before
+//! it does any work for the guest: the vCPU thread (run the guest, answer
+//! hypercalls, serve the disk at its notification), the I/O thread (host
+//! sockets, tap, the rings), and the thread that controls them (waits,
+//! signals, exit). Anything outside a thread's list kills the process.
+//! `ioctl` is limited per thread to the requests that thread makes.
 
 use std::collections::BTreeMap;
 
@@ -24,73 +23,133 @@ pub enum SeccompError {
     Install(String),
 }
 
-/// `ioctl` requests allowed after the filter is installed.
-const IOCTLS: &[u64] = &[
-    0xae80,      // KVM_RUN
-    0x8090_ae81, // KVM_GET_REGS
-    0x8138_ae83, // KVM_GET_SREGS
-    0x5421,      // FIONBIO (std's set_nonblocking on accepted sockets)
-];
+/// Which thread a filter is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ThreadKind {
+    /// Runs `KVM_RUN` and answers hypercalls.
+    Vcpu,
+    /// Owns the NICs' backends and polls the rings.
+    Io,
+    /// Starts, waits for and controls the guest (`wisp run`'s main thread).
+    Control,
+}
 
-/// System calls allowed without conditions.
-const SYSCALLS: &[i64] = &[
+impl std::str::FromStr for ThreadKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "vcpu" => Ok(ThreadKind::Vcpu),
+            "io" => Ok(ThreadKind::Io),
+            "control" => Ok(ThreadKind::Control),
+            _ => Err(format!("'{s}' is not a thread (vcpu, io or control)")),
+        }
+    }
+}
+
+const KVM_RUN: u64 = 0xae80;
+const KVM_GET_REGS: u64 = 0x8090_ae81;
+const KVM_GET_SREGS: u64 = 0x8138_ae83;
+const FIONBIO: u64 = 0x5421;
+
+/// What every thread needs: memory, locks, time, signals, ending.
+const COMMON: &[i64] = &[
     libc::SYS_read,
     libc::SYS_write,
-    libc::SYS_readv,
-    libc::SYS_writev,
-    libc::SYS_pread64,
-    libc::SYS_pwrite64,
     libc::SYS_close,
-    libc::SYS_poll,
-    libc::SYS_ppoll,
-    libc::SYS_fdatasync,
-    libc::SYS_fsync,
-    libc::SYS_accept4,
-    libc::SYS_recvfrom,
-    libc::SYS_sendto,
-    libc::SYS_recvmsg,
-    libc::SYS_sendmsg,
-    libc::SYS_shutdown,
-    libc::SYS_setsockopt,
-    libc::SYS_getsockopt,
     libc::SYS_mmap,
     libc::SYS_munmap,
     libc::SYS_mremap,
+    libc::SYS_mprotect,
     libc::SYS_madvise,
     libc::SYS_brk,
     libc::SYS_futex,
     libc::SYS_rt_sigreturn,
     libc::SYS_rt_sigprocmask,
     libc::SYS_sigaltstack,
-    libc::SYS_setitimer,
     libc::SYS_clock_gettime,
     libc::SYS_clock_nanosleep,
     libc::SYS_nanosleep,
     libc::SYS_sched_yield,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
     libc::SYS_exit,
     libc::SYS_exit_group,
 ];
+
+fn syscalls(kind: ThreadKind) -> Vec<i64> {
+    let mut v = COMMON.to_vec();
+    v.extend_from_slice(match kind {
+        // Console, the disk (read/write/flush at its notification), and
+        // frames a NIC sends when the guest exits.
+        ThreadKind::Vcpu => &[
+            libc::SYS_writev,
+            libc::SYS_pread64,
+            libc::SYS_pwrite64,
+            libc::SYS_fdatasync,
+            libc::SYS_fsync,
+            libc::SYS_sendto,
+            libc::SYS_recvfrom,
+            libc::SYS_accept4,
+            libc::SYS_shutdown,
+            libc::SYS_setsockopt,
+            libc::SYS_epoll_wait,
+            libc::SYS_epoll_ctl,
+            libc::SYS_timer_delete,
+        ],
+        ThreadKind::Io => &[
+            libc::SYS_readv,
+            libc::SYS_writev,
+            libc::SYS_accept4,
+            libc::SYS_recvfrom,
+            libc::SYS_sendto,
+            libc::SYS_recvmsg,
+            libc::SYS_sendmsg,
+            libc::SYS_shutdown,
+            libc::SYS_setsockopt,
+            libc::SYS_getsockopt,
+            libc::SYS_epoll_wait,
+            libc::SYS_epoll_ctl,
+        ],
+        // Kicks (tgkill), the teardown child (clone, checked below).
+        ThreadKind::Control => &[libc::SYS_tgkill, libc::SYS_getpid, libc::SYS_writev],
+    });
+    v
+}
+
+fn ioctls(kind: ThreadKind) -> &'static [u64] {
+    match kind {
+        ThreadKind::Vcpu => &[KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS, FIONBIO],
+        ThreadKind::Io => &[FIONBIO],
+        ThreadKind::Control => &[],
+    }
+}
 
 fn cond(arg: u8, value: u64) -> Result<SeccompCondition, SeccompError> {
     SeccompCondition::new(arg, SeccompCmpArgLen::Qword, SeccompCmpOp::Eq, value)
         .map_err(|e| SeccompError::Build(e.to_string()))
 }
 
-/// The filter as a BPF program.
-pub fn program() -> Result<BpfProgram, SeccompError> {
+/// The filter for `kind` as a BPF program.
+pub fn program(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
     let build = |e: seccompiler::BackendError| SeccompError::Build(e.to_string());
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
-        SYSCALLS.iter().map(|&s| (s, vec![])).collect();
-    let ioctl_rules = IOCTLS
+        syscalls(kind).into_iter().map(|s| (s, vec![])).collect();
+    let ioctl_rules = ioctls(kind)
         .iter()
         .map(|&req| SeccompRule::new(vec![cond(1, req)?]).map_err(build))
         .collect::<Result<Vec<_>, SeccompError>>()?;
-    rules.insert(libc::SYS_ioctl, ioctl_rules);
-    let teardown_clone = (libc::CLONE_VM | libc::CLONE_FILES) as u64;
-    rules.insert(
-        libc::SYS_clone,
-        vec![SeccompRule::new(vec![cond(0, teardown_clone)?]).map_err(build)?],
-    );
+    if !ioctl_rules.is_empty() {
+        rules.insert(libc::SYS_ioctl, ioctl_rules);
+    }
+    if kind == ThreadKind::Control {
+        // Only the teardown child's shape (see the CLI's `teardown`).
+        let teardown_clone = (libc::CLONE_VM | libc::CLONE_FILES) as u64;
+        rules.insert(
+            libc::SYS_clone,
+            vec![SeccompRule::new(vec![cond(0, teardown_clone)?]).map_err(build)?],
+        );
+    }
     let filter = SeccompFilter::new(
         rules,
         SeccompAction::KillProcess,
@@ -103,18 +162,38 @@ pub fn program() -> Result<BpfProgram, SeccompError> {
         .map_err(|e: seccompiler::BackendError| SeccompError::Build(e.to_string()))
 }
 
-/// Installs the filter on the calling thread (and so on the process: the
-/// monitor has one thread).
-pub fn install() -> Result<(), SeccompError> {
-    let prog = program()?;
-    seccompiler::apply_filter(&prog).map_err(|e| SeccompError::Install(e.to_string()))
+/// Installs `prog` on the calling thread only.
+pub fn apply(prog: &BpfProgram) -> Result<(), SeccompError> {
+    seccompiler::apply_filter(prog).map_err(|e| SeccompError::Install(e.to_string()))
+}
+
+/// Installs the filter for `kind` on the calling thread.
+pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
+    apply(&program(kind)?)
+}
+
+/// Test hook: a system call no monitor thread may make. Under a filter the
+/// process is killed here (SIGSYS); without one it reports and exits 125.
+pub fn forbidden_call() -> ! {
+    // SAFETY: a plain syscall with constant arguments.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+    crate::report(format_args!(
+        "wisp: seccomp self-test: socket() was allowed (fd {fd})"
+    ));
+    // SAFETY: ends the process at once; this is a test hook.
+    unsafe { libc::_exit(wisp_abi::exit::MONITOR_ERROR as i32) }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
-    fn filter_builds() {
-        let p = super::program().expect("filter");
-        assert!(p.len() > 40);
+    fn filters_build_and_differ() {
+        let v = program(ThreadKind::Vcpu).expect("vcpu filter");
+        let i = program(ThreadKind::Io).expect("io filter");
+        let c = program(ThreadKind::Control).expect("control filter");
+        assert!(v.len() > 40 && i.len() > 40 && c.len() > 20);
+        assert_ne!(v, i);
     }
 }

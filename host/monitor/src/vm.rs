@@ -1,37 +1,48 @@
-//! One guest: create the KVM VM, lay out and fill its memory, set up its
-//! vCPU, and run it while serving hypercalls.
+//! One guest, built step by step and then started on its own threads.
+//!
+//! ```text
+//! Shell::create(memory)          KVM VM + vCPU + guest RAM (memfd): a pool can keep these
+//!   .load(&image, &args, ..)     layout, image, page tables, GDT/IDT/TSS, vCPU registers
+//!   .attach_net(..) / .attach_block(..)   devices from backends already open
+//!   .finish(trace)               boot page (clock read last)          -> Vm
+//! Vm::start(console, options)    vCPU thread + I/O thread, filters on -> RunningVm
+//! RunningVm::controller()        pause / resume / stop / state / counters, any thread
+//! RunningVm::wait(timeout)       the outcome
+//! ```
+//! Nothing here is process-wide: timers are per thread, kicks are
+//! thread-directed signals, so one process can run several guests.
 
 use std::io::Write;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_userspace_memory_region;
-use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use wisp_abi::manifest::{DEVICE_BLOCK, DEVICE_NET};
 
 use crate::boot::{self, BootError, Clock};
+use crate::control::{self, Controller, CounterValues, Request, Shared, StopReason, ThreadState};
+use crate::crash::Crash;
+use crate::device_manager::{DeviceError, DeviceManager};
 use crate::devices::virtio::block::Block;
-use crate::devices::virtio::mmio::VirtioMmio;
-use crate::devices::virtio::net::Net;
-use crate::devices::{MmioDevice, MMIO_BASE, MMIO_WINDOW};
+use crate::image::Image;
+use crate::io_thread::IoThread;
+use crate::kvm::{self, KvmError};
+use crate::layout::{self, Layout, LayoutError};
+use crate::memory::{GuestRam, MemoryError};
 use crate::net::tap::Tap;
 use crate::net::user::{PortForward, UserNet};
 use crate::net::{BackendKind, NetBackend, NicConfig};
+use crate::quota::CpuQuota;
 use crate::ratelimit::{Limits, TokenBucket};
-use wisp_abi::boot::Device;
-use wisp_abi::manifest::{DEVICE_BLOCK, DEVICE_NET};
-
-/// MAC address of the guest's NIC (locally administered).
-pub const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
-use crate::crash::Crash;
-use crate::hypercall::{self, Hypercall};
-use crate::image::Image;
-use crate::kvm::{self, KvmError};
-use crate::layout::{Layout, LayoutError};
-use crate::timeout::{CpuQuota, Deadline};
+use crate::seccomp::{self, ThreadKind};
 use crate::trace::BootTrace;
 use crate::vcpu;
+use crate::vcpu_thread::{self, VcpuThread, CONSOLE_BURST, CONSOLE_RATE};
 
-/// How to run a guest.
+pub use crate::device_manager::GUEST_MAC;
+
+/// How to run a guest (what `wisp run`'s flags say).
 #[derive(Clone, Debug)]
 pub struct VmConfig {
     /// Guest memory in bytes.
@@ -90,6 +101,10 @@ pub enum Outcome {
     TimedOut {
         rip: u64,
     },
+    /// Stopped through its controller; where the guest was.
+    Stopped {
+        rip: u64,
+    },
 }
 
 impl Outcome {
@@ -99,6 +114,8 @@ impl Outcome {
             Outcome::Exited(s) => *s,
             Outcome::Crashed(_) => wisp_abi::exit::CRASH,
             Outcome::TimedOut { .. } => wisp_abi::exit::TIMEOUT,
+            // As a process killed by SIGTERM reports itself to a shell.
+            Outcome::Stopped { .. } => 128 + libc::SIGTERM as u8,
         }
     }
 }
@@ -111,8 +128,10 @@ pub enum VmError {
     Layout(#[from] LayoutError),
     #[error(transparent)]
     Boot(#[from] BootError),
-    #[error("cannot allocate {size} bytes of guest memory: {reason}")]
-    Memory { size: u64, reason: String },
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
     #[error("KVM {what} failed: {source}")]
     KvmCall {
         what: &'static str,
@@ -126,476 +145,471 @@ pub enum VmError {
     Net(std::io::Error),
     #[error("disk {0}: {1}")]
     Disk(String, std::io::Error),
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::SeccompError),
+    #[error("starting the guest's threads: {0}")]
+    Thread(std::io::Error),
+    #[error("the guest's vCPU thread died unexpectedly")]
+    VcpuThreadDied,
 }
 
 fn kvm_call(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::KvmCall { what, source }
 }
 
-/// A KVM VM with one vCPU and nothing else yet: no memory, no image.
+/// `/dev/kvm`, opened once per process: a pool of shells or several
+/// guests share it.
+fn host_kvm() -> Result<&'static Kvm, KvmError> {
+    static KVM: std::sync::OnceLock<Kvm> = std::sync::OnceLock::new();
+    if let Some(k) = KVM.get() {
+        return Ok(k);
+    }
+    let k = kvm::open()?;
+    Ok(KVM.get_or_init(|| k))
+}
+
+/// The KVM objects and memory of one guest. Kept together so that a caller
+/// about to exit can leave their (0.4-0.9 ms) teardown to the kernel.
+pub struct Machine {
+    // Field order is drop order: the vCPU before the VM, the VM (and its
+    // memory slot) before the memory it maps.
+    pub(crate) vcpu: VcpuFd,
+    pub(crate) vm: VmFd,
+    pub(crate) ram: GuestRam,
+}
+
+/// A KVM VM with one vCPU and its memory, and nothing else yet: no image.
 ///
 /// Creating it is the most expensive step of a cold boot on KVM PVM
 /// (~0.2 ms for the VM, ~0.2-0.3 ms for the vCPU) and needs nothing from
 /// the image, so a daemon can keep a pool of them ready (LightVM's
 /// "shells"); `wisp run` creates one after validating the image.
 pub struct Shell {
-    vm: VmFd,
-    vcpu: VcpuFd,
-    ready_at: std::time::Instant,
+    machine: Machine,
+    ready_at: Instant,
 }
 
 impl Shell {
-    /// Opens KVM and creates the VM and its vCPU.
-    pub fn create() -> Result<Shell, VmError> {
-        let kvm = kvm::open()?;
+    /// Creates the VM, its vCPU and `memory` bytes of guest RAM.
+    pub fn create(memory: u64) -> Result<Shell, VmError> {
+        layout::check_memory(memory)?;
+        let kvm = host_kvm()?;
         let vm = kvm.create_vm().map_err(kvm_call("create VM"))?;
         let vcpu = vm.create_vcpu(0).map_err(kvm_call("create vCPU"))?;
-        Ok(Shell {
-            vm,
-            vcpu,
-            ready_at: std::time::Instant::now(),
-        })
-    }
-}
-
-/// A guest ready to run.
-pub struct Vm {
-    // Field order is drop order: the vCPU before the VM, the VM (and its
-    // memory slot) before the memory it maps.
-    vcpu: VcpuFd,
-    _vm: VmFd,
-    mem: GuestMemoryMmap,
-    layout: Layout,
-    trace: Option<BootTrace>,
-    /// Exits from `KVM_RUN` to this monitor (each costs 80-110 µs on PVM).
-    exits: u64,
-    /// The guest's devices, by MMIO base address.
-    bus: Vec<(u64, BusDevice)>,
-    console_limit: TokenBucket,
-    /// `--cpus`: the share of a CPU the guest may use.
-    cpu_quota: Option<CpuQuota>,
-    /// Console bytes dropped by the rate limit, not yet reported.
-    console_dropped: u64,
-}
-
-impl Vm {
-    /// Validates that `image` fits `cfg`, then builds the VM. Cheap checks
-    /// come first so a bad `--memory` fails before KVM is touched.
-    pub fn new(
-        shell: Shell,
-        image: &Image,
-        cfg: &VmConfig,
-        mut trace: Option<BootTrace>,
-    ) -> Result<Vm, VmError> {
-        let args = boot::encode_args(&cfg.args);
-        if image.required_devices & (1 << DEVICE_NET) != 0 && cfg.nics.is_empty() {
-            return Err(VmError::MissingDevice(
-                "network",
-                "-p HOST:GUEST or --net user",
-            ));
-        }
-        if image.required_devices & (1 << DEVICE_BLOCK) != 0 && cfg.disk.is_none() {
-            return Err(VmError::MissingDevice("block", "--disk FILE"));
-        }
-        let has_devices = !cfg.nics.is_empty() || cfg.disk.is_some();
-        let layout = Layout::with_devices(image, cfg.memory, args.len(), has_devices)?;
-        let Shell { vm, vcpu, ready_at } = shell;
-        if let Some(t) = trace.as_mut() {
-            t.mark_at("KVM VM and vCPU created", ready_at);
-        }
-
-        let mem =
-            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), layout.mem_size as usize)])
-                .map_err(|e| VmError::Memory {
-                    size: layout.mem_size,
-                    reason: e.to_string(),
-                })?;
-        let host = mem
-            .get_host_address(GuestAddress(0))
-            .map_err(|e| VmError::Memory {
-                size: layout.mem_size,
-                reason: e.to_string(),
-            })?;
+        let ram = GuestRam::new(memory)?;
         let region = kvm_userspace_memory_region {
             slot: 0,
             flags: 0,
             guest_phys_addr: 0,
-            memory_size: layout.mem_size,
-            userspace_addr: host as u64,
+            memory_size: ram.size,
+            userspace_addr: ram.host_addr,
         };
-        // SAFETY: `host` maps `mem_size` bytes owned by `mem`, which outlives
-        // the VM (field order in `Vm`); the slot is new and covers exactly it.
+        // SAFETY: the region maps `size` bytes owned by `ram`, which lives
+        // as long as the VM (both in `Machine`, dropped VM first); the slot
+        // is new and covers exactly it.
         unsafe { vm.set_user_memory_region(region) }.map_err(kvm_call("set memory region"))?;
-        mark(&mut trace, "guest memory mapped");
+        Ok(Shell {
+            machine: Machine { vcpu, vm, ram },
+            ready_at: Instant::now(),
+        })
+    }
 
-        boot::load_image(&mem, image)?;
-        boot::write_system(&mem, &layout, image, &args)?;
-        mark(&mut trace, "image loaded, page tables built");
+    /// Guest memory size in bytes.
+    pub fn memory(&self) -> u64 {
+        self.machine.ram.size
+    }
 
-        vcpu::setup_sregs(&vcpu, &layout).map_err(kvm_call("set special registers"))?;
+    /// Loads `image` with its arguments: layout, segments, page tables,
+    /// GDT/IDT/TSS and the vCPU's registers. `devices` says whether the
+    /// device window must be mapped (whether devices will be attached).
+    pub fn load(
+        self,
+        image: &Image,
+        args: &[String],
+        devices: bool,
+        mut trace: Option<BootTrace>,
+    ) -> Result<Loaded, VmError> {
+        let Shell { machine, ready_at } = self;
+        if let Some(t) = trace.as_mut() {
+            t.mark_at("KVM VM, vCPU and memory created", ready_at);
+        }
+        let encoded = boot::encode_args(args);
+        let layout = Layout::with_devices(image, machine.ram.size, encoded.len(), devices)?;
+        let mem = &machine.ram.mem;
+        boot::load_image(mem, image)?;
+        boot::write_system(mem, &layout, image, &encoded)?;
+        vcpu_thread::mark(&mut trace, "image loaded, page tables built");
+        vcpu::setup_sregs(&machine.vcpu, &layout).map_err(kvm_call("set special registers"))?;
         vcpu::setup_regs(
-            &vcpu,
+            &machine.vcpu,
             image.entry,
             image.manifest.stack_top,
             layout.boot_page,
         )
         .map_err(kvm_call("set registers"))?;
-        let tsc_khz = vcpu.get_tsc_khz().map_err(kvm_call("get TSC frequency"))? as u64;
-        let boot_tsc = vcpu::guest_tsc(&vcpu).map_err(kvm_call("read guest TSC"))?;
-        let boot_unix_ns = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
-        let clock = Clock {
-            tsc_khz,
-            boot_tsc,
-            boot_unix_ns,
-        };
-        let mut devices = Vec::new();
-        let mut bus = Vec::new();
-        for (i, nic) in cfg.nics.iter().enumerate() {
-            let backend: Box<dyn NetBackend> = match &nic.backend {
-                BackendKind::User => Box::new(UserNet::new(&cfg.publish).map_err(VmError::Net)?),
-                BackendKind::Tap(name) => Box::new(Tap::open(name).map_err(VmError::Net)?),
-            };
-            let mut mac = GUEST_MAC;
-            mac[5] = mac[5].wrapping_add(i as u8);
-            let mut d = Device::new(DEVICE_NET);
-            d.mmio_base = MMIO_BASE + bus.len() as u64 * MMIO_WINDOW;
-            d.mmio_len = MMIO_WINDOW;
-            d.mac[..6].copy_from_slice(&mac);
-            d.ipv4 = nic.ip.octets();
-            d.gateway = nic.gateway.octets();
-            d.prefix_len = nic.prefix_len as u32;
-            d.dns = nic.dns.map_or([0; 4], |a| a.octets());
-            devices.push(d);
-            bus.push((
-                d.mmio_base,
-                BusDevice::Net(VirtioMmio::new({
-                    let mut net = Net::new(mac, mem.clone(), backend);
-                    net.tx_limits = Limits::new(cfg.net_limits.0, cfg.net_limits.1);
-                    net.rx_limits = Limits::new(cfg.net_limits.0, cfg.net_limits.1);
-                    net
-                })),
-            ));
-        }
-        if let Some(disk) = &cfg.disk {
-            let block = Block::open(&disk.path, disk.read_only, mem.clone())
-                .map_err(|e| VmError::Disk(disk.path.display().to_string(), e))?;
-            let mut d = Device::new(DEVICE_BLOCK);
-            d.mmio_base = MMIO_BASE + bus.len() as u64 * MMIO_WINDOW;
-            d.mmio_len = MMIO_WINDOW;
-            d.capacity = block.capacity_bytes();
-            devices.push(d);
-            let mut block = block;
-            block.limits = Limits::new(cfg.disk_limits.0, cfg.disk_limits.1);
-            bus.push((d.mmio_base, BusDevice::Block(VirtioMmio::new(block))));
-        }
-        boot::write_boot_page(
-            &mem,
-            &layout,
-            &args,
-            cfg.args.len(),
-            clock,
-            cfg.trace_boot,
-            &devices,
-        )?;
-        mark(&mut trace, "vCPU ready");
-        Ok(Vm {
-            vcpu,
-            _vm: vm,
-            mem,
+        Ok(Loaded {
+            machine,
             layout,
+            args: encoded,
+            argc: args.len(),
+            required_devices: image.required_devices,
+            devices: DeviceManager::default(),
+            published: Vec::new(),
             trace,
-            exits: 0,
-            bus,
-            console_limit: TokenBucket::new(CONSOLE_RATE, CONSOLE_BURST),
-            console_dropped: 0,
-            cpu_quota: None,
         })
     }
 
+    /// Every step from a configuration: checks, load, devices opened from
+    /// the configuration's paths and ports, boot page.
+    pub fn build(
+        self,
+        image: &Image,
+        cfg: &VmConfig,
+        trace: Option<BootTrace>,
+    ) -> Result<Vm, VmError> {
+        check(image, cfg)?;
+        let devices = !cfg.nics.is_empty() || cfg.disk.is_some();
+        let mut l = self.load(image, &cfg.args, devices, trace)?;
+        for nic in &cfg.nics {
+            let backend: Box<dyn NetBackend + Send> = match &nic.backend {
+                BackendKind::User => {
+                    let u = UserNet::new(&cfg.publish).map_err(VmError::Net)?;
+                    l.published.extend(
+                        u.local_addrs()
+                            .into_iter()
+                            .zip(cfg.publish.iter().filter(|p| !p.udp))
+                            .map(|(a, p)| (a, p.guest_port, false)),
+                    );
+                    l.published.extend(
+                        cfg.publish
+                            .iter()
+                            .filter(|p| p.udp)
+                            .map(|p| (p.host, p.guest_port, true)),
+                    );
+                    Box::new(u)
+                }
+                BackendKind::Tap(name) => Box::new(Tap::open(name).map_err(VmError::Net)?),
+            };
+            l.attach_net(backend, nic, cfg.net_limits)?;
+        }
+        if let Some(disk) = &cfg.disk {
+            let mut block = Block::open(&disk.path, disk.read_only, l.machine.ram.mem.clone())
+                .map_err(|e| VmError::Disk(disk.path.display().to_string(), e))?;
+            block.limits = Limits::new(cfg.disk_limits.0, cfg.disk_limits.1);
+            l.attach_block(block)?;
+        }
+        l.finish(cfg.trace_boot)
+    }
+}
+
+/// Checks that `image` can run with `cfg`, before anything is created (a
+/// bad `--memory` or a missing device fails without touching KVM).
+pub fn check(image: &Image, cfg: &VmConfig) -> Result<(), VmError> {
+    if image.required_devices & (1 << DEVICE_NET) != 0 && cfg.nics.is_empty() {
+        return Err(VmError::MissingDevice(
+            "network",
+            "-p HOST:GUEST or --net user",
+        ));
+    }
+    if image.required_devices & (1 << DEVICE_BLOCK) != 0 && cfg.disk.is_none() {
+        return Err(VmError::MissingDevice("block", "--disk FILE"));
+    }
+    let devices = !cfg.nics.is_empty() || cfg.disk.is_some();
+    Layout::with_devices(
+        image,
+        cfg.memory,
+        boot::encode_args(&cfg.args).len(),
+        devices,
+    )?;
+    Ok(())
+}
+
+/// An image loaded into a shell; devices can be attached.
+pub struct Loaded {
+    machine: Machine,
+    layout: Layout,
+    args: Vec<u8>,
+    argc: usize,
+    required_devices: u64,
+    devices: DeviceManager,
+    published: Vec<(std::net::SocketAddr, u16, bool)>,
+    trace: Option<BootTrace>,
+}
+
+impl Loaded {
+    /// Attaches a NIC served by an already-open backend.
+    pub fn attach_net(
+        &mut self,
+        backend: Box<dyn NetBackend + Send>,
+        nic: &NicConfig,
+        limits: (u64, u64),
+    ) -> Result<(), VmError> {
+        self.devices.attach_net(
+            &self.machine.vm,
+            &self.machine.ram.mem,
+            backend,
+            nic,
+            limits,
+        )?;
+        Ok(())
+    }
+
+    /// Attaches a disk (open it with [`Block::open`] or from a file handed
+    /// over by another process).
+    pub fn attach_block(&mut self, block: Block) -> Result<(), VmError> {
+        self.devices.attach_block(block)?;
+        Ok(())
+    }
+
+    /// Writes the boot page (the clock is read last) and checks the image
+    /// got the devices it requires.
+    pub fn finish(mut self, trace_boot: bool) -> Result<Vm, VmError> {
+        let kinds: u64 = self
+            .devices
+            .entries()
+            .iter()
+            .fold(0, |k, d| k | (1 << d.kind));
+        if self.required_devices & (1 << DEVICE_NET) & !kinds != 0 {
+            return Err(VmError::MissingDevice(
+                "network",
+                "-p HOST:GUEST or --net user",
+            ));
+        }
+        if self.required_devices & (1 << DEVICE_BLOCK) & !kinds != 0 {
+            return Err(VmError::MissingDevice("block", "--disk FILE"));
+        }
+        let vcpu = &self.machine.vcpu;
+        let tsc_khz = vcpu.get_tsc_khz().map_err(kvm_call("get TSC frequency"))? as u64;
+        let boot_tsc = vcpu::guest_tsc(vcpu).map_err(kvm_call("read guest TSC"))?;
+        let boot_unix_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        boot::write_boot_page(
+            &self.machine.ram.mem,
+            &self.layout,
+            &self.args,
+            self.argc,
+            Clock {
+                tsc_khz,
+                boot_tsc,
+                boot_unix_ns,
+            },
+            trace_boot,
+            self.devices.entries(),
+        )?;
+        vcpu_thread::mark(&mut self.trace, "vCPU ready");
+        Ok(Vm {
+            machine: self.machine,
+            layout: self.layout,
+            devices: self.devices,
+            published: self.published,
+            trace: self.trace,
+        })
+    }
+}
+
+/// A guest ready to start.
+pub struct Vm {
+    machine: Machine,
+    layout: Layout,
+    devices: DeviceManager,
+    published: Vec<(std::net::SocketAddr, u16, bool)>,
+    trace: Option<BootTrace>,
+}
+
+/// How to start a guest.
+#[derive(Clone, Debug, Default)]
+pub struct StartOptions {
+    /// `--cpus`: the share of one CPU the guest may use.
+    pub cpu_quota: Option<f64>,
+    /// Run the guest's threads without seccomp filters (debugging only).
+    pub no_seccomp: bool,
+    /// Test hook: after its filter is on, this thread makes a forbidden
+    /// system call (the filter must kill the process).
+    pub seccomp_selftest: Option<ThreadKind>,
+}
+
+/// What a finished run reports.
+pub struct RunReport {
+    pub outcome: Outcome,
+    pub trace: Option<BootTrace>,
+    pub counters: CounterValues,
+    /// The KVM VM and memory, still alive: drop it, or `mem::forget` it in a
+    /// process about to exit to skip the teardown.
+    pub machine: Machine,
+}
+
+type VcpuResult = (Result<Outcome, VmError>, Option<BootTrace>, Machine);
+
+/// A started guest.
+pub struct RunningVm {
+    controller: Controller,
+    results: std::sync::mpsc::Receiver<VcpuResult>,
+    vcpu: std::thread::JoinHandle<()>,
+    io: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Vm {
     /// The layout the guest was given.
     pub fn layout(&self) -> &Layout {
         &self.layout
     }
 
-    /// Sends what the guest's NICs have queued (the guest does not notify
-    /// for transmit: frames go out at its exits).
-    fn flush_network(&mut self) {
-        for (_, dev) in &mut self.bus {
-            if let BusDevice::Net(n) = dev {
-                n.device.process_tx();
-                n.device.backend().poll();
-            }
-        }
+    /// Host addresses published on the user network: (address, guest port,
+    /// UDP).
+    pub fn published(&self) -> &[(std::net::SocketAddr, u16, bool)] {
+        &self.published
     }
 
-    /// Holds the guest to `fraction` of one CPU from now on.
-    pub fn limit_cpu(&mut self, fraction: f64) -> std::io::Result<()> {
-        self.cpu_quota = Some(CpuQuota::arm(fraction)?);
-        Ok(())
-    }
-
-    /// How many times the guest exited to the monitor so far.
-    pub fn exits(&self) -> u64 {
-        self.exits
-    }
-
-    /// The boot trace, once the guest has run.
-    pub fn trace(&self) -> Option<&BootTrace> {
-        self.trace.as_ref()
-    }
-
-    /// Runs the guest until it exits, crashes or passes `deadline`,
-    /// writing its console output to `console`.
-    pub fn run(
-        &mut self,
-        console: &mut dyn Write,
-        deadline: &Deadline,
-    ) -> Result<Outcome, VmError> {
-        mark(&mut self.trace, "guest entered");
-        loop {
-            if deadline.expired() {
-                let rip = self.vcpu.get_regs().map_err(kvm_call("get registers"))?.rip;
-                return Ok(Outcome::TimedOut { rip });
-            }
-            let exit = match self.vcpu.run() {
-                Ok(exit) => {
-                    self.exits += 1;
-                    exit
-                }
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                    if let Some(q) = &self.cpu_quota {
-                        q.throttle();
-                    }
-                    continue;
-                }
-                Err(e) => {
-                    return Err(VmError::KvmCall {
-                        what: "run vCPU",
-                        source: e,
+    /// Starts the guest on a vCPU thread (and an I/O thread if it has
+    /// NICs), each under its own seccomp filter installed here before the
+    /// thread does anything for the guest.
+    pub fn start(
+        self,
+        console: Box<dyn Write + Send>,
+        opts: StartOptions,
+    ) -> Result<RunningVm, VmError> {
+        control::install_handlers().map_err(VmError::Thread)?;
+        // Every thread allocates from glibc's main arena: a thread arena
+        // grows with mprotect and, when it shrinks, reads
+        // /proc/sys/vm/overcommit_memory, neither of which a filtered thread
+        // may do.
+        // SAFETY: a malloc tuning call with constant arguments.
+        unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
+        let (bus, nics) = self.devices.split();
+        let shared = Arc::new(Shared::new(!nics.is_empty()).map_err(VmError::Thread)?);
+        // Filters are built before any thread runs guest work.
+        let vcpu_filter = (!opts.no_seccomp)
+            .then(|| seccomp::program(ThreadKind::Vcpu))
+            .transpose()?;
+        let io_filter = (!opts.no_seccomp)
+            .then(|| seccomp::program(ThreadKind::Io))
+            .transpose()?;
+        let selftest = opts.seccomp_selftest;
+        let io = if nics.is_empty() {
+            None
+        } else {
+            let io_thread = IoThread {
+                nics,
+                shared: shared.clone(),
+            };
+            let sh = shared.clone();
+            Some(
+                std::thread::Builder::new()
+                    .name("wisp-io".into())
+                    .spawn(move || {
+                        if let Some(f) = &io_filter {
+                            if let Err(e) = seccomp::apply(f) {
+                                crate::report(format_args!("wisp: I/O thread: {e}"));
+                                Controller { shared: sh.clone() }.stop(StopReason::Requested);
+                                sh.set_io(ThreadState::Ended);
+                                return;
+                            }
+                            if selftest == Some(ThreadKind::Io) {
+                                seccomp::forbidden_call();
+                            }
+                        }
+                        io_thread.run()
                     })
-                }
-            };
-            let call = match exit {
-                VcpuExit::IoOut(port, data) => {
-                    hypercall::decode(port, data, &self.mem, self.layout.mem_size)
-                }
-                VcpuExit::IoIn(port, data) => {
-                    data.fill(0xff);
-                    return Ok(crashed_protocol(format!(
-                        "guest read from I/O port {port:#x}"
-                    )));
-                }
-                VcpuExit::MmioRead(addr, data) => {
-                    match find_device(&mut self.bus, addr) {
-                        Some((dev, offset)) => dev.read(offset, data),
-                        None => return Ok(no_device(addr)),
+                    .map_err(VmError::Thread)?,
+            )
+        };
+        let (tx, results) = std::sync::mpsc::sync_channel(1);
+        let sh = shared.clone();
+        let mut machine = self.machine;
+        let trace = self.trace;
+        let quota = opts.cpu_quota;
+        let vcpu = std::thread::Builder::new()
+            .name("wisp-vcpu".into())
+            .spawn(move || {
+                let r = (|| {
+                    vcpu_thread::register(&mut machine, &sh).map_err(VmError::Thread)?;
+                    let quota = quota
+                        .map(CpuQuota::arm_for_this_thread)
+                        .transpose()
+                        .map_err(VmError::Thread)?;
+                    if let Some(f) = &vcpu_filter {
+                        seccomp::apply(f)?;
+                        if selftest == Some(ThreadKind::Vcpu) {
+                            seccomp::forbidden_call();
+                        }
                     }
-                    continue;
-                }
-                VcpuExit::MmioWrite(addr, data) => {
-                    let data = data.to_vec();
-                    match find_device(&mut self.bus, addr) {
-                        Some((dev, offset)) => dev.write(offset, &data),
-                        None => return Ok(no_device(addr)),
+                    Ok(quota)
+                })();
+                let mut t = VcpuThread {
+                    machine,
+                    bus,
+                    shared: sh.clone(),
+                    console,
+                    trace,
+                    quota: None,
+                    console_limit: TokenBucket::new(CONSOLE_RATE, CONSOLE_BURST),
+                    console_dropped: 0,
+                };
+                let outcome = match r {
+                    Ok(q) => {
+                        t.quota = q;
+                        t.run()
                     }
-                    continue;
-                }
-                VcpuExit::Shutdown => {
-                    let regs = self.vcpu.get_regs().map_err(kvm_call("get registers"))?;
-                    return Ok(Outcome::Crashed(Crash::TripleFault {
-                        rip: regs.rip,
-                        rsp: regs.rsp,
-                    }));
-                }
-                VcpuExit::Hlt => return Ok(crashed_protocol("guest halted".into())),
-                VcpuExit::FailEntry(reason, _) => {
-                    return Ok(Outcome::Crashed(Crash::Internal(format!(
-                        "KVM entry failure, reason {reason:#x}"
-                    ))));
-                }
-                VcpuExit::InternalError => {
-                    let regs = self.vcpu.get_regs().map_err(kvm_call("get registers"))?;
-                    return Ok(Outcome::Crashed(Crash::Internal(format!(
-                        "KVM internal error (emulation failure?) at rip {:#x}",
-                        regs.rip
-                    ))));
-                }
-                VcpuExit::Intr => continue,
-                other => {
-                    return Ok(Outcome::Crashed(Crash::Internal(format!(
-                        "unexpected KVM exit {other:?}"
-                    ))))
-                }
-            };
-            match call {
-                Ok(Hypercall::Console { addr, len }) => {
-                    // A flood is cut to the console's rate, not buffered.
-                    let allowed = self.console_limit.take_up_to(len);
-                    if allowed < len {
-                        self.console_dropped += len - allowed;
-                    } else if self.console_dropped > 0 {
-                        report_dropped(&mut self.console_dropped);
-                    }
-                    let len = allowed;
-                    let mut buf = vec![0u8; len as usize];
-                    if self.mem.read_slice(&mut buf, GuestAddress(addr)).is_err() {
-                        return Ok(crashed_protocol(format!(
-                            "console buffer {addr:#x}+{len} unreadable"
-                        )));
-                    }
-                    console.write_all(&buf).map_err(VmError::Console)?;
-                }
-                Ok(Hypercall::Wait { timeout_ns }) => {
-                    let mut d = Duration::from_nanos(timeout_ns);
-                    if let Some(left) = deadline.remaining() {
-                        d = d.min(left);
-                    }
-                    let mut nics: Vec<&mut Net> = self
-                        .bus
-                        .iter_mut()
-                        .filter_map(|(_, dev)| match dev {
-                            BusDevice::Net(n) => Some(&mut n.device),
-                            _ => None,
-                        })
-                        .collect();
-                    if nics.is_empty() {
-                        std::thread::sleep(d);
-                    } else {
-                        wait_for_network(&mut nics, d);
+                    Err(e) => Err(e),
+                };
+                // The guest is over: the I/O thread stops too.
+                {
+                    let mut g = sh.lock();
+                    g.vcpu = ThreadState::Ended;
+                    if !matches!(g.request, Request::Stop(_)) {
+                        g.request = Request::Stop(StopReason::Requested);
                     }
                 }
-                Ok(Hypercall::Exit(status)) => {
-                    // Frames the guest queued just before exiting still go out.
-                    self.flush_network();
-                    if self.console_dropped > 0 {
-                        report_dropped(&mut self.console_dropped);
-                    }
-                    mark(&mut self.trace, "guest exited");
-                    console.flush().map_err(VmError::Console)?;
-                    return Ok(Outcome::Exited(status));
-                }
-                Ok(Hypercall::Crash(report)) => {
-                    let cr2 = self
-                        .vcpu
-                        .get_sregs()
-                        .map_err(kvm_call("get special registers"))?
-                        .cr2;
-                    console.flush().map_err(VmError::Console)?;
-                    return Ok(Outcome::Crashed(Crash::Exception { report, cr2 }));
-                }
-                Ok(Hypercall::Mark(_)) => mark(&mut self.trace, "guest main() reached"),
-                Err(e) => return Ok(crashed_protocol(e.to_string())),
-            }
-        }
-    }
-}
-
-/// A device on the MMIO bus.
-enum BusDevice {
-    Net(VirtioMmio<Net>),
-    Block(VirtioMmio<Block>),
-}
-
-impl BusDevice {
-    fn mmio(&mut self) -> &mut dyn MmioDevice {
-        match self {
-            BusDevice::Net(d) => d,
-            BusDevice::Block(d) => d,
-        }
-    }
-}
-
-/// The device whose window holds `addr`, and the offset into it.
-fn find_device(bus: &mut [(u64, BusDevice)], addr: u64) -> Option<(&mut dyn MmioDevice, u64)> {
-    bus.iter_mut()
-        .find(|(base, _)| (*base..*base + MMIO_WINDOW).contains(&addr))
-        .map(|(base, dev)| {
-            let offset = addr - *base;
-            (dev.mmio(), offset)
+                sh.changed.notify_all();
+                let _ = sh.io_wake.write(1);
+                control::register_vcpu_thread(std::ptr::null_mut());
+                drop(t.quota.take());
+                let _ = tx.send((outcome, t.trace.take(), t.machine));
+            })
+            .map_err(VmError::Thread)?;
+        Ok(RunningVm {
+            controller: Controller { shared },
+            results,
+            vcpu,
+            io,
         })
-}
-
-/// Console output a guest may write, per second and in one burst; the rest
-/// is dropped (and counted), so a flooding guest costs the host neither
-/// memory nor unbounded log space.
-pub const CONSOLE_RATE: u64 = 1 << 20;
-pub const CONSOLE_BURST: u64 = 4 << 20;
-
-fn report_dropped(dropped: &mut u64) {
-    crate::report(format_args!(
-        "wisp: {} bytes of guest console output dropped (limit {} KiB/s)",
-        std::mem::take(dropped),
-        CONSOLE_RATE >> 10
-    ));
-}
-
-fn no_device(addr: u64) -> Outcome {
-    crashed_protocol(format!(
-        "guest accessed {addr:#x}, where there is no memory or device"
-    ))
-}
-
-/// Serves the network while the guest waits: returns as soon as frames were
-/// delivered to the guest, or after `timeout`.
-fn wait_for_network(nics: &mut [&mut Net], timeout: Duration) {
-    // Send what the guest queued (it does not notify: see Net::process_tx);
-    // frames handed over during an earlier exit may not have been seen.
-    let mut unseen = false;
-    for net in nics.iter_mut() {
-        net.process_tx();
-        net.backend().poll();
-        if net.process_rx() > 0 {
-            unseen = true;
-        }
-        unseen |= net.take_delivered_since_wait();
-    }
-    if unseen {
-        return;
-    }
-    let until = std::time::Instant::now() + timeout;
-    loop {
-        let mut delivered = 0;
-        for net in nics.iter_mut() {
-            net.backend().poll();
-            delivered += net.process_rx();
-        }
-        if delivered > 0 {
-            return;
-        }
-        let now = std::time::Instant::now();
-        if now >= until {
-            return;
-        }
-        let mut wait = until - now;
-        let mut fds: Vec<libc::pollfd> = Vec::new();
-        for net in nics.iter_mut() {
-            if let Some(d) = net.rx_delay() {
-                wait = wait.min(d.max(Duration::from_millis(1)));
-            }
-            if let Some(t) = net.backend().next_timeout() {
-                wait = wait.min(t);
-            }
-            fds.extend(net.backend().fds().into_iter().map(|fd| libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            }));
-        }
-        let ms = wait.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
-        // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs that
-        // outlives the call.
-        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
     }
 }
 
-fn crashed_protocol(msg: String) -> Outcome {
-    Outcome::Crashed(Crash::Protocol(msg))
-}
+impl RunningVm {
+    /// A handle to pause, resume or stop the guest from any thread.
+    pub fn controller(&self) -> Controller {
+        self.controller.clone()
+    }
 
-fn mark(trace: &mut Option<BootTrace>, stage: &'static str) {
-    if let Some(t) = trace {
-        t.mark(stage);
+    /// Waits for the guest to end; after `timeout`, stops it (outcome
+    /// [`Outcome::TimedOut`]).
+    pub fn wait(self, timeout: Option<Duration>) -> Result<RunReport, VmError> {
+        let got = match timeout {
+            Some(t) => match self.results.recv_timeout(t) {
+                Ok(r) => Some(r),
+                Err(_) => {
+                    self.controller.stop(StopReason::Timeout);
+                    None
+                }
+            },
+            None => None,
+        };
+        let got = match got {
+            Some(r) => r,
+            None => self.results.recv().map_err(|_| VmError::VcpuThreadDied)?,
+        };
+        let _ = self.vcpu.join();
+        if let Some(io) = self.io {
+            let _ = io.join();
+        }
+        let (outcome, trace, machine) = got;
+        Ok(RunReport {
+            outcome: outcome?,
+            trace,
+            counters: self.controller.counters(),
+            machine,
+        })
     }
 }

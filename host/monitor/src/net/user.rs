@@ -8,10 +8,10 @@
 //! monitor copies bytes between the two. No traffic leaves the host except
 //! through the published listeners.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
@@ -151,6 +151,12 @@ const UDP_IDLE: Duration = Duration::from_secs(60);
 
 struct Connection {
     stream: TcpStream,
+    /// Its epoll token.
+    id: u64,
+    /// The host socket may have bytes to read (an edge was seen and no read
+    /// has hit `WouldBlock` since): only such sockets are read, so a poll
+    /// costs system calls in proportion to what is ready.
+    readable: bool,
     handle: SocketHandle,
     /// The host side closed its write half: close toward the guest once
     /// everything was sent.
@@ -163,6 +169,12 @@ struct Connection {
 
 /// The user-mode network backend.
 pub struct UserNet {
+    /// Readiness of every host socket (edge-triggered): the one descriptor
+    /// the I/O thread sleeps on for this backend.
+    epoll: OwnedFd,
+    /// Connections whose sockets reported readiness since the last pump.
+    ready: HashSet<u64>,
+    next_id: u64,
     wire: Wire,
     iface: Interface,
     sockets: SocketSet<'static>,
@@ -202,6 +214,20 @@ impl UserNet {
                 guest_port: f.guest_port,
             });
         }
+        // SAFETY: a plain syscall; the result is checked.
+        let efd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if efd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `efd` is a new descriptor owned by nothing else.
+        let epoll = unsafe { OwnedFd::from_raw_fd(efd) };
+        for fd in listeners
+            .iter()
+            .map(|l| l.socket.as_raw_fd())
+            .chain(udp.iter().map(|u| u.socket.as_raw_fd()))
+        {
+            watch(&epoll, fd, SERVICE_TOKEN)?;
+        }
         let mut wire = Wire::default();
         let config = Config::new(HardwareAddress::Ethernet(EthernetAddress(GATEWAY_MAC)));
         let mut iface = Interface::new(config, &mut wire, Instant::now());
@@ -209,6 +235,9 @@ impl UserNet {
             let _ = a.push(IpCidr::new(IpAddress::Ipv4(GATEWAY), PREFIX_LEN));
         });
         Ok(UserNet {
+            epoll,
+            ready: HashSet::new(),
+            next_id: 0,
             wire,
             iface,
             sockets: SocketSet::new(vec![]),
@@ -258,10 +287,17 @@ impl UserNet {
                 if sock.connect(self.iface.context(), remote, port).is_err() {
                     continue;
                 }
+                let id = self.next_id;
+                if watch(&self.epoll, stream.as_raw_fd(), id).is_err() {
+                    continue;
+                }
+                self.next_id += 1;
                 let handle = self.sockets.add(sock);
                 handshakes += 1;
                 self.connections.push(Connection {
                     stream,
+                    id,
+                    readable: true,
                     handle,
                     host_eof: false,
                     established: false,
@@ -345,7 +381,11 @@ impl UserNet {
     /// Copies bytes both ways; drops finished connections.
     fn pump(&mut self) {
         let sockets = &mut self.sockets;
+        let ready = &mut self.ready;
         self.connections.retain_mut(|c| {
+            if !ready.is_empty() && ready.remove(&c.id) {
+                c.readable = true;
+            }
             let sock = sockets.get_mut::<tcp::Socket>(c.handle);
             if sock.state() == tcp::State::Established {
                 c.established = true;
@@ -363,7 +403,7 @@ impl UserNet {
                 }
             }
             // Host -> guest.
-            if !c.host_eof && sock.may_send() {
+            if c.readable && !c.host_eof && sock.may_send() {
                 while sock.can_send() {
                     let r = sock.send(|buf| match c.stream.read(buf) {
                         Ok(n) => (n, Ok(n)),
@@ -376,7 +416,10 @@ impl UserNet {
                             break;
                         }
                         Ok(Ok(_)) => {}
-                        Ok(Err(e)) if e.kind() == ErrorKind::WouldBlock => break,
+                        Ok(Err(e)) if e.kind() == ErrorKind::WouldBlock => {
+                            c.readable = false;
+                            break;
+                        }
                         Ok(Err(_)) => {
                             sock.abort();
                             break;
@@ -398,6 +441,55 @@ impl UserNet {
             }
             true
         });
+        // Edges of connections that just went away.
+        self.ready.clear();
+    }
+}
+
+/// Epoll token of listeners and UDP sockets (served on every poll).
+const SERVICE_TOKEN: u64 = u64::MAX;
+
+/// Adds `fd` to `epoll`, edge-triggered, for reading, writing and hang-ups.
+fn watch(epoll: &OwnedFd, fd: RawFd, token: u64) -> std::io::Result<()> {
+    let mut ev = libc::epoll_event {
+        events: (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32,
+        u64: token,
+    };
+    // SAFETY: valid descriptors and a valid event struct.
+    if unsafe { libc::epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+impl UserNet {
+    /// Takes the readiness edges seen since the last poll (never blocks).
+    /// A closed socket leaves epoll by itself when its descriptor closes.
+    fn collect_events(&mut self) {
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 256];
+        loop {
+            // SAFETY: `events` is a valid buffer of its length.
+            let n = unsafe {
+                libc::epoll_wait(
+                    self.epoll.as_raw_fd(),
+                    events.as_mut_ptr(),
+                    events.len() as i32,
+                    0,
+                )
+            };
+            if n <= 0 {
+                return;
+            }
+            for ev in &events[..n as usize] {
+                let token = ev.u64;
+                if token != SERVICE_TOKEN {
+                    self.ready.insert(token);
+                }
+            }
+            if (n as usize) < events.len() {
+                return;
+            }
+        }
     }
 }
 
@@ -413,6 +505,7 @@ impl NetBackend for UserNet {
     }
 
     fn poll(&mut self) {
+        self.collect_events();
         self.accept();
         for _ in 0..4 {
             self.iface
@@ -428,14 +521,7 @@ impl NetBackend for UserNet {
     }
 
     fn fds(&self) -> Vec<RawFd> {
-        let mut fds: Vec<RawFd> = self
-            .listeners
-            .iter()
-            .map(|l| l.socket.as_raw_fd())
-            .collect();
-        fds.extend(self.connections.iter().map(|c| c.stream.as_raw_fd()));
-        fds.extend(self.udp.iter().map(|u| u.socket.as_raw_fd()));
-        fds
+        vec![self.epoll.as_raw_fd()]
     }
 
     fn next_timeout(&mut self) -> Option<Duration> {

@@ -43,22 +43,18 @@ pub struct Net {
     mac: [u8; 6],
     mem: GuestMemoryMmap,
     queues: Vec<Queue>,
-    backend: Box<dyn NetBackend>,
+    backend: Box<dyn NetBackend + Send>,
     pending_rx: VecDeque<Vec<u8>>,
     /// Why the device stopped, once the guest broke a queue.
     pub broken: Option<String>,
     pub stats: NetStats,
-    /// Frames were delivered outside a wait (during a notification exit):
-    /// the next wait must return at once, or the guest would sleep with
-    /// frames it has not seen.
-    delivered_since_wait: bool,
     /// Limits on what the guest sends (stalls it) and receives (queues).
     pub tx_limits: Limits,
     pub rx_limits: Limits,
 }
 
 impl Net {
-    pub fn new(mac: [u8; 6], mem: GuestMemoryMmap, backend: Box<dyn NetBackend>) -> Net {
+    pub fn new(mac: [u8; 6], mem: GuestMemoryMmap, backend: Box<dyn NetBackend + Send>) -> Net {
         Net {
             mac,
             mem,
@@ -67,15 +63,9 @@ impl Net {
             pending_rx: VecDeque::new(),
             broken: None,
             stats: NetStats::default(),
-            delivered_since_wait: false,
             tx_limits: Limits::default(),
             rx_limits: Limits::default(),
         }
-    }
-
-    /// Whether frames reached the guest since its last wait (and forgets it).
-    pub fn take_delivered_since_wait(&mut self) -> bool {
-        std::mem::take(&mut self.delivered_since_wait)
     }
 
     /// How long until the next queued frame may be delivered (rate limit).
@@ -103,33 +93,93 @@ impl Net {
         self.queues.len() == 2 && self.broken.is_none()
     }
 
-    /// Sends every frame the guest has queued for transmission.
+    /// Sends every frame the guest has queued for transmission; returns how
+    /// many were sent.
     ///
-    /// Transmit notifications stay suppressed (EVENT_IDX `avail_event` set
-    /// half the ring-index space ahead): the guest queues frames without
-    /// exiting, and the monitor drains the ring at every exit the guest
-    /// makes anyway (its wait, a hypercall). Bursts cost no exit per frame.
-    pub fn process_tx(&mut self) {
-        self.process_tx_once();
+    /// Transmit notifications stay suppressed while the I/O thread polls the
+    /// ring (EVENT_IDX `avail_event` set half the ring-index space ahead):
+    /// the guest queues frames without exiting. Before the I/O thread
+    /// sleeps it calls [`Net::arm_notifications`], so that the guest's next
+    /// frame kicks it through an ioeventfd (no exit to this process).
+    pub fn process_tx(&mut self) -> usize {
+        let sent = self.process_tx_once();
+        self.set_avail_event(TX, None);
+        sent
+    }
+
+    /// Whether the device is running (activated and not broken).
+    pub fn is_active(&self) -> bool {
+        self.active()
+    }
+
+    /// Asks the guest to notify on its next transmitted frame (and on new
+    /// receive buffers if frames are waiting for some), then looks again:
+    /// returns `true` if work arrived meanwhile, in which case the caller
+    /// must not sleep.
+    pub fn arm_notifications(&mut self) -> bool {
         if !self.active() {
-            return;
+            return false;
         }
-        let q = &self.queues[TX];
-        if q.event_idx_enabled() {
-            // avail_event follows the used ring's entries.
-            let at = q.used_ring().checked_add(4 + 8 * q.size() as u64);
-            let far = q.next_avail().wrapping_add(0x8000);
-            if at.is_none_or(|a| self.mem.write_obj(far, GuestAddress(a)).is_err()) {
-                self.fail("transmit used ring outside guest memory".into());
+        self.set_avail_event(TX, Some(()));
+        if !self.pending_rx.is_empty() {
+            self.set_avail_event(RX, Some(()));
+        }
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        let mut work = false;
+        for (i, q) in self.queues.iter().enumerate() {
+            if i == RX && self.pending_rx.is_empty() {
+                continue;
             }
-        } else if let Err(e) = self.queues[TX].disable_notification(&self.mem) {
-            self.fail(format!("transmit queue: {e}"));
+            match q.avail_idx(&self.mem, std::sync::atomic::Ordering::Acquire) {
+                Ok(idx) => work |= idx.0 != q.next_avail(),
+                Err(_) => work = true, // let the next pass report it
+            }
+        }
+        work
+    }
+
+    /// Suppresses the guest's notifications again (the I/O thread is polling).
+    pub fn suppress_notifications(&mut self) {
+        if self.active() {
+            self.set_avail_event(TX, None);
+            self.set_avail_event(RX, None);
         }
     }
 
-    fn process_tx_once(&mut self) {
+    /// Writes the `avail_event` of queue `q`: `Some` = notify on the next
+    /// buffer, `None` = half the index space ahead (never, in practice).
+    fn set_avail_event(&mut self, q: usize, armed: Option<()>) {
         if !self.active() {
             return;
+        }
+        let queue = &self.queues[q];
+        if !queue.event_idx_enabled() {
+            let r = if armed.is_some() {
+                self.queues[q].enable_notification(&self.mem).map(|_| ())
+            } else {
+                self.queues[q].disable_notification(&self.mem)
+            };
+            if let Err(e) = r {
+                self.fail(format!("queue {q}: {e}"));
+            }
+            return;
+        }
+        // avail_event follows the used ring's entries.
+        let at = queue.used_ring().checked_add(4 + 8 * queue.size() as u64);
+        let next = queue.next_avail();
+        let value = if armed.is_some() {
+            next
+        } else {
+            next.wrapping_add(0x8000)
+        };
+        if at.is_none_or(|a| self.mem.write_obj(value, GuestAddress(a)).is_err()) {
+            self.fail(format!("queue {q}: used ring outside guest memory"));
+        }
+    }
+
+    fn process_tx_once(&mut self) -> usize {
+        if !self.active() {
+            return 0;
         }
         let mut done = Vec::new();
         let result = (|| -> Result<(), String> {
@@ -175,6 +225,7 @@ impl Net {
             }
             Ok(())
         })();
+        let sent = done.len();
         for (head, frame) in done {
             if frame.len() > HDR_LEN {
                 self.tx_limits.wait_for((frame.len() - HDR_LEN) as u64);
@@ -183,12 +234,13 @@ impl Net {
             }
             if let Err(e) = self.queues[TX].add_used(&self.mem, head, 0) {
                 self.fail(format!("transmit used ring: {e}"));
-                return;
+                return sent;
             }
         }
         if let Err(e) = result {
             self.fail(e);
         }
+        sent
     }
 
     /// Moves frames from the backend into the guest's receive buffers;
@@ -300,14 +352,12 @@ impl VirtioDevice for Net {
         self.queues = queues;
     }
 
-    fn queue_notify(&mut self, index: u16) {
-        if index as usize == TX {
-            self.process_tx();
-        }
+    fn queue_notify(&mut self, _index: u16) {
+        // Notifications reach the I/O thread through an ioeventfd; a
+        // transport without one (tests, fuzzing) serves the queues here.
+        self.process_tx();
         self.backend.poll();
-        if self.process_rx() > 0 {
-            self.delivered_since_wait = true;
-        }
+        self.process_rx();
     }
 
     fn reset(&mut self) {

@@ -1,0 +1,290 @@
+//! The vCPU thread: runs the guest and answers its few hypercalls, nothing
+//! else. Devices' rings are the I/O thread's; the only device work done
+//! here is a register access (rare) and a disk request at its notification.
+
+use std::io::Write;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kvm_ioctls::VcpuExit;
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::control::{self, Request, Shared, StopReason, ThreadState};
+use crate::crash::Crash;
+use crate::device_manager::MmioBus;
+use crate::hypercall::{self, Hypercall};
+use crate::quota::CpuQuota;
+use crate::ratelimit::TokenBucket;
+use crate::trace::BootTrace;
+use crate::vm::{Machine, Outcome, VmError};
+
+/// Console output a guest may write, per second and in one burst; the rest
+/// is dropped (and counted), so a flooding guest costs the host neither
+/// memory nor unbounded log space.
+pub const CONSOLE_RATE: u64 = 1 << 20;
+pub const CONSOLE_BURST: u64 = 4 << 20;
+
+pub(crate) struct VcpuThread {
+    pub machine: Machine,
+    pub bus: MmioBus,
+    pub shared: Arc<Shared>,
+    pub console: Box<dyn Write + Send>,
+    pub trace: Option<BootTrace>,
+    pub quota: Option<CpuQuota>,
+    pub console_limit: TokenBucket,
+    pub console_dropped: u64,
+}
+
+fn kvm_call(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::KvmCall { what, source }
+}
+
+impl VcpuThread {
+    /// Runs the guest to its end; returns how it ended.
+    pub fn run(&mut self) -> Result<Outcome, VmError> {
+        mark(&mut self.trace, "guest entered");
+        loop {
+            match self.shared.request() {
+                Request::Run => {}
+                Request::Pause => {
+                    self.complete_pending_exit()?;
+                    self.shared.set_vcpu(ThreadState::Paused);
+                    let r = self.shared.wait_while_paused();
+                    self.shared.set_vcpu(ThreadState::Running);
+                    if let Request::Stop(reason) = r {
+                        return self.stopped(reason);
+                    }
+                    continue;
+                }
+                Request::Stop(reason) => {
+                    self.complete_pending_exit()?;
+                    return self.stopped(reason);
+                }
+            }
+            let exit = match self.machine.vcpu.run() {
+                Ok(exit) => {
+                    self.shared.counters.exits.fetch_add(1, Ordering::Relaxed);
+                    exit
+                }
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    self.machine.vcpu.set_kvm_immediate_exit(0);
+                    if let Some(owed) = self.quota.as_ref().and_then(CpuQuota::owed) {
+                        wait_on(&self.shared, owed);
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    return Err(VmError::KvmCall {
+                        what: "run vCPU",
+                        source: e,
+                    })
+                }
+            };
+            let call = match exit {
+                VcpuExit::IoOut(port, data) => {
+                    hypercall::decode(port, data, &self.machine.ram.mem, self.machine.ram.size)
+                }
+                VcpuExit::IoIn(port, data) => {
+                    data.fill(0xff);
+                    return Ok(crashed_protocol(format!(
+                        "guest read from I/O port {port:#x}"
+                    )));
+                }
+                VcpuExit::MmioRead(addr, data) => {
+                    if !self.bus.read(addr, data) {
+                        return Ok(no_device(addr));
+                    }
+                    continue;
+                }
+                VcpuExit::MmioWrite(addr, data) => {
+                    if !self.bus.write(addr, data) {
+                        return Ok(no_device(addr));
+                    }
+                    continue;
+                }
+                VcpuExit::Shutdown => {
+                    let regs = self
+                        .machine
+                        .vcpu
+                        .get_regs()
+                        .map_err(kvm_call("get registers"))?;
+                    return Ok(Outcome::Crashed(Crash::TripleFault {
+                        rip: regs.rip,
+                        rsp: regs.rsp,
+                    }));
+                }
+                VcpuExit::Hlt => return Ok(crashed_protocol("guest halted".into())),
+                VcpuExit::FailEntry(reason, _) => {
+                    return Ok(Outcome::Crashed(Crash::Internal(format!(
+                        "KVM entry failure, reason {reason:#x}"
+                    ))));
+                }
+                VcpuExit::InternalError => {
+                    let regs = self
+                        .machine
+                        .vcpu
+                        .get_regs()
+                        .map_err(kvm_call("get registers"))?;
+                    return Ok(Outcome::Crashed(Crash::Internal(format!(
+                        "KVM internal error (emulation failure?) at rip {:#x}",
+                        regs.rip
+                    ))));
+                }
+                VcpuExit::Intr => continue,
+                other => {
+                    return Ok(Outcome::Crashed(Crash::Internal(format!(
+                        "unexpected KVM exit {other:?}"
+                    ))))
+                }
+            };
+            match call {
+                Ok(Hypercall::Console { addr, len }) => self.console(addr, len)?,
+                Ok(Hypercall::Wait { timeout_ns }) => self.wait(timeout_ns),
+                Ok(Hypercall::Exit(status)) => {
+                    // Frames the guest queued just before exiting still go out.
+                    self.bus.flush_network();
+                    self.report_dropped();
+                    mark(&mut self.trace, "guest exited");
+                    self.console.flush().map_err(VmError::Console)?;
+                    return Ok(Outcome::Exited(status));
+                }
+                Ok(Hypercall::Crash(report)) => {
+                    let cr2 = self
+                        .machine
+                        .vcpu
+                        .get_sregs()
+                        .map_err(kvm_call("get special registers"))?
+                        .cr2;
+                    self.console.flush().map_err(VmError::Console)?;
+                    return Ok(Outcome::Crashed(Crash::Exception { report, cr2 }));
+                }
+                Ok(Hypercall::Mark(_)) => mark(&mut self.trace, "guest main() reached"),
+                Err(e) => return Ok(crashed_protocol(e.to_string())),
+            }
+        }
+    }
+
+    fn console(&mut self, addr: u64, len: u64) -> Result<(), VmError> {
+        // A flood is cut to the console's rate, not buffered.
+        let allowed = self.console_limit.take_up_to(len);
+        if allowed < len {
+            self.console_dropped += len - allowed;
+        } else {
+            self.report_dropped();
+        }
+        let mut buf = vec![0u8; allowed as usize];
+        if self
+            .machine
+            .ram
+            .mem
+            .read_slice(&mut buf, GuestAddress(addr))
+            .is_ok()
+        {
+            self.console.write_all(&buf).map_err(VmError::Console)?;
+        }
+        Ok(())
+    }
+
+    fn report_dropped(&mut self) {
+        if self.console_dropped > 0 {
+            crate::report(format_args!(
+                "wisp: {} bytes of guest console output dropped (limit {} KiB/s)",
+                std::mem::take(&mut self.console_dropped),
+                CONSOLE_RATE >> 10
+            ));
+        }
+    }
+
+    /// The guest has nothing to do until `timeout_ns` or an event: block
+    /// here (this exit is the only one an idle guest makes) unless the I/O
+    /// thread delivered something since the guest last looked.
+    fn wait(&mut self, timeout_ns: u64) {
+        let s = &self.shared;
+        s.counters.waits.fetch_add(1, Ordering::Relaxed);
+        s.guest_waiting.store(true, Ordering::SeqCst);
+        if !s.events.swap(false, Ordering::SeqCst) && s.request() == Request::Run {
+            wait_on(s, Duration::from_nanos(timeout_ns));
+        }
+        s.guest_waiting.store(false, Ordering::SeqCst);
+        // The guest looks at its rings when it returns: what was delivered
+        // until now is seen then.
+        s.events.store(false, Ordering::SeqCst);
+    }
+
+    /// Re-enters `KVM_RUN` with `immediate_exit` set: KVM completes a
+    /// pending port-I/O or MMIO exit and returns at once, leaving the vCPU's
+    /// state consistent (the instruction retired).
+    fn complete_pending_exit(&mut self) -> Result<(), VmError> {
+        self.machine.vcpu.set_kvm_immediate_exit(1);
+        let r = self.machine.vcpu.run().map(|_| ());
+        self.machine.vcpu.set_kvm_immediate_exit(0);
+        match r {
+            Err(e) if e.errno() != libc::EINTR && e.errno() != libc::EAGAIN => {
+                Err(VmError::KvmCall {
+                    what: "complete pending exit",
+                    source: e,
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn stopped(&mut self, reason: StopReason) -> Result<Outcome, VmError> {
+        let rip = self
+            .machine
+            .vcpu
+            .get_regs()
+            .map_err(kvm_call("get registers"))?
+            .rip;
+        self.report_dropped();
+        let _ = self.console.flush();
+        Ok(match reason {
+            StopReason::Timeout => Outcome::TimedOut { rip },
+            StopReason::Requested => Outcome::Stopped { rip },
+        })
+    }
+}
+
+/// Blocks on the vCPU's wake eventfd for at most `d` (a delivery or a
+/// control request ends it early).
+fn wait_on(s: &Shared, d: Duration) {
+    use std::os::fd::AsRawFd;
+    let mut fd = libc::pollfd {
+        fd: s.vcpu_wake.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ts = libc::timespec {
+        tv_sec: d.as_secs().min(i32::MAX as u64) as libc::time_t,
+        tv_nsec: d.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: one valid pollfd and a valid timespec; no signal mask change.
+    unsafe { libc::ppoll(&mut fd, 1, &ts, std::ptr::null()) };
+    let _ = s.vcpu_wake.read();
+}
+
+fn no_device(addr: u64) -> Outcome {
+    crashed_protocol(format!(
+        "guest accessed {addr:#x}, where there is no memory or device"
+    ))
+}
+
+fn crashed_protocol(msg: String) -> Outcome {
+    Outcome::Crashed(Crash::Protocol(msg))
+}
+
+pub(crate) fn mark(trace: &mut Option<BootTrace>, stage: &'static str) {
+    if let Some(t) = trace {
+        t.mark(stage);
+    }
+}
+
+/// Registers the calling thread as `machine`'s vCPU thread for kicks.
+pub(crate) fn register(machine: &mut Machine, shared: &Shared) -> std::io::Result<()> {
+    control::install_handlers()?;
+    let p: *mut u8 = &mut machine.vcpu.get_kvm_run().immediate_exit;
+    control::register_vcpu_thread(p);
+    shared.vcpu_tid.store(control::gettid(), Ordering::SeqCst);
+    Ok(())
+}
