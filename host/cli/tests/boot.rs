@@ -209,7 +209,7 @@ fn trace_boot_prints_every_stage() {
     let o = run(hello(), &["--trace-boot"], &[]);
     let err = stderr(&o);
     for stage in [
-        "KVM VM and vCPU created",
+        "KVM VM, vCPU and memory created",
         "image loaded",
         "guest entered",
         "guest main() reached",

@@ -244,11 +244,22 @@ impl Controller {
         if g.vcpu == ThreadState::Ended {
             return Err(ControlError::Ended);
         }
-        if g.request == Request::Pause {
-            g.request = Request::Run;
+        if g.request != Request::Pause {
+            return Ok(());
         }
-        drop(g);
+        g.request = Request::Run;
         s.changed.notify_all();
+        // Returns once both threads run again, so that `state()` agrees.
+        let (g, _) = s
+            .changed
+            .wait_timeout_while(g, PAUSE_LIMIT, |g| {
+                g.request == Request::Run
+                    && (g.vcpu == ThreadState::Paused || g.io == Some(ThreadState::Paused))
+            })
+            .unwrap_or_else(|p| p.into_inner());
+        if g.vcpu == ThreadState::Ended {
+            return Err(ControlError::Ended);
+        }
         Ok(())
     }
 

@@ -505,9 +505,9 @@ impl Vm {
                                 sh.set_io(ThreadState::Ended);
                                 return;
                             }
-                            if selftest == Some(ThreadKind::Io) {
-                                seccomp::forbidden_call();
-                            }
+                        }
+                        if selftest == Some(ThreadKind::Io) {
+                            seccomp::forbidden_call();
                         }
                         io_thread.run()
                     })
@@ -530,9 +530,9 @@ impl Vm {
                         .map_err(VmError::Thread)?;
                     if let Some(f) = &vcpu_filter {
                         seccomp::apply(f)?;
-                        if selftest == Some(ThreadKind::Vcpu) {
-                            seccomp::forbidden_call();
-                        }
+                    }
+                    if selftest == Some(ThreadKind::Vcpu) {
+                        seccomp::forbidden_call();
                     }
                     Ok(quota)
                 })();

@@ -1,0 +1,273 @@
+//! The monitor as a library (the engine): guests driven step by step from
+//! one process, controlled while they run, and each thread under its own
+//! seccomp filter.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use wisp_monitor::net::user::PortForward;
+use wisp_monitor::{Image, Outcome, RunningVm, Shell, StartOptions, StopReason, VmConfig, VmState};
+
+/// A console that the test can read.
+#[derive(Clone, Default)]
+struct Console(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Console {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Console {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+fn config(args: &[&str], publish: &[&str]) -> VmConfig {
+    let publish: Vec<PortForward> = publish.iter().map(|p| p.parse().unwrap()).collect();
+    VmConfig {
+        memory: 64 << 20,
+        args: args.iter().map(|s| s.to_string()).collect(),
+        trace_boot: false,
+        nics: if publish.is_empty() {
+            vec![]
+        } else {
+            vec!["user".parse().unwrap()]
+        },
+        publish,
+        net_limits: (0, 0),
+        disk_limits: (0, 0),
+        disk: None,
+    }
+}
+
+/// Builds and starts a guest in this process; returns it, its console and
+/// the host addresses it published.
+fn start(image: &Path, args: &[&str], publish: &[&str]) -> (RunningVm, Console, Vec<u16>) {
+    require_kvm();
+    let image = Image::from_file(image).expect("image");
+    let cfg = config(args, publish);
+    let vm = Shell::create(cfg.memory)
+        .expect("shell")
+        .build(&image, &cfg, None)
+        .expect("build");
+    let ports = vm.published().iter().map(|p| p.0.port()).collect();
+    let console = Console::default();
+    let running = vm
+        .start(Box::new(console.clone()), StartOptions::default())
+        .expect("start");
+    (running, console, ports)
+}
+
+fn until(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < Duration::from_secs(20), "never: {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn get(stream: &mut TcpStream) -> String {
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("send request");
+    let mut buf = vec![0u8; 65536];
+    let mut got = Vec::new();
+    // Headers then the body of Content-Length.
+    loop {
+        let n = stream.read(&mut buf).expect("read response");
+        assert!(n > 0, "connection closed");
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let len: usize = text
+                .lines()
+                .find_map(|l| l.strip_prefix("Content-Length: "))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if got.len() >= end + 4 + len {
+                return text;
+            }
+        }
+    }
+}
+
+#[test]
+fn pause_and_resume_keep_tcp_connections_alive() {
+    let (vm, _console, ports) = start(&example("httpd"), &[], &["0:80"]);
+    let ctl = vm.controller();
+    let mut conn = None;
+    until("httpd answers", || {
+        TcpStream::connect(("127.0.0.1", ports[0]))
+            .map(|s| conn = Some(s))
+            .is_ok()
+    });
+    let mut conn = conn.unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    assert!(get(&mut conn).starts_with("HTTP/1.1 200"));
+
+    ctl.pause().expect("pause");
+    assert_eq!(ctl.state(), VmState::Paused);
+    let before = ctl.counters();
+    // A request sent to a paused guest is not answered while it is paused:
+    // no frame moves and the vCPU does not run.
+    conn.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    conn.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    let r = conn.read(&mut byte);
+    assert!(
+        matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut),
+        "a paused guest answered: {r:?}"
+    );
+    assert_eq!(ctl.counters(), before, "a paused guest ran or moved frames");
+
+    ctl.resume().expect("resume");
+    assert_eq!(ctl.state(), VmState::Running);
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    // The answer to the request sent while paused arrives on the same
+    // connection, and the connection keeps serving.
+    let mut rest = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&rest).contains("</html>") {
+        let n = conn.read(&mut buf).expect("answer after resume");
+        assert!(n > 0, "connection closed after resume");
+        rest.extend_from_slice(&buf[..n]);
+    }
+    assert!(String::from_utf8_lossy(&rest).starts_with("HTTP/1.1 200"));
+    assert!(get(&mut conn).starts_with("HTTP/1.1 200"));
+
+    ctl.stop(StopReason::Requested);
+    let report = vm.wait(None).expect("wait");
+    assert!(
+        matches!(report.outcome, Outcome::Stopped { .. }),
+        "{:?}",
+        report.outcome
+    );
+}
+
+#[test]
+fn a_guest_blocked_in_its_wait_stops_at_once() {
+    let (vm, _console, _) = start(probe(), &["sleep", "600000"], &[]);
+    let ctl = vm.controller();
+    until("the guest waits in the monitor", || {
+        ctl.counters().waits > 0
+    });
+    ctl.stop(StopReason::Requested);
+    // Were the stop not delivered to the blocked wait, the guest would sleep
+    // for ten minutes and the generous timeout below would end it instead.
+    let report = vm.wait(Some(Duration::from_secs(30))).expect("wait");
+    assert!(
+        matches!(report.outcome, Outcome::Stopped { .. }),
+        "{:?}",
+        report.outcome
+    );
+}
+
+#[test]
+fn a_spinning_guest_stops_at_once() {
+    let (vm, _console, _) = start(probe(), &["spin"], &[]);
+    let ctl = vm.controller();
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(ctl.state(), VmState::Running);
+    ctl.stop(StopReason::Requested);
+    let report = vm.wait(Some(Duration::from_secs(30))).expect("wait");
+    assert!(
+        matches!(report.outcome, Outcome::Stopped { .. }),
+        "{:?}",
+        report.outcome
+    );
+}
+
+#[test]
+fn a_spinning_guest_pauses_and_resumes() {
+    let (vm, _console, _) = start(probe(), &["spin"], &[]);
+    let ctl = vm.controller();
+    ctl.pause().expect("pause a spinning guest");
+    assert_eq!(ctl.state(), VmState::Paused);
+    ctl.resume().expect("resume");
+    assert_eq!(ctl.state(), VmState::Running);
+    let report = vm.wait(Some(Duration::from_millis(200))).expect("wait");
+    assert!(matches!(report.outcome, Outcome::TimedOut { .. }));
+}
+
+#[test]
+fn two_guests_run_side_by_side_in_one_process() {
+    // Two guests, started together, each sleeping in the monitor and then
+    // printing its own arguments: neither one's timers, kicks or console
+    // leak into the other.
+    let (a, ca, _) = start(probe(), &["sleep", "300"], &[]);
+    let (b, cb, _) = start(probe(), &["args", "second", "guest"], &[]);
+    let rb = b.wait(Some(Duration::from_secs(30))).expect("wait b");
+    let ra = a.wait(Some(Duration::from_secs(30))).expect("wait a");
+    assert!(matches!(ra.outcome, Outcome::Exited(0)), "{:?}", ra.outcome);
+    assert!(matches!(rb.outcome, Outcome::Exited(0)), "{:?}", rb.outcome);
+    assert!(
+        ca.text().contains("slept"),
+        "guest a printed {:?}",
+        ca.text()
+    );
+    assert!(
+        !ca.text().contains("second"),
+        "guest a printed {:?}",
+        ca.text()
+    );
+    assert!(
+        cb.text().contains(r#"argc=2 ["second", "guest"]"#),
+        "guest b printed {:?}",
+        cb.text()
+    );
+    assert!(
+        !cb.text().contains("slept"),
+        "guest b printed {:?}",
+        cb.text()
+    );
+}
+
+/// `wisp run --seccomp-selftest=THREAD`: after the filters are on, THREAD
+/// makes a forbidden system call. Its own filter must kill the process
+/// (SIGSYS); without filters the hook reports and exits 125.
+fn selftest(thread: &str, flags: &[&str]) -> std::process::Output {
+    require_kvm();
+    let mut cmd = wisp();
+    cmd.arg("run")
+        .arg(format!("--seccomp-selftest={thread}"))
+        .args(flags)
+        .args(["-p", &format!("{}:80", free_port())])
+        .arg(example("httpd"));
+    output_within(cmd, Duration::from_secs(30))
+}
+
+#[test]
+fn a_forbidden_call_on_each_thread_is_killed_by_its_filter() {
+    use std::os::unix::process::ExitStatusExt;
+    for thread in ["vcpu", "io", "control"] {
+        let o = selftest(thread, &[]);
+        assert_eq!(
+            o.status.signal(),
+            Some(libc::SIGSYS),
+            "{thread} thread was not killed by its filter: {:?}\n{}",
+            o.status,
+            stderr(&o)
+        );
+    }
+    // Without filters the same call goes through (the hook then says so):
+    // the kill above is the filter's doing.
+    let o = selftest("io", &["--no-seccomp"]);
+    assert_eq!(o.status.code(), Some(125), "{}", stderr(&o));
+    assert!(stderr(&o).contains("socket() was allowed"));
+}
