@@ -77,6 +77,10 @@ enum Command {
         /// Limit the disk to N requests per second.
         #[arg(long, value_name = "N")]
         disk_ops: Option<u64>,
+        /// Print the monitor's counters when the guest ends (exits to the
+        /// monitor, blocking waits, wake-ups, frames).
+        #[arg(long)]
+        stats: bool,
         /// Run without the seccomp filter (for debugging the monitor).
         #[arg(long)]
         no_seccomp: bool,
@@ -120,6 +124,7 @@ fn main() -> ExitCode {
             net,
             disk,
             no_seccomp,
+            stats,
             seccomp_selftest,
             cpus,
             net_rate,
@@ -143,6 +148,7 @@ fn main() -> ExitCode {
                 net_limits: (net_rate.unwrap_or(0), net_ops.unwrap_or(0)),
                 disk_limits: (disk_rate.unwrap_or(0), disk_ops.unwrap_or(0)),
                 quiet: false,
+                stats,
             },
             started,
         ),

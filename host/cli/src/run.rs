@@ -1,12 +1,13 @@
 //! `wisp run`: boot an image on the Wisp monitor in this process.
 
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use wisp_monitor::seccomp::{self, ThreadKind};
 use wisp_monitor::trace::BootTrace;
-use wisp_monitor::{Image, Outcome, Shell, StartOptions, VmConfig};
+use wisp_monitor::{Image, Outcome, Shell, StartOptions, StopReason, VmConfig};
 
 pub struct RunArgs {
     pub image: PathBuf,
@@ -23,6 +24,63 @@ pub struct RunArgs {
     pub disk_limits: (u64, u64),
     pub seccomp_selftest: Option<ThreadKind>,
     pub quiet: bool,
+    pub stats: bool,
+}
+
+/// Blocks SIGINT and SIGTERM in this thread (and the threads it creates)
+/// and returns a signalfd that reads them.
+fn stop_signals() -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: sigset manipulation on a local set; the mask change affects
+    // this thread only; signalfd returns a new descriptor we then own.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(std::os::fd::OwnedFd::from_raw_fd(fd))
+    }
+}
+
+/// Waits until the guest ends, `deadline` passes, or a stop signal comes;
+/// returns whether a signal came.
+fn wait_for_end(
+    running: &wisp_monitor::RunningVm,
+    signals: RawFd,
+    deadline: Option<Instant>,
+) -> bool {
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: running.done_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: signals,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        let ms = deadline.map_or(-1, |d| {
+            d.saturating_duration_since(Instant::now())
+                .as_millis()
+                .min(i32::MAX as u128) as i32
+        });
+        // SAFETY: two valid pollfd structs that outlive the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
+        if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+            continue;
+        }
+        return n > 0 && fds[1].revents != 0 && fds[0].revents == 0;
+    }
 }
 
 /// Runs the guest; returns the status `wisp run` exits with.
@@ -56,6 +114,10 @@ pub fn run(a: &RunArgs, started: Instant) -> anyhow::Result<u8> {
             ));
         }
     }
+    // SIGINT and SIGTERM stop the guest (and report) rather than kill the
+    // monitor: blocked here, before the guest's threads exist, so that they
+    // inherit the mask and the signals wait for this thread's signalfd.
+    let signals = stop_signals().context("setting up SIGINT/SIGTERM")?;
     let running = vm.start(
         Box::new(std::io::stdout()),
         StartOptions {
@@ -72,7 +134,13 @@ pub fn run(a: &RunArgs, started: Instant) -> anyhow::Result<u8> {
             seccomp::forbidden_call();
         }
     }
-    let report = running.wait(a.timeout)?;
+    let deadline = a.timeout.map(|t| Instant::now() + t);
+    let signalled = wait_for_end(&running, signals.as_raw_fd(), deadline);
+    if signalled {
+        running.controller().stop(StopReason::Requested);
+    }
+    let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+    let report = running.wait(left)?;
     match &report.outcome {
         Outcome::Exited(_) => {}
         Outcome::Crashed(crash) => wisp_monitor::report(format_args!("wisp: {crash}")),
@@ -83,6 +151,13 @@ pub fn run(a: &RunArgs, started: Instant) -> anyhow::Result<u8> {
         Outcome::Stopped { rip } => {
             wisp_monitor::report(format_args!("wisp: guest stopped (at rip {rip:#x})"))
         }
+    }
+    if a.stats {
+        let c = &report.counters;
+        wisp_monitor::report(format_args!(
+            "wisp: stats: exits {} waits {} wakeups {} io-sleeps {} tx-frames {} rx-frames {}",
+            c.exits, c.waits, c.wakeups, c.io_sleeps, c.tx_frames, c.rx_frames
+        ));
     }
     if let Some(t) = &report.trace {
         wisp_monitor::report(format_args!(

@@ -444,6 +444,8 @@ type VcpuResult = (Result<Outcome, VmError>, Option<BootTrace>, Machine);
 /// A started guest.
 pub struct RunningVm {
     controller: Controller,
+    /// Written once the outcome is ready (for callers that wait in `poll`).
+    done: Arc<vmm_sys_util::eventfd::EventFd>,
     results: std::sync::mpsc::Receiver<VcpuResult>,
     vcpu: std::thread::JoinHandle<()>,
     io: Option<std::thread::JoinHandle<()>>,
@@ -515,6 +517,10 @@ impl Vm {
             )
         };
         let (tx, results) = std::sync::mpsc::sync_channel(1);
+        let done = Arc::new(
+            vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::Thread)?,
+        );
+        let done_w = done.clone();
         let sh = shared.clone();
         let mut machine = self.machine;
         let trace = self.trace;
@@ -566,10 +572,12 @@ impl Vm {
                 control::register_vcpu_thread(std::ptr::null_mut());
                 drop(t.quota.take());
                 let _ = tx.send((outcome, t.trace.take(), t.machine));
+                let _ = done_w.write(1);
             })
             .map_err(VmError::Thread)?;
         Ok(RunningVm {
             controller: Controller { shared },
+            done,
             results,
             vcpu,
             io,
@@ -581,6 +589,13 @@ impl RunningVm {
     /// A handle to pause, resume or stop the guest from any thread.
     pub fn controller(&self) -> Controller {
         self.controller.clone()
+    }
+
+    /// A descriptor that becomes readable when the guest has ended (then
+    /// [`RunningVm::wait`] returns at once).
+    pub fn done_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.done.as_raw_fd()
     }
 
     /// Waits for the guest to end; after `timeout`, stops it (outcome
