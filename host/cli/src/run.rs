@@ -23,6 +23,11 @@ pub struct RunArgs {
     pub net_limits: (u64, u64),
     pub disk_limits: (u64, u64),
     pub seccomp_selftest: bool,
+    /// `-q`: no informational lines from wisp.
+    // Nothing informational is printed yet; the line naming the published
+    // ports (issue 8) is the first reader.
+    #[allow(dead_code)]
+    pub quiet: bool,
 }
 
 /// Runs the guest; returns the status `wisp run` exits with.
