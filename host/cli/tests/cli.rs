@@ -113,6 +113,23 @@ fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
     }
 }
 
+/// A directory removed when dropped, so a failing test leaves nothing behind.
+struct TempTree(std::path::PathBuf);
+
+impl TempTree {
+    fn new(path: std::path::PathBuf) -> TempTree {
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("mkdir");
+        TempTree(path)
+    }
+}
+
+impl Drop for TempTree {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// `[[package]]` entries of a Cargo.lock as "name version" lines.
 fn locked(lock: &std::path::Path) -> Vec<String> {
     let text = std::fs::read_to_string(lock).expect("read Cargo.lock");
@@ -132,8 +149,8 @@ fn locked(lock: &std::path::Path) -> Vec<String> {
 fn a_new_crate_inside_the_checkout_survives_moving_the_checkout() {
     // A copy of the checkout (library OS, ABI, and the wisp binary where
     // `cargo build` puts it), so that moving it moves nothing of the real one.
-    let base = scratch().join(format!("moved-checkout-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&base);
+    let tree = TempTree::new(scratch().join(format!("moved-checkout-{}", std::process::id())));
+    let base = &tree.0;
     let checkout = base.join("wisp");
     copy_tree(&repo().join("abi"), &checkout.join("abi"));
     copy_tree(&repo().join("guest"), &checkout.join("guest"));
@@ -187,14 +204,14 @@ fn a_new_crate_inside_the_checkout_survives_moving_the_checkout() {
             "{p} is not the guest workspace's version"
         );
     }
-    let _ = std::fs::remove_dir_all(&base);
 }
 
 #[test]
 fn a_new_crate_outside_the_checkout_can_be_moved_on_its_own() {
-    let base = std::env::temp_dir().join(format!("wisp-new-outside-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&base);
-    std::fs::create_dir_all(&base).unwrap();
+    let tree = TempTree::new(
+        std::env::temp_dir().join(format!("wisp-new-outside-{}", std::process::id())),
+    );
+    let base = &tree.0;
     let o = wisp()
         .args(["new", "roamer"])
         .current_dir(&base)
@@ -202,20 +219,21 @@ fn a_new_crate_outside_the_checkout_can_be_moved_on_its_own() {
         .output()
         .expect("wisp new");
     assert!(o.status.success(), "{}", stderr(&o));
-    std::fs::rename(base.join("roamer"), base.join("moved")).expect("move the app");
+    // Deeper down, so that a path relative to the old place would break.
+    let moved = base.join("a/b/moved");
+    std::fs::create_dir_all(moved.parent().unwrap()).unwrap();
+    std::fs::rename(base.join("roamer"), &moved).expect("move the app");
     let img = base.join("roamer.wisp");
     let o = wisp()
         .arg("build")
-        .arg(base.join("moved"))
+        .arg(&moved)
         .arg("-o")
         .arg(&img)
         .output()
         .expect("wisp build");
-    let _ = std::fs::remove_dir_all(base.join("moved/target"));
     assert!(o.status.success(), "{}", stderr(&o));
     let o = run(&img, &[], &[]);
     assert_eq!(stdout(&o), "Hello from roamer! args: []\n");
-    let _ = std::fs::remove_dir_all(&base);
 }
 
 #[test]
