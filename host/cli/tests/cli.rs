@@ -214,7 +214,7 @@ fn a_new_crate_outside_the_checkout_can_be_moved_on_its_own() {
     let base = &tree.0;
     let o = wisp()
         .args(["new", "roamer"])
-        .current_dir(&base)
+        .current_dir(base)
         .env_remove("WISP_LIBOS")
         .output()
         .expect("wisp new");
