@@ -12,10 +12,11 @@ cd "$(dirname "$0")/.."
 rounds="${1:-3}"
 secs="${2:-5}"
 
-bash scripts/install-deps.sh wrk nginx redis-server
+bash scripts/install-deps.sh bench wrk nginx redis-server
 cargo build --release -q
-target/release/wisp build examples/httpd -o target/bench/httpd.wisp 2>/dev/null
-target/release/wisp build examples/kv -o target/bench/kv.wisp 2>/dev/null
+mkdir -p target/bench
+target/release/wisp build examples/httpd -o target/bench/httpd.wisp
+target/release/wisp build examples/kv -o target/bench/kv.wisp
 
 work="$(mktemp -d)"
 pids=()
@@ -49,9 +50,9 @@ http {
 }
 NGINX
 nginx -c "$work/nginx.conf" & pids+=($!)
-target/release/wisp run -p "127.0.0.1:$wp:80" target/bench/httpd.wisp >/dev/null 2>&1 & pids+=($!)
+target/release/wisp run -p "127.0.0.1:$wp:80" target/bench/httpd.wisp >/dev/null & pids+=($!)
 redis-server --port "$rp" --bind 127.0.0.1 --save "" --appendonly no --daemonize no >/dev/null & pids+=($!)
-target/release/wisp run -p "127.0.0.1:$kp:6379" target/bench/kv.wisp >/dev/null 2>&1 & pids+=($!)
+target/release/wisp run -p "127.0.0.1:$kp:6379" target/bench/kv.wisp >/dev/null & pids+=($!)
 wait_port "$np"; wait_port "$wp"; wait_port "$rp"; wait_port "$kp"
 sleep 0.5
 

@@ -93,7 +93,7 @@ fn main() -> anyhow::Result<()> {
     if !st.success() {
         bail!("gcc -static failed (is libc6-dev installed?)");
     }
-    let have_qemu = Command::new("qemu-system-x86_64")
+    let have_qemu = Command::new(wisp_qemu::QEMU)
         .arg("--version")
         .stdout(Stdio::null())
         .status()
@@ -129,20 +129,7 @@ fn main() -> anyhow::Result<()> {
             .push(time(Command::new(&wisp).arg("run").arg(&image))?);
         static_s.samples.push(time(&mut Command::new(&c_bin))?);
         if have_qemu && i < qemu_rounds {
-            let mut q = Command::new("qemu-system-x86_64");
-            q.args([
-                "-M",
-                "microvm,acpi=off",
-                "-accel",
-                "kvm",
-                "-m",
-                "64M",
-                "-nodefaults",
-                "-no-user-config",
-            ])
-            .args(["-display", "none", "-serial", "stdio", "-no-reboot"])
-            .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4", "-kernel"])
-            .arg(&image);
+            let mut q = wisp_qemu::command(&image, wisp_qemu::Acpi::Off, &[]);
             qemu_s.samples.push(time(&mut q)?);
         }
     }

@@ -48,6 +48,18 @@ pub fn build(app_dir: &Path, output: Option<&Path>) -> anyhow::Result<PathBuf> {
         );
     }
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    check_uses_libos(&cargo, app_dir, &manifest)?;
+    let dest = match output {
+        Some(out) => {
+            // `-o DIR/x.wisp` makes DIR, as `cargo build` makes `target/`.
+            if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(parent)
+                    .with_context(|| format!("creating {}", parent.display()))?;
+            }
+            Some(out.to_path_buf())
+        }
+        None => None,
+    };
     let child = Command::new(&cargo)
         .args([
             "build",
@@ -95,9 +107,7 @@ pub fn build(app_dir: &Path, output: Option<&Path>) -> anyhow::Result<PathBuf> {
             app_dir.display()
         ),
     };
-    let dest = output
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from(format!("{name}.wisp")));
+    let dest = dest.unwrap_or_else(|| PathBuf::from(format!("{name}.wisp")));
     std::fs::copy(&exe, &dest).with_context(|| format!("writing {}", dest.display()))?;
     let image = wisp_monitor::Image::from_file(&dest).with_context(|| {
         format!(
@@ -112,4 +122,111 @@ pub fn build(app_dir: &Path, output: Option<&Path>) -> anyhow::Result<PathBuf> {
         image.entry
     );
     Ok(dest)
+}
+
+/// The package the library OS is (its `links` key): what every application
+/// depends on, directly or through another library.
+const LIBOS_LINKS: &str = "wisp";
+
+/// Refuses, in one line, a crate that does not use the library OS (or a
+/// directory holding a workspace rather than one application): linked with
+/// Wisp's settings it would fail with a page of linker command line.
+///
+/// A direct dependency on `wisp` is read from the manifest alone (fast);
+/// only without one is the dependency graph resolved, to find the library
+/// OS behind another library. If cargo cannot read the crate at all, the
+/// build itself reports why.
+fn check_uses_libos(
+    cargo: &std::ffi::OsStr,
+    app_dir: &Path,
+    manifest: &Path,
+) -> anyhow::Result<()> {
+    let Some(meta) = metadata(cargo, manifest, true) else {
+        return Ok(());
+    };
+    let want = manifest.canonicalize().ok();
+    let Some(package) = meta["packages"].as_array().and_then(|ps| {
+        ps.iter().find(|p| {
+            p["manifest_path"]
+                .as_str()
+                .and_then(|m| Path::new(m).canonicalize().ok())
+                == want
+        })
+    }) else {
+        bail!(
+            "{} holds a workspace, not an application crate: give the directory of one application",
+            app_dir.display()
+        );
+    };
+    let direct = package["dependencies"].as_array().is_some_and(|deps| {
+        deps.iter()
+            .any(|d| d["name"] == LIBOS_LINKS && d["kind"].is_null())
+    });
+    if direct {
+        return Ok(());
+    }
+    let Some(full) = metadata(cargo, manifest, false) else {
+        return Ok(());
+    };
+    if !reaches_libos(&full, package["id"].as_str().unwrap_or_default()) {
+        bail!(
+            "{} does not use the Wisp library OS (no dependency on `wisp`): an application depends on it and calls wisp::main! (`wisp new NAME` makes one)",
+            app_dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// `cargo metadata` for `manifest` (without resolving dependencies if
+/// `no_deps`), or `None` if cargo could not produce it.
+fn metadata(cargo: &std::ffi::OsStr, manifest: &Path, no_deps: bool) -> Option<serde_json::Value> {
+    let mut cmd = Command::new(cargo);
+    cmd.args(["metadata", "--format-version", "1"])
+        .arg("--manifest-path")
+        .arg(manifest);
+    if no_deps {
+        cmd.arg("--no-deps");
+    } else {
+        cmd.args(["--filter-platform", TARGET]);
+    }
+    let out = cmd.stderr(Stdio::null()).output().ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+/// Whether the package `root` depends, through normal dependencies, on the
+/// library OS in the resolved graph `meta`.
+fn reaches_libos(meta: &serde_json::Value, root: &str) -> bool {
+    let empty = Vec::new();
+    let packages = meta["packages"].as_array().unwrap_or(&empty);
+    let is_libos = |id: &str| {
+        packages
+            .iter()
+            .any(|p| p["id"] == id && p["links"] == LIBOS_LINKS)
+    };
+    let nodes = meta["resolve"]["nodes"].as_array().unwrap_or(&empty);
+    let mut seen = std::collections::HashSet::new();
+    let mut todo = vec![root.to_string()];
+    while let Some(id) = todo.pop() {
+        if !seen.insert(id.clone()) {
+            continue;
+        }
+        if id != root && is_libos(&id) {
+            return true;
+        }
+        let Some(node) = nodes.iter().find(|n| n["id"] == id.as_str()) else {
+            continue;
+        };
+        for dep in node["deps"].as_array().unwrap_or(&empty) {
+            let normal = dep["dep_kinds"]
+                .as_array()
+                .is_some_and(|ks| ks.iter().any(|k| k["kind"].is_null()));
+            if let (true, Some(pkg)) = (normal, dep["pkg"].as_str()) {
+                todo.push(pkg.to_string());
+            }
+        }
+    }
+    false
 }

@@ -53,6 +53,18 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// A `--timeout`: a duration as [`parse_duration`] reads it, but never
+/// zero (a guest stopped before it starts is a mistake, not a limit).
+pub fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() {
+        return Err(format!(
+            "'{s}' is no time at all: give a positive duration such as 10s, or leave --timeout out to run without a limit"
+        ));
+    }
+    Ok(d)
+}
+
 /// A CPU share: a fraction in (0, 1), e.g. `0.25` (1 means no limit).
 pub fn parse_cpus(s: &str) -> Result<f64, String> {
     let f: f64 = s
@@ -90,5 +102,13 @@ mod tests {
         assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
         assert!(parse_duration("-1s").is_err());
         assert!(parse_duration("5 parsecs").is_err());
+    }
+
+    #[test]
+    fn timeouts_are_positive() {
+        assert_eq!(parse_timeout("1ms"), Ok(Duration::from_millis(1)));
+        assert!(parse_timeout("0").is_err());
+        assert!(parse_timeout("0s").is_err());
+        assert!(parse_timeout("0.0ms").is_err());
     }
 }

@@ -8,13 +8,12 @@ use common::*;
 
 fn guest_status(o: &std::process::Output) -> i32 {
     let s = status(o);
-    assert_eq!(
-        s % 2,
-        1,
-        "QEMU exits through isa-debug-exit with an odd status, got {s}: {}",
-        stderr(o)
-    );
-    (s - 1) / 2
+    wisp_qemu::guest_status(s).unwrap_or_else(|| {
+        panic!(
+            "QEMU exits through isa-debug-exit with an odd status, got {s}: {}",
+            stderr(o)
+        )
+    })
 }
 
 #[test]
@@ -78,21 +77,8 @@ fn timers_and_heap_work_on_qemu() {
 fn boots_with_acpi_on_too() {
     require_kvm();
     // The same command line with ACPI left on (the README's form).
-    let mut cmd = std::process::Command::new("qemu-system-x86_64");
-    cmd.args([
-        "-M",
-        "microvm",
-        "-accel",
-        "kvm",
-        "-m",
-        "64M",
-        "-nodefaults",
-        "-no-user-config",
-    ])
-    .args(["-display", "none", "-serial", "stdio", "-no-reboot"])
-    .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4", "-kernel"])
-    .arg(hello())
-    .args(["-append", "acpi"]);
+    let mut cmd = wisp_qemu::command(hello(), wisp_qemu::Acpi::On, &[]);
+    cmd.args(["-append", "acpi"]);
     let o = output_within(cmd, std::time::Duration::from_secs(60));
     assert_eq!(stdout(&o), "Hello from Wisp! args: [\"acpi\"]\n");
 }

@@ -118,26 +118,11 @@ pub fn run(image: &Path, flags: &[&str], args: &[&str]) -> Output {
     output_within(cmd, Duration::from_secs(60))
 }
 
-/// QEMU microvm with the README's command line (ACPI off) for `image`,
-/// with `extra` arguments before `-kernel`.
+/// QEMU microvm with the README's command line (ACPI off, which saves
+/// QEMU's emulated firmware time) for `image`, with `extra` arguments
+/// before `-kernel`.
 pub fn qemu_command(image: &Path, extra: &[&str]) -> Command {
-    let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args([
-        "-M",
-        "microvm,acpi=off",
-        "-accel",
-        "kvm",
-        "-m",
-        "64M",
-        "-nodefaults",
-        "-no-user-config",
-    ])
-    .args(["-display", "none", "-serial", "stdio", "-no-reboot"])
-    .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"])
-    .args(extra)
-    .arg("-kernel")
-    .arg(image);
-    cmd
+    wisp_qemu::command(image, wisp_qemu::Acpi::Off, extra)
 }
 
 /// Boots `image` under QEMU microvm with the README's command line plus

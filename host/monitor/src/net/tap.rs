@@ -45,6 +45,31 @@ impl Tap {
                 format!("'{name}' is not an interface name"),
             ));
         }
+        // TUNSETIFF creates the interface when it does not exist; attaching
+        // to one that was never set up would leave the guest on a link to
+        // nowhere. Look the name up first, in this process's own network
+        // namespace (a sysfs lookup would see the namespace /sys was
+        // mounted in, which `nsenter --net` does not change).
+        let c_name = std::ffi::CString::new(name).map_err(|_| {
+            std::io::Error::new(
+                ErrorKind::InvalidInput,
+                format!("'{name}' is not an interface name"),
+            )
+        })?;
+        // SAFETY: `c_name` is a NUL-terminated string that outlives the call.
+        if unsafe { libc::if_nametoindex(c_name.as_ptr()) } == 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(if e.raw_os_error() == Some(libc::ENODEV) {
+                std::io::Error::new(
+                    ErrorKind::NotFound,
+                    format!(
+                        "there is no interface '{name}' (create the tap first: ip tuntap add {name} mode tap)"
+                    ),
+                )
+            } else {
+                std::io::Error::new(e.kind(), format!("looking up interface '{name}': {e}"))
+            });
+        }
         let file = OpenOptions::new()
             .read(true)
             .write(true)
