@@ -2,9 +2,10 @@
 # Installs what Wisp needs on a Debian bookworm machine, only what is missing:
 # a C compiler (linking images; the static spawn peer in the benchmark),
 # QEMU 10 from bookworm-backports (the second monitor the tests boot images
-# on), the clients the tests use (curl, redis-cli, ping, ip), and the Rust
-# toolchain check. Extra packages can be requested: `install-deps.sh wrk
-# nginx` (the benchmarks do). Safe to run repeatedly.
+# on), the clients the tests use (curl, redis-cli, ping, ip), nginx (the
+# reference the httpd test compares with), and the Rust toolchain check.
+# Extra packages can be requested: `install-deps.sh wrk redis-server` (the
+# benchmarks do). Safe to run repeatedly.
 set -euo pipefail
 
 SUDO=""
@@ -22,6 +23,8 @@ command -v nsenter >/dev/null || need_apt+=(util-linux)
 command -v python3 >/dev/null || need_apt+=(python3)
 # DHCP and DNS server for the namespace tests.
 command -v dnsmasq >/dev/null || [ -x /usr/sbin/dnsmasq ] || need_apt+=(dnsmasq-base)
+# The reference web server the httpd test compares its answers with.
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need_apt+=(nginx)
 # Extra packages named on the command line (binary name = package name,
 # except where mapped here).
 for extra in "$@"; do
