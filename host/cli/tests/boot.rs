@@ -156,6 +156,8 @@ fn run_with_cpu_time(
     use std::os::unix::process::ExitStatusExt;
     use std::time::{Duration, Instant};
     require_kvm();
+    // Reaped by the wait4 below (std's wait would not report the usage).
+    #[allow(clippy::zombie_processes)]
     let mut child = wisp()
         .arg("run")
         .arg(image)
@@ -190,6 +192,7 @@ fn run_with_cpu_time(
         }
         if start.elapsed() > Duration::from_secs(60) {
             let _ = child.kill();
+            let _ = child.wait();
             panic!("wisp run {args:?} did not finish within 60 s");
         }
         std::thread::sleep(Duration::from_millis(5));
