@@ -8,7 +8,8 @@
 #   install-deps.sh bench  run + QEMU 10 (bookworm-backports; the boot
 #                          benchmark's second monitor) and python3
 #   install-deps.sh test   (the default) bench + the clients the tests use
-#                          (curl, redis-cli, ping, ip, nsenter, dnsmasq), the
+#                          (curl, redis-cli, ping, ip, nsenter, dnsmasq, nginx as
+#                          the httpd test's reference), the
 #                          rustfmt and clippy components, the nightly
 #                          toolchain and cargo-fuzz (scripts/fuzz.sh)
 #
@@ -46,6 +47,8 @@ if [ "$mode" = test ]; then
     command -v nsenter >/dev/null || need_apt+=(util-linux)
     # DHCP and DNS server for the namespace tests.
     command -v dnsmasq >/dev/null || [ -x /usr/sbin/dnsmasq ] || need_apt+=(dnsmasq-base)
+    # The reference web server the httpd test compares its answers with.
+    command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need_apt+=(nginx)
 fi
 # Extra packages named on the command line (binary name = package name,
 # except where mapped here).

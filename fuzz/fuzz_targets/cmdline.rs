@@ -3,9 +3,7 @@
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 
-#[path = "../../guest/libos/src/cmdline.rs"]
-#[allow(dead_code)]
-mod cmdline;
+use wisp_cmdline as cmdline;
 
 fuzz_target!(|data: &[u8]| {
     let mut out = [0u8; 4096];

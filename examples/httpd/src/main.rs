@@ -3,8 +3,11 @@
 //! Serves port 80 (or the port given as first argument) to any number of
 //! concurrent connections: GET and HEAD, keep-alive (HTTP/1.1 default,
 //! `Connection: close` honoured), Content-Length, 404 for unknown paths,
-//! 405 for other methods, 400 for malformed requests (parsed by httparse),
-//! 431 for oversized headers.
+//! 405 for other methods, 400 for malformed requests (parsed by httparse)
+//! and for request paths that are badly encoded or climb above the root,
+//! 431 for oversized headers. Request paths are percent-decoded and
+//! normalised as RFC 3986 says (see `path.rs`); a directory asked for
+//! without its `/` is redirected (301), one without `index.html` is 403.
 //!
 //! With a disk (`--disk site.tar,ro`, a tar archive made with `tar`), the
 //! files in it are the site (`/` serves `index.html`); they are loaded into
@@ -16,39 +19,20 @@
 
 extern crate alloc;
 
-use alloc::collections::BTreeMap;
 use alloc::format;
 use alloc::rc::Rc;
-use alloc::string::String;
 use alloc::vec::Vec;
+use httpd::site::{Answer, Site};
 use wisp_blk::tar::TarFs;
 use wisp_blk::{BlkError, Disk};
 use wisp_net::{TcpListener, TcpStream};
 
 wisp::main!(main);
 
-const INDEX: &str = "<!doctype html>\n<html><head><title>Wisp</title></head>\n<body><h1>Hello from a Wisp unikernel!</h1>\n<p>Served by httpd, a Rust unikernel on the Wisp monitor.</p></body></html>\n";
 /// Largest request head accepted.
 const MAX_HEAD: usize = 16 * 1024;
 /// Most bytes of site content loaded from the disk.
 const MAX_SITE: u64 = 64 << 20;
-
-/// The site: path -> (content type, body).
-type Site = BTreeMap<String, (&'static str, Rc<[u8]>)>;
-
-fn content_type(path: &str) -> &'static str {
-    match path.rsplit('.').next().unwrap_or("") {
-        "html" | "htm" => "text/html; charset=utf-8",
-        "css" => "text/css",
-        "js" => "text/javascript",
-        "json" => "application/json",
-        "txt" => "text/plain; charset=utf-8",
-        "png" => "image/png",
-        "jpg" | "jpeg" => "image/jpeg",
-        "svg" => "image/svg+xml",
-        _ => "application/octet-stream",
-    }
-}
 
 /// Loads the site from the disk, if there is one.
 async fn load_site() -> Option<Site> {
@@ -63,15 +47,25 @@ async fn load_site() -> Option<Site> {
     let fs = match TarFs::mount(&mut disk).await {
         Ok(fs) => fs,
         Err(e) => {
-            wisp::println!("httpd: disk is not a tar archive ({e}); serving the built-in page");
+            wisp::println!(
+                "httpd: disk is not a usable tar archive ({e}); serving the built-in page"
+            );
             return None;
         }
     };
-    let mut site = Site::new();
+    if fs.skipped() > 0 {
+        wisp::println!(
+            "httpd: {} archive entries skipped (links, devices, or names outside the root)",
+            fs.skipped()
+        );
+    }
+    let mut site = Site::default();
+    for dir in fs.dirs() {
+        site.add_dir(dir);
+    }
     let mut total = 0u64;
-    let paths: Vec<String> = fs.paths().map(String::from).collect();
-    for path in paths {
-        let Some(entry) = fs.get(&path) else { continue };
+    for path in fs.paths() {
+        let Some(entry) = fs.get(path) else { continue };
         total += entry.size;
         if total > MAX_SITE {
             wisp::println!(
@@ -81,9 +75,7 @@ async fn load_site() -> Option<Site> {
             break;
         }
         match TarFs::read(&mut disk, entry).await {
-            Ok(body) => {
-                site.insert(format!("/{path}"), (content_type(&path), Rc::from(body)));
-            }
+            Ok(body) => site.add_file(path, Rc::from(body)),
             Err(e) => wisp::println!("httpd: reading {path}: {e}"),
         }
     }
@@ -98,7 +90,7 @@ fn main(args: wisp::Args) -> i32 {
         .and_then(|p| p.parse().ok())
         .unwrap_or(80);
     wisp::exec::block_on(async move {
-        let site = Rc::new(load_site().await);
+        let site = Rc::new(load_site().await.unwrap_or_else(Site::built_in));
         let mut listener = match TcpListener::bind(port) {
             Ok(l) => l,
             Err(e) => {
@@ -118,60 +110,53 @@ fn main(args: wisp::Args) -> i32 {
     })
 }
 
-struct Response<'a> {
+struct Response {
     status: &'static str,
-    body: &'a [u8],
+    body: Rc<[u8]>,
     content_type: &'static str,
-    extra: &'static str,
+    extra: alloc::string::String,
+    /// Whether the connection ends after this response.
+    close: bool,
 }
 
-fn text(status: &'static str, body: &'static str) -> Response<'static> {
+fn text(status: &'static str, body: &'static str) -> Response {
     Response {
         status,
-        body: body.as_bytes(),
+        body: Rc::from(body.as_bytes()),
         content_type: "text/plain",
-        extra: "",
+        extra: alloc::string::String::new(),
+        close: false,
     }
 }
 
-fn route<'a>(site: &'a Option<Site>, method: &str, path: &str) -> Response<'a> {
-    if method != "GET" && method != "HEAD" {
-        return Response {
-            extra: "Allow: GET, HEAD\r\n",
-            ..text("405 Method Not Allowed", "method not allowed\n")
-        };
-    }
-    let path = path.split(['?', '#']).next().unwrap_or("/");
-    match site {
-        None => match path {
-            "/" | "/index.html" => Response {
-                status: "200 OK",
-                body: INDEX.as_bytes(),
-                content_type: "text/html; charset=utf-8",
-                extra: "",
-            },
-            _ => text("404 Not Found", "not found\n"),
+fn response(answer: Answer) -> Response {
+    match answer {
+        Answer::File(content_type, body) => Response {
+            status: "200 OK",
+            body,
+            content_type,
+            extra: alloc::string::String::new(),
+            close: false,
         },
-        Some(site) => {
-            let key = if path.ends_with('/') {
-                format!("{path}index.html")
-            } else {
-                String::from(path)
-            };
-            match site.get(&key) {
-                Some((ct, body)) => Response {
-                    status: "200 OK",
-                    body,
-                    content_type: ct,
-                    extra: "",
-                },
-                None => text("404 Not Found", "not found\n"),
-            }
-        }
+        Answer::Redirect(to) => Response {
+            extra: format!("Location: {to}\r\n"),
+            ..text("301 Moved Permanently", "moved permanently\n")
+        },
+        // A malformed target: like any malformed request, the last one.
+        Answer::BadRequest(_) => Response {
+            close: true,
+            ..text("400 Bad Request", "bad request\n")
+        },
+        Answer::Forbidden => text("403 Forbidden", "forbidden\n"),
+        Answer::NotFound => text("404 Not Found", "not found\n"),
+        Answer::MethodNotAllowed => Response {
+            extra: alloc::string::String::from("Allow: GET, HEAD\r\n"),
+            ..text("405 Method Not Allowed", "method not allowed\n")
+        },
     }
 }
 
-async fn respond(stream: &mut TcpStream, r: &Response<'_>, head_only: bool, close: bool) -> bool {
+async fn respond(stream: &mut TcpStream, r: &Response, head_only: bool, close: bool) -> bool {
     let head = format!(
         "HTTP/1.1 {}\r\nServer: wisp-httpd\r\nContent-Type: {}\r\nContent-Length: {}\r\n{}{}\r\n",
         r.status,
@@ -183,12 +168,12 @@ async fn respond(stream: &mut TcpStream, r: &Response<'_>, head_only: bool, clos
     let mut out = Vec::with_capacity(head.len() + r.body.len());
     out.extend_from_slice(head.as_bytes());
     if !head_only {
-        out.extend_from_slice(r.body);
+        out.extend_from_slice(&r.body);
     }
     stream.write_all(&out).await.is_ok()
 }
 
-async fn serve(mut stream: TcpStream, site: Rc<Option<Site>>) {
+async fn serve(mut stream: TcpStream, site: Rc<Site>) {
     let mut buf: Vec<u8> = Vec::with_capacity(2048);
     let mut chunk = [0u8; 4096];
     loop {
@@ -215,8 +200,8 @@ async fn serve(mut stream: TcpStream, site: Rc<Option<Site>>) {
                     (h.name.eq_ignore_ascii_case("content-length") && h.value != b"0")
                         || h.name.eq_ignore_ascii_case("transfer-encoding")
                 });
-                let r = route(&site, method, path);
-                let close = close || has_body;
+                let r = response(site.route(method, path));
+                let close = close || has_body || r.close;
                 if !respond(&mut stream, &r, method == "HEAD", close).await || close {
                     return;
                 }

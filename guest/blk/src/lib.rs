@@ -8,7 +8,7 @@
 //!   the executor. On the Wisp monitor a request completes during the
 //!   notification exit itself, so each call finishes without blocking the
 //!   executor for longer than that exit.
-//! * [`tar`]: a read-only reader for ustar archives, so a disk image made
+//! * [`tar`]: reads tar archives (the `wisp-tar` reader), so a disk image made
 //!   with `tar` carries files.
 #![no_std]
 

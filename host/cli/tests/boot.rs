@@ -144,17 +144,89 @@ fn timeout_stops_a_spinning_guest() {
     );
 }
 
+/// Runs `wisp run IMAGE FLAGS -- ARGS` to its end (at most 60 s) and
+/// returns its output with the CPU time (user + system) the monitor
+/// process used, every thread counted, from `wait4`'s resource usage.
+fn run_with_cpu_time(
+    image: &std::path::Path,
+    flags: &[&str],
+    args: &[&str],
+) -> (std::process::Output, std::time::Duration) {
+    use std::io::Read;
+    use std::os::unix::process::ExitStatusExt;
+    use std::time::{Duration, Instant};
+    require_kvm();
+    // Reaped by the wait4 below (std's wait would not report the usage).
+    #[allow(clippy::zombie_processes)]
+    let mut child = wisp()
+        .arg("run")
+        .arg(image)
+        .args(flags)
+        .arg("--")
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn wisp run");
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = r.read_to_end(&mut buf);
+            buf
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().expect("stdout")));
+    let err = drain(Box::new(child.stderr.take().expect("stderr")));
+    let pid = child.id() as libc::pid_t;
+    let start = Instant::now();
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value for wait4 to fill.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: polls our own child (std never waits for it: `child` is
+        // not waited on), with valid pointers to locals.
+        let rc = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) };
+        assert!(rc >= 0, "wait4: {}", std::io::Error::last_os_error());
+        if rc == pid {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("wisp run {args:?} did not finish within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    let cpu = tv(usage.ru_utime) + tv(usage.ru_stime);
+    let o = std::process::Output {
+        status: std::process::ExitStatus::from_raw(status),
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    };
+    (o, cpu)
+}
+
 #[test]
 fn sleep_waits_in_the_monitor() {
-    let o = run(probe(), &[], &["sleep", "50"]);
-    assert_eq!(status(&o), 0);
+    // The guest sleeps for a second. Blocked in the monitor, it costs the
+    // host almost no CPU: boot and the wait's exits take milliseconds. A
+    // guest that spun through its sleep would burn about the whole second
+    // of CPU time (CPU time, not wall time: a busy machine stretches the
+    // wall clock, not the CPU a sleeping process uses).
+    let (o, cpu) = run_with_cpu_time(probe(), &[], &["sleep", "1000"]);
+    assert_eq!(status(&o), 0, "{}", stderr(&o));
     let ms: u64 = stdout(&o)
         .trim()
         .trim_start_matches("slept ")
         .trim_end_matches(" ms")
         .parse()
         .expect("ms");
-    assert!(ms >= 50, "slept at least the requested time: {ms}");
+    assert!(ms >= 1000, "slept at least the requested time: {ms}");
+    assert!(
+        cpu < std::time::Duration::from_millis(250),
+        "the monitor used {cpu:?} of CPU while its guest slept 1 s: the guest spins"
+    );
 }
 
 #[test]

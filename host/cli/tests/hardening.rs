@@ -28,11 +28,79 @@ fn a_forbidden_syscall_after_the_filter_kills_the_monitor() {
     );
 }
 
+/// The seccomp mode of every thread of process `pid`, as the kernel
+/// reports it (`Seccomp:` in `/proc/PID/task/TID/status`; 2 = filter).
+fn seccomp_modes(pid: u32) -> Vec<(String, String)> {
+    let mut modes = Vec::new();
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the monitor's threads");
+    for task in tasks {
+        let task = task.expect("a thread");
+        let tid = task.file_name().to_string_lossy().into_owned();
+        // A thread that ended since the listing has no status to check.
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            continue;
+        };
+        let mode = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Seccomp:"))
+            .map(|m| m.trim().to_string())
+            .unwrap_or_else(|| format!("no Seccomp line in {status}"));
+        modes.push((tid, mode));
+    }
+    modes
+}
+
+/// A tar archive of a one-page site, made with `tar` as a user would.
+fn small_site_tar(name: &str) -> std::path::PathBuf {
+    let site = scratch().join(format!("{name}-site"));
+    std::fs::create_dir_all(&site).unwrap();
+    std::fs::write(site.join("index.html"), "<p>filtered site</p>\n").unwrap();
+    let tar = scratch().join(format!("{name}.tar"));
+    let st = std::process::Command::new("tar")
+        .arg("cf")
+        .arg(&tar)
+        .arg("-C")
+        .arg(&site)
+        .arg("index.html")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    tar
+}
+
+/// `curl -s http://127.0.0.1:PORT/PATH` (10 s at most): the body.
+fn get(port: u16, path: &str) -> String {
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args([
+        "-s",
+        "--max-time",
+        "10",
+        &format!("http://127.0.0.1:{port}{path}"),
+    ]);
+    stdout(&output_within(cmd, Duration::from_secs(20)))
+}
+
 #[test]
 fn every_test_guest_runs_under_the_filter() {
     // The filter is on by default: a normal run (console, exit) works.
     let o = run(hello(), &[], &["filtered"]);
     assert_eq!(stdout(&o), "Hello from Wisp! args: [\"filtered\"]\n");
+    // And the kernel agrees: while a guest with a NIC and a disk serves,
+    // every thread of its monitor process runs under a seccomp filter
+    // (each thread has its own; one without would be an open door).
+    let disk = format!("{},ro", small_site_tar("filtered").display());
+    let g = start_guest(&example("httpd"), 80, &["--disk", &disk], &[], |port| {
+        get(port, "/").contains("filtered site")
+    });
+    let modes = seccomp_modes(g.child.id());
+    assert!(!modes.is_empty(), "no threads listed");
+    for (tid, mode) in &modes {
+        assert_eq!(
+            mode, "2",
+            "thread {tid} of the monitor is not under a seccomp filter (all: {modes:?})"
+        );
+    }
+    assert!(get(g.port, "/").contains("filtered site"), "still serving");
 }
 
 #[test]
@@ -241,49 +309,119 @@ fn cpu_quota_holds_a_spinning_guest() {
     assert!(cpu < 0.8, "used {cpu:.2} s of CPU in 2 s at --cpus 0.2");
 }
 
+/// CPU time (user + system, every thread) process `pid` has used so far,
+/// from `/proc/PID/stat`.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/PID/stat");
+    // Fields after the command name (which may hold spaces) in parentheses:
+    // state is field 3, utime 14, stime 15.
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Duration::from_millis(ticks * 1000 / hz)
+}
+
 #[test]
 fn a_crashing_or_spinning_guest_leaves_other_guests_untouched() {
     require_kvm();
     let g = start_guest(&example("httpd"), 80, &[], &[], |port| {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
     });
-    let get = |port: u16| {
-        let mut cmd = std::process::Command::new("curl");
-        cmd.args([
-            "-s",
-            "--max-time",
-            "10",
-            &format!("http://127.0.0.1:{port}/"),
-        ]);
-        stdout(&output_within(cmd, Duration::from_secs(20)))
+    let serving = |why: &str| {
+        assert!(
+            get(g.port, "/").contains("Hello from a Wisp unikernel!"),
+            "the neighbour stopped serving {why}"
+        );
     };
-    assert!(get(g.port).contains("Hello from a Wisp unikernel!"));
-    // Neighbours crash, break their rings, flood and spin...
-    for action in ["ud", "ring-outside", "console-flood", "bad-console-ptr"] {
-        let _ = run(probe(), &["--net", "user"], &[action]);
-    }
+    serving("at start");
+    // Neighbours crash, break their rings, flood and spin; each must have
+    // done what it was started to do (or the test proves nothing), and the
+    // server keeps serving after each.
+    let o = run(probe(), &["--net", "user"], &["ud"]);
+    assert_eq!(status(&o), 139, "ud: {}", stderr(&o));
+    assert!(
+        stderr(&o).contains("invalid opcode (#UD)"),
+        "{}",
+        stderr(&o)
+    );
+    serving("after a crash");
+
+    let o = run(probe(), &["--net", "user"], &["ring-outside"]);
+    assert_eq!(status(&o), 0, "ring-outside: {}", stderr(&o));
+    assert_eq!(stdout(&o), "survived\n");
+    assert!(
+        stderr(&o).contains("wisp: virtio-net stopped:"),
+        "{}",
+        stderr(&o)
+    );
+    serving("after a hostile ring");
+
+    let o = run(probe(), &["--net", "user"], &["console-flood"]);
+    assert_eq!(status(&o), 0, "console-flood: {}", stderr(&o));
+    assert!(o.stdout.len() >= 4 << 20, "the flood was written");
+    assert!(
+        stderr(&o).contains("bytes of guest console output dropped"),
+        "{}",
+        stderr(&o)
+    );
+    serving("after a console flood");
+
+    let o = run(probe(), &["--net", "user"], &["bad-console-ptr"]);
+    assert_eq!(status(&o), 139, "bad-console-ptr: {}", stderr(&o));
+    assert!(
+        stderr(&o).contains("broke the hypercall protocol"),
+        "{}",
+        stderr(&o)
+    );
+    serving("after a broken hypercall");
+
     let mut spinner = wisp()
         .args(["run"])
         .arg(probe())
         .args(["--", "spin"])
+        .stdout(std::process::Stdio::null())
         .spawn()
         .expect("spinner");
-    std::thread::sleep(Duration::from_millis(300));
+    let pid = spinner.id();
+    // It spins: its CPU time grows (however busy the machine, a spinning
+    // guest gets there; a guest that waited would never use 300 ms).
+    let start = Instant::now();
+    while cpu_time(pid) < Duration::from_millis(300) {
+        assert!(
+            spinner.try_wait().unwrap().is_none(),
+            "the spinner exited on its own"
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the spinning guest never used 300 ms of CPU"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    serving("next to a spinning guest");
     assert!(
-        get(g.port).contains("Hello from a Wisp unikernel!"),
-        "still serving next to a spinning guest"
+        spinner.try_wait().unwrap().is_none(),
+        "still spinning while the neighbour served"
     );
     // ...and stopping a guest (SIGTERM to its monitor) stops it at once,
     // even while it spins at CPL3.
     // SAFETY: sends SIGTERM to our own child.
-    unsafe { libc::kill(spinner.id() as libc::pid_t, libc::SIGTERM) };
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
     let start = Instant::now();
-    while spinner.try_wait().unwrap().is_none() {
+    let st = loop {
+        if let Some(st) = spinner.try_wait().unwrap() {
+            break st;
+        }
         assert!(
             start.elapsed() < Duration::from_secs(10),
             "a spinning guest did not stop"
         );
         std::thread::sleep(Duration::from_millis(10));
-    }
-    assert!(get(g.port).contains("Hello from a Wisp unikernel!"));
+    };
+    assert!(
+        st.signal() == Some(libc::SIGTERM) || st.code() == Some(128 + libc::SIGTERM),
+        "stopped by SIGTERM: {st:?}"
+    );
+    serving("after its neighbour was stopped");
 }

@@ -1,33 +1,68 @@
 //! Token buckets: the rate limits the monitor puts on what a guest can
 //! push at the host (console output, network frames and bytes, disk
 //! requests and bytes).
+//!
+//! Buckets read time through a [`Clock`], so their arithmetic is tested
+//! against a clock the test moves by hand rather than against real sleeps
+//! (which a busy machine stretches at random).
 
 use std::time::{Duration, Instant};
 
+/// Where a bucket reads the time and how it waits.
+pub trait Clock {
+    /// The current time (monotonic).
+    fn now(&self) -> Instant;
+    /// Blocks the calling thread for `d`.
+    fn sleep(&self, d: Duration);
+}
+
+/// The real monotonic clock and a real sleep.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+
+    fn sleep(&self, d: Duration) {
+        std::thread::sleep(d);
+    }
+}
+
 /// A token bucket: `rate` tokens a second, holding at most `capacity`.
 #[derive(Clone, Debug)]
-pub struct TokenBucket {
+pub struct TokenBucket<C: Clock = SystemClock> {
     capacity: f64,
     tokens: f64,
     rate: f64,
     last: Instant,
+    clock: C,
 }
 
 impl TokenBucket {
     /// A bucket refilled at `rate` per second, starting full with `burst`.
     pub fn new(rate: u64, burst: u64) -> TokenBucket {
+        TokenBucket::with_clock(rate, burst, SystemClock)
+    }
+}
+
+impl<C: Clock> TokenBucket<C> {
+    /// [`TokenBucket::new`] reading time from `clock`.
+    pub fn with_clock(rate: u64, burst: u64, clock: C) -> TokenBucket<C> {
         let capacity = burst.max(1) as f64;
         TokenBucket {
             capacity,
             tokens: capacity,
             rate: rate.max(1) as f64,
-            last: Instant::now(),
+            last: clock.now(),
+            clock,
         }
     }
 
     fn refill(&mut self) {
-        let now = Instant::now();
-        let dt = now.duration_since(self.last).as_secs_f64();
+        let now = self.clock.now();
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = now;
         self.tokens = (self.tokens + dt * self.rate).min(self.capacity);
     }
@@ -73,30 +108,57 @@ impl TokenBucket {
                 self.tokens -= n as f64;
                 return;
             }
-            std::thread::sleep(wait);
+            self.clock.sleep(wait);
         }
     }
 }
 
 /// Optional limits on bytes and operations per second.
-#[derive(Clone, Debug, Default)]
-pub struct Limits {
-    pub bytes: Option<TokenBucket>,
-    pub ops: Option<TokenBucket>,
+#[derive(Clone, Debug)]
+pub struct Limits<C: Clock = SystemClock> {
+    pub bytes: Option<TokenBucket<C>>,
+    pub ops: Option<TokenBucket<C>>,
 }
+
+/// No limits.
+impl<C: Clock> Default for Limits<C> {
+    fn default() -> Self {
+        Limits {
+            bytes: None,
+            ops: None,
+        }
+    }
+}
+
+/// Smallest byte burst: one large frame or request always fits.
+const MIN_BYTE_BURST: u64 = 65_536;
 
 impl Limits {
     /// Limits of `bytes_per_sec` and `ops_per_sec` (0 = unlimited), each
     /// with a burst of a tenth of a second's worth (at least one frame).
     pub fn new(bytes_per_sec: u64, ops_per_sec: u64) -> Limits {
+        Limits::with_clock(bytes_per_sec, ops_per_sec, SystemClock)
+    }
+}
+
+impl<C: Clock + Clone> Limits<C> {
+    /// [`Limits::new`] reading time from `clock`.
+    pub fn with_clock(bytes_per_sec: u64, ops_per_sec: u64, clock: C) -> Limits<C> {
         Limits {
-            bytes: (bytes_per_sec > 0)
-                .then(|| TokenBucket::new(bytes_per_sec, (bytes_per_sec / 10).max(65_536))),
+            bytes: (bytes_per_sec > 0).then(|| {
+                TokenBucket::with_clock(
+                    bytes_per_sec,
+                    (bytes_per_sec / 10).max(MIN_BYTE_BURST),
+                    clock.clone(),
+                )
+            }),
             ops: (ops_per_sec > 0)
-                .then(|| TokenBucket::new(ops_per_sec, (ops_per_sec / 10).max(1))),
+                .then(|| TokenBucket::with_clock(ops_per_sec, (ops_per_sec / 10).max(1), clock)),
         }
     }
+}
 
+impl<C: Clock> Limits<C> {
     /// Stalls until one operation of `len` bytes is allowed.
     pub fn wait_for(&mut self, len: u64) {
         if let Some(b) = self.ops.as_mut() {
@@ -144,32 +206,176 @@ impl Limits {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::{Arc, Mutex};
 
-    #[test]
-    fn bucket_refills_at_its_rate() {
-        let mut b = TokenBucket::new(1000, 100);
-        assert!(b.take(100));
-        assert!(!b.take(50));
-        let w = b.time_until(50);
-        assert!(
-            w > Duration::from_millis(40) && w <= Duration::from_millis(51),
-            "{w:?}"
-        );
-        std::thread::sleep(Duration::from_millis(60));
-        assert!(b.take(50));
-        assert!(
-            b.take_up_to(1000) < 20,
-            "only the refill since the last take is left"
-        );
+    /// A clock that moves only when told to (or when a bucket sleeps on
+    /// it), and records every sleep.
+    #[derive(Clone, Debug)]
+    struct FakeClock {
+        start: Instant,
+        state: Arc<Mutex<(Duration, Vec<Duration>)>>,
+    }
+
+    impl FakeClock {
+        fn new() -> FakeClock {
+            FakeClock {
+                start: Instant::now(),
+                state: Arc::new(Mutex::new((Duration::ZERO, Vec::new()))),
+            }
+        }
+
+        fn advance(&self, d: Duration) {
+            self.state.lock().unwrap().0 += d;
+        }
+
+        /// The sleeps taken so far, forgotten afterwards.
+        fn sleeps(&self) -> Vec<Duration> {
+            std::mem::take(&mut self.state.lock().unwrap().1)
+        }
+    }
+
+    impl Clock for FakeClock {
+        fn now(&self) -> Instant {
+            self.start + self.state.lock().unwrap().0
+        }
+
+        fn sleep(&self, d: Duration) {
+            let mut s = self.state.lock().unwrap();
+            s.0 += d;
+            s.1.push(d);
+        }
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// Equal to within a microsecond (the bucket counts in f64).
+    fn close(a: Duration, b: Duration) -> bool {
+        a.abs_diff(b) <= Duration::from_micros(1)
     }
 
     #[test]
-    fn limits_gate_operations() {
-        let mut l = Limits::new(0, 10);
-        assert!(l.try_take(1500)); // one op of the burst (10/10 = 1)
+    fn bucket_starts_full_and_refills_at_its_rate() {
+        let clock = FakeClock::new();
+        let mut b = TokenBucket::with_clock(1000, 100, clock.clone());
+        assert!(b.take(100), "starts with the whole burst");
+        assert!(!b.take(50));
+        let w = b.time_until(50);
+        assert!(close(w, ms(50)), "50 tokens at 1000/s: {w:?}");
+        clock.advance(ms(49));
+        assert!(!b.take(50), "one token short");
+        clock.advance(ms(1));
+        assert!(b.take(50));
+        assert_eq!(b.take_up_to(1000), 0, "nothing left after the refill");
+        clock.advance(ms(7));
+        assert_eq!(b.take_up_to(1000), 7);
+    }
+
+    #[test]
+    fn bucket_never_holds_more_than_its_burst() {
+        let clock = FakeClock::new();
+        let mut b = TokenBucket::with_clock(1000, 100, clock.clone());
+        clock.advance(Duration::from_secs(3600));
+        assert_eq!(b.take_up_to(u64::MAX), 100);
+        assert_eq!(b.take_up_to(u64::MAX), 0);
+        // Asking for more than the capacity waits only for a full bucket.
+        assert!(close(b.time_until(1_000_000), ms(100)));
+    }
+
+    #[test]
+    fn take_blocking_sleeps_exactly_the_deficit() {
+        let clock = FakeClock::new();
+        let mut b = TokenBucket::with_clock(1000, 100, clock.clone());
+        b.take_blocking(60);
+        assert!(clock.sleeps().is_empty(), "the burst covers it");
+        b.take_blocking(60);
+        let slept: Duration = clock.sleeps().iter().sum();
+        assert!(close(slept, ms(20)), "20 tokens short: {slept:?}");
+        // More than the capacity is capped to it rather than waiting forever.
+        b.take_blocking(10_000);
+        let slept: Duration = clock.sleeps().iter().sum();
+        assert!(close(slept, ms(100)), "{slept:?}");
+    }
+
+    #[test]
+    fn zero_rate_or_burst_still_lets_one_through() {
+        let clock = FakeClock::new();
+        let mut b = TokenBucket::with_clock(0, 0, clock.clone());
+        assert!(b.take(1));
+        assert!(!b.take(1));
+        clock.advance(Duration::from_secs(1));
+        assert!(b.take(1));
+    }
+
+    #[test]
+    fn limits_gate_operations_and_bytes() {
+        let clock = FakeClock::new();
+        // 10 ops/s: a burst of one op.
+        let mut l = Limits::with_clock(0, 10, clock.clone());
+        assert!(l.bytes.is_none());
+        assert!(l.try_take(1500));
         assert!(!l.try_take(1500));
-        assert!(l.time_until(1500) > Duration::ZERO);
-        let mut none = Limits::default();
+        assert!(close(l.time_until(1500), ms(100)));
+        clock.advance(ms(100));
+        assert!(l.try_take(1500));
+
+        // 1 MB/s: a burst of 100 kB (a tenth of a second).
+        let mut l = Limits::with_clock(1_000_000, 0, clock.clone());
+        assert!(l.try_take(100_000));
+        assert!(!l.try_take(1));
+        assert!(close(l.time_until(50_000), ms(50)));
+
+        // A low byte rate still passes a 64 KiB frame at once.
+        let mut l = Limits::with_clock(1000, 0, clock.clone());
+        assert!(l.try_take(65_536));
+        assert!(!l.try_take(1));
+
+        let mut none: Limits<FakeClock> = Limits::default();
         assert!(none.try_take(u64::MAX));
+        assert_eq!(none.time_until(u64::MAX), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_refused_operation_takes_nothing() {
+        let clock = FakeClock::new();
+        let mut l = Limits::with_clock(1_000_000, 10, clock.clone());
+        // Bytes are there, the op is not: the bytes stay in the bucket.
+        assert!(l.try_take(1));
+        assert!(!l.try_take(99_999));
+        clock.advance(ms(100));
+        assert!(l.try_take(99_999), "the refused bytes were not spent");
+        // The op is there, the bytes are not: the op stays.
+        clock.advance(ms(100));
+        l.bytes.as_mut().unwrap().take_up_to(u64::MAX);
+        assert!(!l.try_take(1000));
+        clock.advance(ms(1));
+        assert!(l.try_take(1000), "the refused op was not spent");
+    }
+
+    #[test]
+    fn wait_for_stalls_for_the_slower_of_the_two_limits() {
+        let clock = FakeClock::new();
+        let mut l = Limits::with_clock(1_000_000, 10, clock.clone());
+        l.wait_for(1000);
+        assert!(clock.sleeps().is_empty(), "within both bursts");
+        // The next op waits 100 ms for the op bucket; by then the bytes
+        // are there.
+        l.wait_for(1000);
+        let slept: Duration = clock.sleeps().iter().sum();
+        assert!(close(slept, ms(100)), "{slept:?}");
+        // A large request then waits for the bytes too.
+        l.wait_for(100_000);
+        let slept: Duration = clock.sleeps().iter().sum();
+        assert!(slept >= ms(100), "{slept:?}");
+        assert!(l.time_until(1) > Duration::ZERO);
+    }
+
+    #[test]
+    fn the_system_clock_is_the_default() {
+        let mut l = Limits::new(0, 0);
+        assert!(l.try_take(u64::MAX));
+        let mut b = TokenBucket::new(10, 5);
+        assert_eq!(b.take_up_to(100), 5);
     }
 }
