@@ -252,6 +252,7 @@ impl Vm {
         };
         let mut devices = Vec::new();
         let mut bus = Vec::new();
+        let access = crate::devices::guest_access::GuestAccess::for_guest(&mem, &layout);
         for (i, nic) in cfg.nics.iter().enumerate() {
             let backend: Box<dyn NetBackend> = match &nic.backend {
                 BackendKind::User => Box::new(UserNet::new(&cfg.publish).map_err(VmError::Net)?),
@@ -271,7 +272,7 @@ impl Vm {
             bus.push((
                 d.mmio_base,
                 BusDevice::Net(VirtioMmio::new({
-                    let mut net = Net::new(mac, mem.clone(), backend);
+                    let mut net = Net::new(mac, mem.clone(), access.clone(), backend);
                     net.tx_limits = Limits::new(cfg.net_limits.0, cfg.net_limits.1);
                     net.rx_limits = Limits::new(cfg.net_limits.0, cfg.net_limits.1);
                     net
@@ -279,7 +280,7 @@ impl Vm {
             ));
         }
         if let Some(disk) = &cfg.disk {
-            let block = Block::open(&disk.path, disk.read_only, mem.clone())
+            let block = Block::open(&disk.path, disk.read_only, mem.clone(), access.clone())
                 .map_err(|e| VmError::Disk(disk.path.display().to_string(), e))?;
             let mut d = Device::new(DEVICE_BLOCK);
             d.mmio_base = MMIO_BASE + bus.len() as u64 * MMIO_WINDOW;

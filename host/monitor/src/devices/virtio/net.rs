@@ -3,10 +3,11 @@
 //! Frames the guest transmits go to a [`NetBackend`]; frames from the
 //! backend are written into the receive buffers the guest posted. The guest
 //! is hostile: descriptor chains are walked by `virtio-queue` (bounded
-//! length, no loops), every buffer is read or written through `vm-memory`
-//! (range-checked), and a chain that breaks the rules marks the device as
-//! needing a reset and is reported once, without touching memory outside
-//! the guest or stopping the monitor.
+//! length, no loops), rings and every buffer are checked against what the
+//! guest itself may read or write ([`GuestAccess`]) before `vm-memory`
+//! touches them, and a chain that breaks the rules marks the device as
+//! needing a reset and is reported once, without touching memory the guest
+//! may not or stopping the monitor.
 
 use std::collections::VecDeque;
 
@@ -15,6 +16,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::mmio::VirtioDevice;
 use super::{F_RING_EVENT_IDX, F_VERSION_1};
+use crate::devices::guest_access::GuestAccess;
 use crate::net::NetBackend;
 use crate::ratelimit::Limits;
 
@@ -42,6 +44,8 @@ pub struct NetStats {
 pub struct Net {
     mac: [u8; 6],
     mem: GuestMemoryMmap,
+    /// What the device may read and write in `mem`.
+    access: GuestAccess,
     queues: Vec<Queue>,
     backend: Box<dyn NetBackend>,
     pending_rx: VecDeque<Vec<u8>>,
@@ -58,10 +62,16 @@ pub struct Net {
 }
 
 impl Net {
-    pub fn new(mac: [u8; 6], mem: GuestMemoryMmap, backend: Box<dyn NetBackend>) -> Net {
+    pub fn new(
+        mac: [u8; 6],
+        mem: GuestMemoryMmap,
+        access: GuestAccess,
+        backend: Box<dyn NetBackend>,
+    ) -> Net {
         Net {
             mac,
             mem,
+            access,
             queues: Vec::new(),
             backend,
             pending_rx: VecDeque::new(),
@@ -119,8 +129,18 @@ impl Net {
             // avail_event follows the used ring's entries.
             let at = q.used_ring().checked_add(4 + 8 * q.size() as u64);
             let far = q.next_avail().wrapping_add(0x8000);
-            if at.is_none_or(|a| self.mem.write_obj(far, GuestAddress(a)).is_err()) {
-                self.fail("transmit used ring outside guest memory".into());
+            let written = at
+                .ok_or_else(|| "transmit used ring outside guest memory".to_string())
+                .and_then(|a| {
+                    self.access
+                        .check_write(a, 2)
+                        .map_err(|e| format!("transmit avail_event refused: {e}"))?;
+                    self.mem
+                        .write_obj(far, GuestAddress(a))
+                        .map_err(|_| "transmit used ring outside guest memory".to_string())
+                });
+            if let Err(e) = written {
+                self.fail(e);
             }
         } else if let Err(e) = self.queues[TX].disable_notification(&self.mem) {
             self.fail(format!("transmit queue: {e}"));
@@ -147,6 +167,9 @@ impl Net {
                         return Err("transmit descriptor is device-writable".into());
                     }
                     let len = desc.len() as usize;
+                    self.access
+                        .check_read(desc.addr().0, len as u64)
+                        .map_err(|e| format!("transmit buffer refused: {e}"))?;
                     if frame.len() + len > MAX_FRAME + HDR_LEN {
                         return Err(format!(
                             "transmit chain longer than {} bytes",
@@ -233,6 +256,10 @@ impl Net {
                     self.fail("receive descriptor is not device-writable".into());
                     return delivered;
                 }
+                if let Err(e) = self.access.check_write(desc.addr().0, desc.len().into()) {
+                    self.fail(format!("receive buffer refused: {e}"));
+                    return delivered;
+                }
                 bufs.push((desc.addr(), desc.len() as usize));
                 room += desc.len() as usize;
                 if room >= total {
@@ -297,6 +324,12 @@ impl VirtioDevice for Net {
             self.fail(format!("queue {i} is not valid (addresses or size)"));
             return;
         }
+        for (i, q) in queues.iter().enumerate() {
+            if let Err(e) = self.access.check_queue(q) {
+                self.fail(format!("queue {i} refused: {e}"));
+                return;
+            }
+        }
         self.queues = queues;
     }
 
@@ -308,6 +341,10 @@ impl VirtioDevice for Net {
         if self.process_rx() > 0 {
             self.delivered_since_wait = true;
         }
+    }
+
+    fn broken(&self) -> bool {
+        self.broken.is_some()
     }
 
     fn reset(&mut self) {
