@@ -37,6 +37,8 @@ const USED_ELEM: u64 = 8;
 pub enum AccessError {
     #[error("{addr:#x}+{len:#x} runs past the end of the address space")]
     Wraps { addr: u64, len: u64 },
+    #[error("{addr:#x}+{len:#x} is outside guest memory")]
+    Outside { addr: u64, len: u64 },
     #[error("{addr:#x}+{len:#x} is not {} by the guest (at {at:#x})", if *.write { "writable" } else { "readable" })]
     Denied {
         addr: u64,
@@ -71,6 +73,8 @@ struct Range {
 pub struct GuestAccess {
     /// Sorted, non-overlapping, adjacent runs of equal permission merged.
     ranges: Arc<[Range]>,
+    /// End of guest memory (nothing at or above it is memory).
+    limit: u64,
 }
 
 impl GuestAccess {
@@ -97,11 +101,15 @@ impl GuestAccess {
             let end = virt.saturating_add(size).min(limit);
             ranges.push((virt, end, writable));
         });
-        Self::from_ranges(ranges)
+        GuestAccess {
+            limit,
+            ..Self::from_ranges(ranges)
+        }
     }
 
     /// A map from explicit `(start, end, writable)` ranges (for tests and
-    /// fuzzing). Where ranges overlap, the earlier one (by start) wins.
+    /// fuzzing), guest memory ending with the last. Where ranges overlap,
+    /// the earlier one (by start) wins.
     pub fn from_ranges(ranges: impl IntoIterator<Item = (u64, u64, bool)>) -> GuestAccess {
         let mut input: Vec<Range> = ranges
             .into_iter()
@@ -127,7 +135,10 @@ impl GuestAccess {
             }
             out.push(r);
         }
-        GuestAccess { ranges: out.into() }
+        GuestAccess {
+            limit: out.last().map_or(0, |r| r.end),
+            ranges: out.into(),
+        }
     }
 
     /// May a device read `len` bytes at `addr`?
@@ -148,6 +159,9 @@ impl GuestAccess {
             .ok_or(AccessError::Wraps { addr, len })?;
         if len == 0 {
             return Ok(());
+        }
+        if end > self.limit {
+            return Err(AccessError::Outside { addr, len });
         }
         let denied = |at| AccessError::Denied {
             addr,
@@ -322,9 +336,18 @@ mod tests {
         assert!(a.check_read(start, 128).is_ok(), "both sides are readable");
         // The last byte of RAM is writable; one more is not.
         assert!(a.check_write(l.mem_size - 1, 1).is_ok());
-        assert!(a.check_write(l.mem_size - 1, 2).is_err());
+        assert_eq!(
+            a.check_write(l.mem_size - 1, 2),
+            Err(AccessError::Outside {
+                addr: l.mem_size - 1,
+                len: 2
+            })
+        );
         // The device window is mapped for the CPU but is not memory.
-        assert!(a.check_read(crate::devices::MMIO_BASE, 4).is_err());
+        assert!(matches!(
+            a.check_read(crate::devices::MMIO_BASE, 4),
+            Err(AccessError::Outside { .. })
+        ));
         assert!(a.check_write(u64::MAX, 1).is_err());
         assert_eq!(
             a.check_read(u64::MAX - 1, 4),

@@ -167,15 +167,15 @@ impl Net {
                         return Err("transmit descriptor is device-writable".into());
                     }
                     let len = desc.len() as usize;
-                    self.access
-                        .check_read(desc.addr().0, len as u64)
-                        .map_err(|e| format!("transmit buffer refused: {e}"))?;
                     if frame.len() + len > MAX_FRAME + HDR_LEN {
                         return Err(format!(
                             "transmit chain longer than {} bytes",
                             MAX_FRAME + HDR_LEN
                         ));
                     }
+                    self.access
+                        .check_read(desc.addr().0, len as u64)
+                        .map_err(|e| format!("transmit buffer refused: {e}"))?;
                     let start = frame.len();
                     frame.resize(start + len, 0);
                     self.mem
