@@ -356,3 +356,173 @@ fn devices_may_not_touch_page_tables_gdt_idt_or_tss() {
         );
     }
 }
+
+// ---- Bounded host memory and CPU, whatever the guest does ----
+
+/// CPU time the process has used (user + system, from /proc/PID/stat,
+/// in clock ticks turned into a duration) and its resident memory.
+fn usage(pid: u32) -> (Duration, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // Fields after the command name (which may hold spaces) start at 3.
+    let after = &stat[stat.rfind(')').expect("comm") + 2..];
+    let f: Vec<&str> = after.split(' ').collect();
+    let ticks: u64 = f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime");
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let rss_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    (Duration::from_millis(ticks * 1000 / hz), rss_kib * 1024)
+}
+
+/// Most CPU a monitor whose guest takes no frames may spend over a flood,
+/// and most memory it may gain (its queues are bounded well below this).
+const FLOOD_CPU: Duration = Duration::from_millis(300);
+const FLOOD_RSS: u64 = 16 << 20;
+/// How long each flood lasts (the sender's own loop; nothing is asserted
+/// about time, only about the monitor's CPU ticks and memory).
+const FLOOD_FOR: Duration = Duration::from_secs(3);
+
+/// Starts `cmd` (a `wisp run … probe -- idle …`) and waits for "idle".
+fn start_idle(mut cmd: Command) -> Guest {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn wisp run");
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    let _ = out.read_line(&mut line);
+    let guest = Guest { child, port: 0 };
+    assert_eq!(line, "idle\n", "the probe did not start");
+    // Keep reading (and dropping) whatever it prints later.
+    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+    guest
+}
+
+/// Measures the monitor while `flood` runs, and checks it stayed within
+/// the bounds and alive.
+fn assert_bounded_under(guest: &mut Guest, what: &str, flood: impl FnOnce() -> u64) {
+    let pid = guest.child.id();
+    std::thread::sleep(Duration::from_millis(300)); // let boot settle
+    let (cpu0, rss0) = usage(pid);
+    let sent = flood();
+    let (cpu1, rss1) = usage(pid);
+    assert!(
+        guest.child.try_wait().expect("wait").is_none(),
+        "{what}: the monitor died"
+    );
+    let (cpu, rss) = (cpu1 - cpu0, rss1.saturating_sub(rss0));
+    eprintln!(
+        "{what}: {sent} sent; monitor used {cpu:?} of CPU, gained {} KiB",
+        rss >> 10
+    );
+    assert!(sent > 10_000, "{what}: the flood sent only {sent}");
+    assert!(
+        rss < FLOOD_RSS,
+        "{what}: the monitor grew by {} KiB over {sent} frames its guest never took",
+        rss >> 10
+    );
+    assert!(
+        cpu < FLOOD_CPU,
+        "{what}: the monitor used {cpu:?} of CPU serving a guest that takes no frames"
+    );
+}
+
+#[test]
+fn udp_flood_to_a_nic_the_guest_never_activates_costs_little() {
+    require_kvm();
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut cmd = wisp();
+    cmd.args(["run", "-p", &format!("{port}:{port}/udp")])
+        .arg(probe())
+        .args(["--", "idle", "600000"]);
+    let mut guest = start_idle(cmd);
+    assert_bounded_under(&mut guest, "UDP flood", || {
+        let senders: Vec<_> = (0..2)
+            .map(|_| {
+                std::thread::spawn(move || {
+                    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+                    let payload = [0x5au8; 1400];
+                    let start = Instant::now();
+                    let mut sent = 0u64;
+                    while start.elapsed() < FLOOD_FOR && sent < 2_000_000 {
+                        if s.send_to(&payload, ("127.0.0.1", port)).is_ok() {
+                            sent += 1;
+                        }
+                    }
+                    sent
+                })
+            })
+            .collect();
+        senders.into_iter().map(|s| s.join().unwrap()).sum()
+    });
+}
+
+/// A network namespace with a tap device, removed when dropped.
+struct Netns(String);
+
+impl Netns {
+    fn new(tag: &str) -> Netns {
+        let name = format!("wisp-{}-{tag}", std::process::id());
+        let ip = |args: &[&str]| {
+            let o = Command::new("ip").args(args).output().expect("run ip");
+            assert!(
+                o.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        };
+        ip(&["netns", "add", &name]);
+        let ns = Netns(name);
+        ip(&["-n", &ns.0, "tuntap", "add", "dev", "tap0", "mode", "tap"]);
+        ip(&["-n", &ns.0, "addr", "add", "10.0.3.1/24", "dev", "tap0"]);
+        ip(&["-n", &ns.0, "link", "set", "tap0", "up"]);
+        ns
+    }
+
+    /// A command run inside the namespace (nsenter execs it: killing the
+    /// child kills it).
+    fn exec(&self, program: &Path) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{}", self.0)).arg(program);
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+#[test]
+fn tap_flood_to_a_nic_the_guest_never_activates_costs_little() {
+    require_kvm();
+    let ns = Netns::new("flood");
+    let mut cmd = ns.exec(Path::new(env!("CARGO_BIN_EXE_wisp")));
+    cmd.args(["run", "--net", "tap:tap0,ip=10.0.3.2/24,gw=10.0.3.1"])
+        .arg(probe())
+        .args(["--", "idle", "600000"]);
+    let mut guest = start_idle(cmd);
+    // Frames of 1400 bytes written to the tap from the namespace's side,
+    // as fast as Python can, for FLOOD_FOR.
+    let flood = format!(
+        "import socket,time\ns=socket.socket(socket.AF_PACKET,socket.SOCK_RAW)\ns.bind(('tap0',0))\nf=b'\\x52\\x54\\x00\\x12\\x34\\x56'+b'\\x02'*6+b'\\x08\\x00'+b'\\x45'*1386\nn=0\nend=time.time()+{}\nwhile time.time()<end and n<2000000:\n    try:\n        s.send(f); n+=1\n    except OSError:\n        pass\nprint(n)\n",
+        FLOOD_FOR.as_secs_f64()
+    );
+    assert_bounded_under(&mut guest, "tap flood", || {
+        let mut py = ns.exec(Path::new("python3"));
+        py.args(["-c", &flood]);
+        let o = output_within(py, Duration::from_secs(60));
+        assert!(o.status.success(), "flood: {}", stderr(&o));
+        stdout(&o).trim().parse().expect("count")
+    });
+}

@@ -9,14 +9,13 @@
 //! needing a reset and is reported once, without touching memory the guest
 //! may not or stopping the monitor.
 
-use std::collections::VecDeque;
-
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::mmio::VirtioDevice;
 use super::{F_RING_EVENT_IDX, F_VERSION_1};
 use crate::devices::guest_access::GuestAccess;
+use crate::net::frames::FrameQueue;
 use crate::net::NetBackend;
 use crate::ratelimit::Limits;
 
@@ -27,8 +26,11 @@ const TX: usize = 1;
 pub const HDR_LEN: usize = 12;
 /// Largest frame accepted from the guest (no TSO offered).
 const MAX_FRAME: usize = 65_562;
-/// Frames kept for a guest that has posted no receive buffers.
+/// Frames kept for a guest that has posted no receive buffers (or has not
+/// activated the device, or broke it). Beyond, frames stay in the backend,
+/// whose own queue is bounded and then stops reading its input.
 const MAX_PENDING_RX: usize = 1024;
+const MAX_PENDING_RX_BYTES: usize = 2 << 20;
 
 const F_MAC: u64 = 1 << 5;
 const F_STATUS: u64 = 1 << 16;
@@ -48,7 +50,7 @@ pub struct Net {
     access: GuestAccess,
     queues: Vec<Queue>,
     backend: Box<dyn NetBackend>,
-    pending_rx: VecDeque<Vec<u8>>,
+    pending_rx: FrameQueue,
     /// Why the device stopped, once the guest broke a queue.
     pub broken: Option<String>,
     pub stats: NetStats,
@@ -74,7 +76,7 @@ impl Net {
             access,
             queues: Vec::new(),
             backend,
-            pending_rx: VecDeque::new(),
+            pending_rx: FrameQueue::new(MAX_PENDING_RX, MAX_PENDING_RX_BYTES),
             broken: None,
             stats: NetStats::default(),
             delivered_since_wait: false,
@@ -88,8 +90,13 @@ impl Net {
         std::mem::take(&mut self.delivered_since_wait)
     }
 
-    /// How long until the next queued frame may be delivered (rate limit).
+    /// How long until the next queued frame may be delivered (rate limit);
+    /// `None` when nothing can be delivered (no frame, or the guest has not
+    /// activated the device or broke it).
     pub fn rx_delay(&mut self) -> Option<std::time::Duration> {
+        if !self.active() {
+            return None;
+        }
         let len = self.pending_rx.front()?.len() as u64;
         Some(self.rx_limits.time_until(len))
     }
@@ -217,11 +224,11 @@ impl Net {
     /// Moves frames from the backend into the guest's receive buffers;
     /// returns how many were delivered.
     pub fn process_rx(&mut self) -> usize {
-        while self.pending_rx.len() < MAX_PENDING_RX {
+        while self.pending_rx.has_room() {
             match self.backend.recv() {
                 Some(f) => self.pending_rx.push_back(f),
                 None => break,
-            }
+            };
         }
         if !self.active() {
             return 0;
