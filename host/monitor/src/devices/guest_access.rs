@@ -394,6 +394,15 @@ mod tests {
     }
 
     #[test]
+    fn devices_holding_the_map_stay_send() {
+        fn send_sync<T: Send + Sync>() {}
+        fn send<T: Send>() {}
+        send_sync::<GuestAccess>();
+        send::<crate::devices::virtio::block::Block>();
+        send::<crate::net::frames::FrameQueue>();
+    }
+
+    #[test]
     fn explicit_ranges_merge_and_overlaps_keep_the_first() {
         let a = GuestAccess::from_ranges([
             (0x3000, 0x4000, true),
