@@ -6,6 +6,7 @@
 use libfuzzer_sys::fuzz_target;
 use std::time::Duration;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use wisp_monitor::devices::guest_access::GuestAccess;
 use wisp_monitor::devices::virtio::mmio::VirtioMmio;
 use wisp_monitor::devices::virtio::net::Net;
 use wisp_monitor::devices::MmioDevice;
@@ -34,6 +35,13 @@ impl NetBackend for Loop {
 
 const MEM: usize = 64 << 10;
 
+/// What the driver may touch: the first 48 KiB read-write, 8 KiB read-only
+/// (code, boot page), the last 8 KiB not at all (page tables), so refused
+/// accesses are exercised too.
+fn access() -> GuestAccess {
+    GuestAccess::from_ranges([(0, 48 << 10, true), (48 << 10, 56 << 10, false)])
+}
+
 fuzz_target!(|data: &[u8]| {
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
     // First half: guest memory; second half: (offset, value) register writes.
@@ -42,6 +50,7 @@ fuzz_target!(|data: &[u8]| {
     let mut dev = VirtioMmio::new(Net::new(
         [2, 0, 0, 0, 0, 1],
         mem.clone(),
+        access(),
         Box::new(Loop(vec![vec![0xab; 60]])),
     ));
     for op in ops.chunks_exact(5) {

@@ -18,6 +18,7 @@ use vmm_sys_util::eventfd::EventFd;
 use wisp_abi::boot::Device;
 use wisp_abi::manifest::{DEVICE_BLOCK, DEVICE_NET};
 
+use crate::devices::guest_access::GuestAccess;
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::VirtioMmio;
 use crate::devices::virtio::net::Net;
@@ -48,9 +49,10 @@ pub struct NicSlot {
     pub notify: EventFd,
 }
 
-#[derive(Clone)]
 enum BusDevice {
-    Net(SharedNet),
+    /// A NIC and its notification eventfd: activating the NIC (a register
+    /// write on the vCPU thread) wakes the I/O thread through it.
+    Net(SharedNet, Option<EventFd>),
     Block(SharedBlock),
 }
 
@@ -85,6 +87,7 @@ impl DeviceManager {
         &mut self,
         vm: &VmFd,
         mem: &GuestMemoryMmap,
+        access: GuestAccess,
         backend: Box<dyn NetBackend + Send>,
         nic: &NicConfig,
         limits: (u64, u64),
@@ -100,7 +103,7 @@ impl DeviceManager {
         d.gateway = nic.gateway.octets();
         d.prefix_len = nic.prefix_len as u32;
         d.dns = nic.dns.map_or([0; 4], |a| a.octets());
-        let mut net = Net::new(mac, mem.clone(), backend);
+        let mut net = Net::new(mac, mem.clone(), access, backend);
         net.tx_limits = Limits::new(limits.0, limits.1);
         net.rx_limits = Limits::new(limits.0, limits.1);
         let notify = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
@@ -111,7 +114,8 @@ impl DeviceManager {
         )
         .map_err(DeviceError::IoEvent)?;
         let device = Arc::new(Mutex::new(VirtioMmio::new(net)));
-        self.bus.push((base, BusDevice::Net(device.clone())));
+        let wake = notify.try_clone().ok();
+        self.bus.push((base, BusDevice::Net(device.clone(), wake)));
         self.entries.push(d);
         self.nics.push(NicSlot { device, notify });
         Ok(())
@@ -174,7 +178,17 @@ impl MmioBus {
         };
         let off = addr - base;
         match dev {
-            BusDevice::Net(n) => f(&mut *lock(n), off),
+            BusDevice::Net(n, wake) => {
+                let mut n = lock(n);
+                let was_active = n.device.is_active();
+                f(&mut *n, off);
+                if !was_active && n.device.is_active() {
+                    // The link is up: the I/O thread starts serving it.
+                    if let Some(w) = wake {
+                        let _ = w.write(1);
+                    }
+                }
+            }
             BusDevice::Block(b) => f(&mut *lock(b), off),
         }
         true
@@ -184,7 +198,7 @@ impl MmioBus {
     /// frames it queued just before are not lost).
     pub fn flush_network(&self) {
         for (_, dev) in &self.devices {
-            if let BusDevice::Net(n) = dev {
+            if let BusDevice::Net(n, _) = dev {
                 let mut n = lock(n);
                 n.device.process_tx();
                 n.device.backend().poll();

@@ -53,6 +53,13 @@ impl IoThread {
             for (i, nic) in self.nics.iter().enumerate() {
                 let mut d = lock(&nic.device);
                 let net = &mut d.device;
+                if !net.is_active() {
+                    // No link yet (or a broken one): host connections wait
+                    // in the host kernel rather than reach a guest that
+                    // would lose them when its driver resets the device.
+                    backend_ready[i] = true;
+                    continue;
+                }
                 let tx = net.process_tx();
                 let due = net.backend().next_timeout().is_some_and(|t| t.is_zero());
                 if tx > 0 || backend_ready[i] || due {
@@ -109,10 +116,13 @@ impl IoThread {
             let mut owners = vec![usize::MAX];
             for (i, nic) in self.nics.iter().enumerate() {
                 fds.push(pollin(nic.notify.as_raw_fd()));
-                owners.push(i);
-                for fd in lock(&nic.device).device.backend().fds() {
-                    fds.push(pollin(fd));
-                    owners.push(i);
+                owners.push(usize::MAX);
+                let mut d = lock(&nic.device);
+                if d.device.is_active() {
+                    for fd in d.device.backend().fds() {
+                        fds.push(pollin(fd));
+                        owners.push(i);
+                    }
                 }
             }
             let ms = if timeout.is_zero() {
@@ -123,7 +133,11 @@ impl IoThread {
             // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs
             // that outlives the call.
             let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
-            backend_ready.iter_mut().for_each(|r| *r = false);
+            for (r, nic) in backend_ready.iter_mut().zip(&self.nics) {
+                // Until the link is up, keep the backend marked for the
+                // first pass after it is.
+                *r = !lock(&nic.device).device.is_active();
+            }
             if n > 0 {
                 let _ = self.shared.io_wake.read();
                 for nic in &self.nics {

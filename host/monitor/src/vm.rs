@@ -24,6 +24,7 @@ use crate::boot::{self, BootError, Clock};
 use crate::control::{self, Controller, CounterValues, Request, Shared, StopReason, ThreadState};
 use crate::crash::Crash;
 use crate::device_manager::{DeviceError, DeviceManager};
+use crate::devices::guest_access::GuestAccess;
 use crate::devices::virtio::block::Block;
 use crate::image::Image;
 use crate::io_thread::IoThread;
@@ -247,7 +248,10 @@ impl Shell {
             layout.boot_page,
         )
         .map_err(kvm_call("set registers"))?;
+        // The device access map follows the page tables just written.
+        let access = GuestAccess::for_guest(mem, &layout);
         Ok(Loaded {
+            access,
             machine,
             layout,
             args: encoded,
@@ -293,8 +297,13 @@ impl Shell {
             l.attach_net(backend, nic, cfg.net_limits)?;
         }
         if let Some(disk) = &cfg.disk {
-            let mut block = Block::open(&disk.path, disk.read_only, l.machine.ram.mem.clone())
-                .map_err(|e| VmError::Disk(disk.path.display().to_string(), e))?;
+            let mut block = Block::open(
+                &disk.path,
+                disk.read_only,
+                l.machine.ram.mem.clone(),
+                l.access.clone(),
+            )
+            .map_err(|e| VmError::Disk(disk.path.display().to_string(), e))?;
             block.limits = Limits::new(cfg.disk_limits.0, cfg.disk_limits.1);
             l.attach_block(block)?;
         }
@@ -326,6 +335,8 @@ pub fn check(image: &Image, cfg: &VmConfig) -> Result<(), VmError> {
 
 /// An image loaded into a shell; devices can be attached.
 pub struct Loaded {
+    /// What devices may read and write: what the guest's CPU may.
+    access: GuestAccess,
     machine: Machine,
     layout: Layout,
     args: Vec<u8>,
@@ -347,11 +358,22 @@ impl Loaded {
         self.devices.attach_net(
             &self.machine.vm,
             &self.machine.ram.mem,
+            self.access.clone(),
             backend,
             nic,
             limits,
         )?;
         Ok(())
+    }
+
+    /// What devices of this guest may access (for [`Block::open`]).
+    pub fn access(&self) -> &GuestAccess {
+        &self.access
+    }
+
+    /// Guest memory (for [`Block::open`]).
+    pub fn memory(&self) -> &vm_memory::GuestMemoryMmap {
+        &self.machine.ram.mem
     }
 
     /// Attaches a disk (open it with [`Block::open`] or from a file handed

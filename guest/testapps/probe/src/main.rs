@@ -11,6 +11,8 @@ use alloc::vec::Vec;
 use core::time::Duration;
 use wisp::println;
 
+mod dma;
+
 wisp::main!(main);
 
 extern "C" {
@@ -234,6 +236,15 @@ fn main(args: wisp::Args) -> i32 {
             println!("survived");
         }
         "text-end" => println!("{:#x}", &raw const __text_end as usize),
+        // Device accesses aimed at memory the guest may not write (run with
+        // --net user --disk FILE): see dma.rs.
+        "dma" => return dma::run(arg(1)),
+        // Says it is up, then sleeps without touching its devices (a NIC it
+        // never activates, for the flood tests).
+        "idle" => {
+            println!("idle");
+            wisp::time::sleep(Duration::from_millis(num(1)));
+        }
         other => {
             println!("probe: unknown action '{other}'");
             return 2;

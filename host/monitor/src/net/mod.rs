@@ -1,5 +1,6 @@
 //! Network backends: where a guest's virtio-net frames go.
 
+pub mod frames;
 pub mod tap;
 pub mod user;
 
@@ -14,7 +15,10 @@ pub trait NetBackend {
     fn recv(&mut self) -> Option<Vec<u8>>;
     /// Makes progress on host-side I/O (accept connections, move bytes).
     fn poll(&mut self);
-    /// File descriptors whose readiness means [`NetBackend::poll`] has work.
+    /// File descriptors whose readiness means [`NetBackend::poll`] has work
+    /// it will do now. Input the backend is not reading (its queue toward
+    /// the guest is full: the guest is not taking frames) is left out, so a
+    /// stalled guest costs the host no wakeups.
     fn fds(&self) -> Vec<RawFd>;
     /// When the backend next needs [`NetBackend::poll`] even without I/O.
     fn next_timeout(&mut self) -> Option<Duration>;

@@ -3,13 +3,13 @@
 //! `ip tuntap add NAME mode tap`). Opening an existing tap needs only
 //! access to `/dev/net/tun` and the tap's owner rights, not root.
 
-use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::time::Duration;
 
+use super::frames::FrameQueue;
 use super::NetBackend;
 
 const IFF_TAP: libc::c_short = 0x0002;
@@ -19,6 +19,11 @@ const IFF_VNET_HDR: libc::c_short = 0x4000;
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 /// Frames read from the tap per poll, at most.
 const READ_BATCH: usize = 256;
+/// Frames read from the tap and not yet taken by the device, at most.
+/// Beyond, the tap is not read: the kernel's queue (`txqueuelen`) fills and
+/// drops, counted in the interface's statistics.
+const MAX_TO_GUEST: usize = 256;
+const MAX_TO_GUEST_BYTES: usize = 1 << 20;
 
 #[repr(C)]
 struct IfReq {
@@ -30,7 +35,7 @@ struct IfReq {
 pub struct Tap {
     file: File,
     name: String,
-    to_guest: VecDeque<Vec<u8>>,
+    to_guest: FrameQueue,
 }
 
 impl Tap {
@@ -96,7 +101,7 @@ impl Tap {
         Ok(Tap {
             file,
             name: name.to_string(),
-            to_guest: VecDeque::new(),
+            to_guest: FrameQueue::new(MAX_TO_GUEST, MAX_TO_GUEST_BYTES),
         })
     }
 
@@ -118,16 +123,25 @@ impl NetBackend for Tap {
     fn poll(&mut self) {
         let mut buf = [0u8; 65536];
         for _ in 0..READ_BATCH {
+            if !self.to_guest.has_room() {
+                break;
+            }
             match self.file.read(&mut buf) {
                 Ok(0) => break,
-                Ok(n) => self.to_guest.push_back(buf[..n].to_vec()),
+                Ok(n) => {
+                    self.to_guest.push_back(buf[..n].to_vec());
+                }
                 Err(_) => break,
             }
         }
     }
 
     fn fds(&self) -> Vec<RawFd> {
-        vec![self.file.as_raw_fd()]
+        if self.to_guest.has_room() {
+            vec![self.file.as_raw_fd()]
+        } else {
+            Vec::new() // not read until the device takes frames
+        }
     }
 
     fn next_timeout(&mut self) -> Option<Duration> {

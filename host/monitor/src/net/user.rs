@@ -7,8 +7,15 @@
 //! becomes a TCP connection from the gateway to the guest's port, and the
 //! monitor copies bytes between the two. No traffic leaves the host except
 //! through the published listeners.
+//!
+//! Host memory stays bounded whatever the guest does: the frames between
+//! the gateway and the guest are in bounded queues ([`FrameQueue`]), each
+//! socket buffer is fixed, and while the guest is not taking frames the
+//! backend stops reading its host sockets (and leaves them out of
+//! [`NetBackend::fds`]), so the kernel's bounded socket queues hold or drop
+//! the rest and a stalled guest costs no CPU.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashSet;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -20,6 +27,7 @@ use smoltcp::socket::{tcp, udp};
 use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, IpEndpoint};
 
+use super::frames::FrameQueue;
 use super::NetBackend;
 
 /// Address of the virtual gateway.
@@ -36,6 +44,9 @@ const MAX_CONNECTIONS: usize = 4096;
 const MAX_HANDSHAKES: usize = 8;
 /// Host accept-queue length for published ports.
 const HOST_BACKLOG: i32 = 4096;
+/// Frames between the gateway's stack and the guest's NIC, each way.
+const WIRE_FRAMES: usize = 1024;
+const WIRE_BYTES: usize = 2 << 20;
 
 /// One `-p` rule.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -86,14 +97,24 @@ impl std::str::FromStr for PortForward {
 }
 
 /// Frames between the gateway's stack and the guest.
-#[derive(Default)]
 struct Wire {
-    from_guest: VecDeque<Vec<u8>>,
-    to_guest: VecDeque<Vec<u8>>,
+    from_guest: FrameQueue,
+    to_guest: FrameQueue,
+}
+
+impl Default for Wire {
+    fn default() -> Wire {
+        Wire {
+            from_guest: FrameQueue::new(WIRE_FRAMES, WIRE_BYTES),
+            to_guest: FrameQueue::new(WIRE_FRAMES, WIRE_BYTES),
+        }
+    }
 }
 
 struct RxToken(Vec<u8>);
-struct TxToken<'a>(&'a mut VecDeque<Vec<u8>>);
+/// A frame the gateway sends toward the guest (dropped, and counted, if
+/// the queue is full).
+struct TxToken<'a>(&'a mut FrameQueue);
 
 impl phy::RxToken for RxToken {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
@@ -143,6 +164,12 @@ struct UdpForward {
     guest_port: u16,
     /// client -> (gateway socket, last activity)
     clients: Vec<(SocketAddr, SocketHandle, std::time::Instant)>,
+    /// The next datagram's client cannot take it now (its gateway socket
+    /// is full: the guest is not taking frames): the host socket is not
+    /// read, and its queue in the kernel holds or drops what comes.
+    paused: bool,
+    /// Datagrams read and dropped (too many clients, socket full).
+    dropped: u64,
 }
 
 /// Host clients tracked per UDP port, and how long an idle one is kept.
@@ -198,6 +225,8 @@ impl UserNet {
                 socket,
                 guest_port: f.guest_port,
                 clients: Vec::new(),
+                paused: false,
+                dropped: 0,
             });
         }
         for f in forwards.iter().filter(|f| !f.udp) {
@@ -256,14 +285,25 @@ impl UserNet {
             .collect()
     }
 
-    fn accept(&mut self) {
-        let mut handshakes = self
-            .connections
+    /// Connections toward the guest still in their handshake.
+    fn handshakes(&self) -> usize {
+        self.connections
             .iter()
             .filter(|c| self.sockets.get::<tcp::Socket>(c.handle).state() == tcp::State::SynSent)
-            .count();
+            .count()
+    }
+
+    /// Whether [`UserNet::accept`] would take a connection now.
+    fn can_accept(&self, handshakes: usize) -> bool {
+        self.connections.len() < MAX_CONNECTIONS
+            && handshakes < MAX_HANDSHAKES
+            && self.wire.to_guest.has_room()
+    }
+
+    fn accept(&mut self) {
+        let mut handshakes = self.handshakes();
         for l in &self.listeners {
-            while self.connections.len() < MAX_CONNECTIONS && handshakes < MAX_HANDSHAKES {
+            while self.can_accept(handshakes) {
                 let stream = match l.socket.accept() {
                     Ok((s, _)) => s,
                     Err(_) => break,
@@ -325,8 +365,33 @@ impl UserNet {
         let now = std::time::Instant::now();
         let mut buf = vec![0u8; 65536];
         for i in 0..self.udp.len() {
-            // Host clients -> guest.
-            while let Ok((n, from)) = self.udp[i].socket.recv_from(&mut buf) {
+            // Host clients -> guest, while the next datagram's client can
+            // take it (peeked, so a datagram it cannot take stays queued in
+            // the kernel, which drops beyond its buffer).
+            self.udp[i].paused = false;
+            loop {
+                if !self.wire.to_guest.has_room() {
+                    self.udp[i].paused = true;
+                    break;
+                }
+                let Ok((len, next)) = self.udp[i].socket.peek_from(&mut buf) else {
+                    break;
+                };
+                let full = self.udp[i]
+                    .clients
+                    .iter()
+                    .find(|c| c.0 == next)
+                    .is_some_and(|c| {
+                        let s = self.sockets.get::<udp::Socket>(c.1);
+                        !s.can_send() || s.payload_send_capacity() - s.send_queue() < len
+                    });
+                if full {
+                    self.udp[i].paused = true;
+                    break;
+                }
+                let Ok((n, from)) = self.udp[i].socket.recv_from(&mut buf) else {
+                    break;
+                };
                 let handle = match self.udp[i].clients.iter_mut().find(|c| c.0 == from) {
                     Some(c) => {
                         c.2 = now;
@@ -334,7 +399,9 @@ impl UserNet {
                     }
                     None => {
                         if self.udp[i].clients.len() >= UDP_CLIENTS {
-                            continue; // too many clients: drop, as a full queue would
+                            // Too many clients: drop, as a full queue would.
+                            self.udp[i].dropped += 1;
+                            continue;
                         }
                         let mut s = udp::Socket::new(
                             udp::PacketBuffer::new(
@@ -356,10 +423,18 @@ impl UserNet {
                     }
                 };
                 let to = IpEndpoint::new(IpAddress::Ipv4(GUEST), self.udp[i].guest_port);
-                let _ = self
+                if self
                     .sockets
                     .get_mut::<udp::Socket>(handle)
-                    .send_slice(&buf[..n], to);
+                    .send_slice(&buf[..n], to)
+                    .is_err()
+                {
+                    // No contiguous room after all (or too big): drop it,
+                    // and read no more for now.
+                    self.udp[i].dropped += 1;
+                    self.udp[i].paused = true;
+                    break;
+                }
             }
             // Guest -> host clients; forget idle clients.
             let fwd = &mut self.udp[i];
@@ -495,8 +570,10 @@ impl UserNet {
 
 impl NetBackend for UserNet {
     fn send(&mut self, frame: &[u8]) {
-        if self.wire.from_guest.len() < 4096 {
+        if self.wire.from_guest.has_room() {
             self.wire.from_guest.push_back(frame.to_vec());
+        } else {
+            self.wire.from_guest.count_dropped();
         }
     }
 
@@ -520,6 +597,9 @@ impl NetBackend for UserNet {
             .poll(Instant::now(), &mut self.wire, &mut self.sockets);
     }
 
+    /// Only the sockets [`NetBackend::poll`] would read now: listeners
+    /// while a connection can be taken, connections while the gateway's
+    /// socket has room for the host's bytes, UDP ports not paused.
     fn fds(&self) -> Vec<RawFd> {
         vec![self.epoll.as_raw_fd()]
     }

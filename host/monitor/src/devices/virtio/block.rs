@@ -7,7 +7,10 @@
 //! descriptors in the right direction, sector range inside the disk
 //! (checked arithmetic), data a whole number of sectors; a request that
 //! breaks the rules gets `VIRTIO_BLK_S_IOERR`, and a chain that breaks the
-//! queue's rules stops the device.
+//! queue's rules stops the device. Rings and every buffer (header, data,
+//! status) must be memory the guest itself may read, or write where the
+//! device writes ([`GuestAccess`]); anything else stops the device before
+//! the request runs.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -17,6 +20,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::mmio::VirtioDevice;
 use super::{F_RING_EVENT_IDX, F_VERSION_1};
+use crate::devices::guest_access::GuestAccess;
 use crate::ratelimit::Limits;
 
 pub const SECTOR: u64 = 512;
@@ -46,6 +50,8 @@ pub struct Block {
     capacity_sectors: u64,
     read_only: bool,
     mem: GuestMemoryMmap,
+    /// What the device may read and write in `mem`.
+    access: GuestAccess,
     queue: Option<Queue>,
     pub broken: Option<String>,
     pub stats: BlockStats,
@@ -68,6 +74,7 @@ impl Block {
         path: &std::path::Path,
         read_only: bool,
         mem: GuestMemoryMmap,
+        access: GuestAccess,
     ) -> std::io::Result<Block> {
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -79,6 +86,7 @@ impl Block {
             capacity_sectors: len / SECTOR,
             read_only,
             mem,
+            access,
             queue: None,
             broken: None,
             stats: BlockStats::default(),
@@ -210,6 +218,13 @@ impl Block {
                 {
                     return Err("request header or status descriptor malformed".into());
                 }
+                // Every buffer in the direction the device uses it: header
+                // and data it reads, data and status it writes.
+                for d in &descs {
+                    self.access
+                        .check(d.addr().0, d.len().into(), d.is_write_only())
+                        .map_err(|e| format!("request buffer refused: {e}"))?;
+                }
                 let mut h = [0u8; 16];
                 self.mem
                     .read_slice(&mut h, hdr.addr())
@@ -281,13 +296,20 @@ impl VirtioDevice for Block {
 
     fn activate(&mut self, mut queues: Vec<Queue>, _acked: u64) {
         match queues.pop() {
-            Some(q) if q.is_valid(&self.mem) => self.queue = Some(q),
+            Some(q) if q.is_valid(&self.mem) => match self.access.check_queue(&q) {
+                Ok(()) => self.queue = Some(q),
+                Err(e) => self.fail(format!("request queue refused: {e}")),
+            },
             _ => self.fail("request queue is not valid (addresses or size)".into()),
         }
     }
 
     fn queue_notify(&mut self, _index: u16) {
         self.process_queue();
+    }
+
+    fn broken(&self) -> bool {
+        self.broken.is_some()
     }
 
     fn reset(&mut self) {

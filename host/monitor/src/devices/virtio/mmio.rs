@@ -30,6 +30,9 @@ pub trait VirtioDevice {
     fn activate(&mut self, queues: Vec<Queue>, acked_features: u64);
     /// The driver notified queue `index`.
     fn queue_notify(&mut self, index: u16);
+    /// The device stopped after a driver error (it will do nothing more
+    /// until reset); the transport then shows `NEEDS_RESET`.
+    fn broken(&self) -> bool;
     /// The device was reset by the driver.
     fn reset(&mut self);
 }
@@ -91,6 +94,16 @@ impl<D: VirtioDevice> VirtioMmio<D> {
         self.status |= status::NEEDS_RESET;
     }
 
+    /// Shows a device that stopped itself as `NEEDS_RESET`. Checked after
+    /// every register write (activation, notification) and before the
+    /// driver reads the status, so a failure found outside an MMIO access
+    /// (while serving the network at an exit) is seen too.
+    fn sync_needs_reset(&mut self) {
+        if self.device.broken() {
+            self.set_needs_reset();
+        }
+    }
+
     fn set_status(&mut self, value: u32) {
         if value == 0 {
             self.reset();
@@ -141,7 +154,10 @@ impl<D: VirtioDevice> MmioDevice for VirtioMmio<D> {
             0x034 => self.selected().map_or(0, |q| q.max_size() as u32),
             0x044 => self.selected().map_or(0, |q| q.ready() as u32),
             0x060 => self.interrupt_status,
-            0x070 => self.status,
+            0x070 => {
+                self.sync_needs_reset();
+                self.status
+            }
             0x0fc => self.config_generation,
             _ => 0,
         };
@@ -194,6 +210,7 @@ impl<D: VirtioDevice> MmioDevice for VirtioMmio<D> {
             }
             _ => {}
         }
+        self.sync_needs_reset();
         std::sync::atomic::fence(Ordering::SeqCst);
     }
 }

@@ -3,18 +3,19 @@
 //! Frames the guest transmits go to a [`NetBackend`]; frames from the
 //! backend are written into the receive buffers the guest posted. The guest
 //! is hostile: descriptor chains are walked by `virtio-queue` (bounded
-//! length, no loops), every buffer is read or written through `vm-memory`
-//! (range-checked), and a chain that breaks the rules marks the device as
-//! needing a reset and is reported once, without touching memory outside
-//! the guest or stopping the monitor.
-
-use std::collections::VecDeque;
+//! length, no loops), rings and every buffer are checked against what the
+//! guest itself may read or write ([`GuestAccess`]) before `vm-memory`
+//! touches them, and a chain that breaks the rules marks the device as
+//! needing a reset and is reported once, without touching memory the guest
+//! may not or stopping the monitor.
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::mmio::VirtioDevice;
 use super::{F_RING_EVENT_IDX, F_VERSION_1};
+use crate::devices::guest_access::GuestAccess;
+use crate::net::frames::FrameQueue;
 use crate::net::NetBackend;
 use crate::ratelimit::Limits;
 
@@ -25,8 +26,14 @@ const TX: usize = 1;
 pub const HDR_LEN: usize = 12;
 /// Largest frame accepted from the guest (no TSO offered).
 const MAX_FRAME: usize = 65_562;
-/// Frames kept for a guest that has posted no receive buffers.
+/// Frames kept for a guest that has posted no receive buffers (or has not
+/// activated the device, or broke it). Beyond, frames stay in the backend,
+/// whose own queue is bounded and then stops reading its input.
 const MAX_PENDING_RX: usize = 1024;
+const MAX_PENDING_RX_BYTES: usize = 2 << 20;
+
+/// `avail_event` value that suppresses notifications (see `set_avail_event`).
+const SUPPRESSED_EVENT: u16 = 0xfffe;
 
 const F_MAC: u64 = 1 << 5;
 const F_STATUS: u64 = 1 << 16;
@@ -42,9 +49,11 @@ pub struct NetStats {
 pub struct Net {
     mac: [u8; 6],
     mem: GuestMemoryMmap,
+    /// What the device may read and write in `mem`.
+    access: GuestAccess,
     queues: Vec<Queue>,
     backend: Box<dyn NetBackend + Send>,
-    pending_rx: VecDeque<Vec<u8>>,
+    pending_rx: FrameQueue,
     /// Why the device stopped, once the guest broke a queue.
     pub broken: Option<String>,
     pub stats: NetStats,
@@ -54,13 +63,19 @@ pub struct Net {
 }
 
 impl Net {
-    pub fn new(mac: [u8; 6], mem: GuestMemoryMmap, backend: Box<dyn NetBackend + Send>) -> Net {
+    pub fn new(
+        mac: [u8; 6],
+        mem: GuestMemoryMmap,
+        access: GuestAccess,
+        backend: Box<dyn NetBackend + Send>,
+    ) -> Net {
         Net {
             mac,
             mem,
+            access,
             queues: Vec::new(),
             backend,
-            pending_rx: VecDeque::new(),
+            pending_rx: FrameQueue::new(MAX_PENDING_RX, MAX_PENDING_RX_BYTES),
             broken: None,
             stats: NetStats::default(),
             tx_limits: Limits::default(),
@@ -68,8 +83,13 @@ impl Net {
         }
     }
 
-    /// How long until the next queued frame may be delivered (rate limit).
+    /// How long until the next queued frame may be delivered (rate limit);
+    /// `None` when nothing can be delivered (no frame, or the guest has not
+    /// activated the device or broke it).
     pub fn rx_delay(&mut self) -> Option<std::time::Duration> {
+        if !self.active() {
+            return None;
+        }
         let len = self.pending_rx.front()?.len() as u64;
         Some(self.rx_limits.time_until(len))
     }
@@ -97,8 +117,8 @@ impl Net {
     /// many were sent.
     ///
     /// Transmit notifications stay suppressed while the I/O thread polls the
-    /// ring (EVENT_IDX `avail_event` set half the ring-index space ahead):
-    /// the guest queues frames without exiting. Before the I/O thread
+    /// ring (EVENT_IDX `avail_event`, see `set_avail_event`): the guest
+    /// queues frames without exiting. Before the I/O thread
     /// sleeps it calls [`Net::arm_notifications`], so that the guest's next
     /// frame kicks it through an ioeventfd (no exit to this process).
     pub fn process_tx(&mut self) -> usize {
@@ -147,7 +167,7 @@ impl Net {
     }
 
     /// Writes the `avail_event` of queue `q`: `Some` = notify on the next
-    /// buffer, `None` = half the index space ahead (never, in practice).
+    /// buffer, `None` = (almost) never.
     fn set_avail_event(&mut self, q: usize, armed: Option<()>) {
         if !self.active() {
             return;
@@ -166,14 +186,30 @@ impl Net {
         }
         // avail_event follows the used ring's entries.
         let at = queue.used_ring().checked_add(4 + 8 * queue.size() as u64);
-        let next = queue.next_avail();
+        // Armed: notify when the entry at `next_avail` is added (virtio 1.2,
+        // 2.7.10). Suppressed: 0xfffe, which asks for one notification per
+        // 65,536 buffers both from a driver that compares indices modulo
+        // 2^16 as the specification does and from one that compares them
+        // as plain integers (virtio-drivers 0.13: `avail_idx >= event + 1`),
+        // where "half the index space ahead" would notify on every buffer
+        // for half of the index space.
         let value = if armed.is_some() {
-            next
+            queue.next_avail()
         } else {
-            next.wrapping_add(0x8000)
+            SUPPRESSED_EVENT
         };
-        if at.is_none_or(|a| self.mem.write_obj(value, GuestAddress(a)).is_err()) {
-            self.fail(format!("queue {q}: used ring outside guest memory"));
+        let written = at
+            .ok_or_else(|| format!("queue {q}: used ring outside guest memory"))
+            .and_then(|a| {
+                self.access
+                    .check_write(a, 2)
+                    .map_err(|e| format!("queue {q}: avail_event refused: {e}"))?;
+                self.mem
+                    .write_obj(value, GuestAddress(a))
+                    .map_err(|_| format!("queue {q}: used ring outside guest memory"))
+            });
+        if let Err(e) = written {
+            self.fail(e);
         }
     }
 
@@ -203,6 +239,9 @@ impl Net {
                             MAX_FRAME + HDR_LEN
                         ));
                     }
+                    self.access
+                        .check_read(desc.addr().0, len as u64)
+                        .map_err(|e| format!("transmit buffer refused: {e}"))?;
                     let start = frame.len();
                     frame.resize(start + len, 0);
                     self.mem
@@ -246,11 +285,11 @@ impl Net {
     /// Moves frames from the backend into the guest's receive buffers;
     /// returns how many were delivered.
     pub fn process_rx(&mut self) -> usize {
-        while self.pending_rx.len() < MAX_PENDING_RX {
+        while self.pending_rx.has_room() {
             match self.backend.recv() {
                 Some(f) => self.pending_rx.push_back(f),
                 None => break,
-            }
+            };
         }
         if !self.active() {
             return 0;
@@ -283,6 +322,10 @@ impl Net {
             for desc in chain {
                 if !desc.is_write_only() {
                     self.fail("receive descriptor is not device-writable".into());
+                    return delivered;
+                }
+                if let Err(e) = self.access.check_write(desc.addr().0, desc.len().into()) {
+                    self.fail(format!("receive buffer refused: {e}"));
                     return delivered;
                 }
                 bufs.push((desc.addr(), desc.len() as usize));
@@ -349,6 +392,12 @@ impl VirtioDevice for Net {
             self.fail(format!("queue {i} is not valid (addresses or size)"));
             return;
         }
+        for (i, q) in queues.iter().enumerate() {
+            if let Err(e) = self.access.check_queue(q) {
+                self.fail(format!("queue {i} refused: {e}"));
+                return;
+            }
+        }
         self.queues = queues;
     }
 
@@ -358,6 +407,10 @@ impl VirtioDevice for Net {
         self.process_tx();
         self.backend.poll();
         self.process_rx();
+    }
+
+    fn broken(&self) -> bool {
+        self.broken.is_some()
     }
 
     fn reset(&mut self) {
