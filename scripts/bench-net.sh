@@ -4,13 +4,19 @@
 #   * wrk against examples/httpd (through `-p`, the user-mode network)
 #     versus nginx from Debian serving the same page natively;
 #   * redis-benchmark against examples/kv (in memory, through `-p`) versus
-#     redis-server from Debian natively (persistence off on both).
+#     redis-server from Debian natively (persistence off on both),
+#     unpipelined and with -P 16;
+#   * the monitor's own counters: VM exits per request under load;
+#   * time from `wisp run -p` (process start) to the first HTTP 200, median
+#     of STARTS starts, beside nginx's start to its first 200;
+#   * an idle guest's host CPU use.
 # Both peers run one worker / one thread, as the unikernel has one vCPU.
-# Usage: bash scripts/bench-net.sh [ROUNDS] [SECONDS]
+# Usage: bash scripts/bench-net.sh [ROUNDS] [SECONDS] [STARTS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds="${1:-3}"
 secs="${2:-5}"
+starts="${3:-10}"
 
 bash scripts/install-deps.sh bench wrk nginx redis-server
 cargo build --release -q
@@ -19,6 +25,8 @@ target/release/wisp build examples/httpd -o target/bench/httpd.wisp
 target/release/wisp build examples/kv -o target/bench/kv.wisp
 
 work="$(mktemp -d)"
+# nginx's worker runs as nobody: it must be able to read the page.
+chmod 755 "$work"
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
 trap cleanup EXIT
@@ -29,30 +37,33 @@ wait_port() { for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/n
 # The same page as httpd's built-in one.
 python3 - "$work/www" <<'PY'
 import re, sys, os, pathlib
-src = pathlib.Path("examples/httpd/src/main.rs").read_text()
-page = re.search(r'const INDEX: &str = "(.*?)";', src, re.S).group(1)
+src = pathlib.Path("examples/httpd/src/site.rs").read_text()
+page = re.search(r'const BUILT_IN_INDEX: &str = "(.*?)";', src, re.S).group(1)
 page = page.encode().decode("unicode_escape")
 os.makedirs(sys.argv[1], exist_ok=True)
 pathlib.Path(sys.argv[1], "index.html").write_text(page)
 PY
 
 np=$(free_port); wp=$(free_port); rp=$(free_port); kp=$(free_port)
-cat > "$work/nginx.conf" <<NGINX
+nginx_conf() { # PORT DIR
+cat > "$2/nginx.conf" <<NGINX
 worker_processes 1;
 daemon off;
-pid $work/nginx.pid;
-error_log $work/nginx.err;
+pid $2/nginx.pid;
+error_log $2/nginx.err;
 events { worker_connections 4096; }
 http {
   access_log off;
   keepalive_requests 1000000;
-  server { listen 127.0.0.1:$np; root $work/www; index index.html; }
+  server { listen 127.0.0.1:$1; root $work/www; index index.html; }
 }
 NGINX
+}
+nginx_conf "$np" "$work"
 nginx -c "$work/nginx.conf" & pids+=($!)
-target/release/wisp run -p "127.0.0.1:$wp:80" target/bench/httpd.wisp >/dev/null & pids+=($!)
+target/release/wisp run -q --stats -p "127.0.0.1:$wp:80" target/bench/httpd.wisp >/dev/null 2>"$work/httpd.stats" & wisp_httpd=$!; pids+=($wisp_httpd)
 redis-server --port "$rp" --bind 127.0.0.1 --save "" --appendonly no --daemonize no >/dev/null & pids+=($!)
-target/release/wisp run -p "127.0.0.1:$kp:6379" target/bench/kv.wisp >/dev/null & pids+=($!)
+target/release/wisp run -q --stats -p "127.0.0.1:$kp:6379" target/bench/kv.wisp >/dev/null 2>"$work/kv.stats" & wisp_kv=$!; pids+=($wisp_kv)
 wait_port "$np"; wait_port "$wp"; wait_port "$rp"; wait_port "$kp"
 sleep 0.5
 
@@ -63,50 +74,125 @@ for r in $(seq "$rounds"); do
     wrk -t1 -c32 -d"${secs}s" --latency "http://127.0.0.1:$port/" > "$work/wrk-$who-$r.txt"
   done
 done
-python3 - "$work" "$rounds" <<'PY'
+
+echo "== Redis: redis-benchmark -t set,get -n 100000 -c 32 (and -P 16), $rounds interleaved rounds"
+for r in $(seq "$rounds"); do
+  for who in redis wisp; do
+    port=$rp; [ "$who" = wisp ] && port=$kp
+    redis-benchmark -p "$port" -t set,get -n 100000 -c 32 -q > "$work/rb-$who-$r.txt" 2>/dev/null
+    redis-benchmark -p "$port" -t set,get -n 200000 -c 32 -P 16 -q > "$work/rbp-$who-$r.txt" 2>/dev/null
+  done
+done
+
+# An idle guest: the httpd monitor's CPU time over 2 idle seconds.
+idle_cpu() { python3 - "$1" <<'PY'
+import os, sys, time
+pid = sys.argv[1]
+hz = os.sysconf("SC_CLK_TCK")
+def cpu():
+    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / hz
+a = cpu(); time.sleep(2); b = cpu()
+print(f"{(b - a) * 1000:.0f}")
+PY
+}
+sleep 1
+idle_ms=$(idle_cpu "$wisp_httpd")
+
+# Stop both monitors so that they print their counters.
+kill -TERM "$wisp_httpd" "$wisp_kv"; wait "$wisp_httpd" "$wisp_kv" 2>/dev/null || true
+
+python3 - "$work" "$rounds" "$idle_ms" <<'PY'
 import re, sys, statistics
-work, rounds = sys.argv[1], int(sys.argv[2])
+work, rounds, idle_ms = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 def unit(v):
     m = re.match(r"([\d.]+)(us|ms|s|m)", v)
     if not m:
         raise SystemExit(f"cannot parse latency {v!r}")
     x = float(m.group(1))
     return {"us": x / 1000, "ms": x, "s": x * 1000, "m": x * 60000}[m.group(2)]
-res = {}
+def stats(name):
+    t = open(f"{work}/{name}.stats").read()
+    m = re.search(r"stats: exits (\d+) waits (\d+) wakeups (\d+) io-sleeps (\d+) tx-frames (\d+) rx-frames (\d+)", t)
+    if not m:
+        raise SystemExit(f"no counters from the {name} monitor:\n{t}")
+    return [int(x) for x in m.groups()]
+res, total = {}, 0
+print("== HTTP results (median of rounds)")
 for who in ("nginx", "wisp"):
     rps, p50, p99 = [], [], []
     for r in range(1, rounds + 1):
         t = open(f"{work}/wrk-{who}-{r}.txt").read()
-        if "Requests/sec" not in t:
-            raise SystemExit(f"wrk against {who} failed:\n{t}")
+        if "Requests/sec" not in t or "Non-2xx" in t:
+            raise SystemExit(f"wrk against {who} failed or got errors:\n{t}")
         rps.append(float(re.search(r"Requests/sec:\s+([\d.]+)", t).group(1)))
-        p50.append(unit(re.search(r"50%\s+(\S+)", t).group(1)))
-        p99.append(unit(re.search(r"99%\s+(\S+)", t).group(1)))
+        p50.append(unit(re.search(r"^\s+50%\s+(\S+)", t, re.M).group(1)))
+        p99.append(unit(re.search(r"^\s+99%\s+(\S+)", t, re.M).group(1)))
+        if who == "wisp":
+            total += int(re.search(r"(\d+) requests in", t).group(1))
     res[who] = (statistics.median(rps), statistics.median(p50), statistics.median(p99))
     print(f"  {who:<28} {res[who][0]:>10.0f} req/s   p50 {res[who][1]:7.3f} ms   p99 {res[who][2]:7.3f} ms")
 print(f"  wisp / nginx (native)        {res['wisp'][0] / res['nginx'][0]:.2f}x requests/s")
+ex = stats("httpd")
+print(f"  wisp httpd monitor: {ex[0]} exits for >= {total} requests = {ex[0] / max(total, 1):.3f} exits/request "
+      f"({ex[1]} blocking waits, {ex[2]} wake-ups, {ex[3]} I/O-thread sleeps, {ex[4]} / {ex[5]} frames tx / rx)")
+print("== Redis results (median of rounds)")
+rres = {}
+for kind, pre in (("unpipelined", "rb"), ("-P 16", "rbp")):
+    for who in ("redis", "wisp"):
+        for op in ("SET", "GET"):
+            v = []
+            for r in range(1, rounds + 1):
+                t = open(f"{work}/{pre}-{who}-{r}.txt").read().replace("\r", "\n")
+                m = re.findall(rf"{op}: ([\d.]+) requests per second(?:, p50=([\d.]+) msec)?", t)
+                if not m:
+                    raise SystemExit(f"redis-benchmark {kind} against {who} failed:\n{t}")
+                v.append((float(m[-1][0]), float(m[-1][1] or 0)))
+            rres[(kind, who, op)] = (statistics.median(x for x, _ in v), statistics.median(y for _, y in v))
+            print(f"  {kind:<12} {who:<6} {op}  {rres[(kind, who, op)][0]:>10.0f} req/s   p50 {rres[(kind, who, op)][1]:.3f} ms")
+    for op in ("SET", "GET"):
+        print(f"  {kind:<12} wisp kv / redis-server (native) {op}: {rres[(kind, 'wisp', op)][0] / rres[(kind, 'redis', op)][0]:.2f}x")
+ex = stats("kv")
+print(f"  wisp kv monitor: {ex[0]} exits in total ({ex[1]} blocking waits, {ex[4]} / {ex[5]} frames tx / rx)")
+print(f"== Idle: the httpd monitor used {idle_ms} ms of host CPU in 2 s with no traffic")
 PY
 
-echo "== Redis: redis-benchmark -t set,get -n 50000 -c 32, $rounds interleaved rounds"
-for r in $(seq "$rounds"); do
-  for who in redis wisp; do
-    port=$rp; [ "$who" = wisp ] && port=$kp
-    redis-benchmark -p "$port" -t set,get -n 50000 -c 32 -q > "$work/rb-$who-$r.txt" 2>/dev/null
-  done
-done
-python3 - "$work" "$rounds" <<'PY'
-import re, sys, statistics
-work, rounds = sys.argv[1], int(sys.argv[2])
-res = {}
-for who in ("redis", "wisp"):
-    for op in ("SET", "GET"):
-        v = []
-        for r in range(1, rounds + 1):
-            t = open(f"{work}/rb-{who}-{r}.txt").read().replace("\r", "\n")
-            m = re.findall(rf"{op}: ([\d.]+) requests per second(?:, p50=([\d.]+) msec)?", t)
-            v.append((float(m[-1][0]), float(m[-1][1] or 0)))
-        res[(who, op)] = (statistics.median(x for x, _ in v), statistics.median(y for _, y in v))
-        print(f"  {who:<6} {op}  {res[(who, op)][0]:>10.0f} req/s   p50 {res[(who, op)][1]:.3f} ms")
-for op in ("SET", "GET"):
-    print(f"  wisp kv / redis-server (native) {op}: {res[('wisp', op)][0] / res[('redis', op)][0]:.2f}x")
+echo "== Start to first HTTP 200, median of $starts starts"
+python3 - "$starts" "$work" <<'PY'
+import os, socket, statistics, subprocess, sys, time
+starts, work = int(sys.argv[1]), sys.argv[2]
+def free():
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close(); return p
+def first_200(cmd, port):
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while True:
+            if time.perf_counter() - t0 > 10:
+                raise SystemExit(f"no HTTP 200 within 10 s from {cmd(port)}")
+            try:
+                c = socket.create_connection(("127.0.0.1", port), timeout=5)
+                c.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                d = c.recv(16); c.close()
+                if d.startswith(b"HTTP/1.1 200"):
+                    return (time.perf_counter() - t0) * 1000
+            except OSError:
+                time.sleep(0.0002)
+    finally:
+        p.terminate(); p.wait()
+def nginx(port):
+    d = f"{work}/n{port}"; os.makedirs(d, exist_ok=True)
+    open(f"{d}/nginx.conf", "w").write(
+        f"worker_processes 1; daemon off; pid {d}/nginx.pid; error_log {d}/err;"
+        f"events {{}} http {{ access_log off; server {{ listen 127.0.0.1:{port}; root {work}/www; }} }}")
+    return ["nginx", "-c", f"{d}/nginx.conf"]
+wisp = lambda port: ["target/release/wisp", "run", "-q", "-p", f"127.0.0.1:{port}:80", "target/bench/httpd.wisp"]
+w, n = [], []
+for _ in range(starts):
+    w.append(first_200(wisp, free()))
+    n.append(first_200(nginx, free()))
+mw, mn = statistics.median(w), statistics.median(n)
+print(f"  wisp run -p httpd.wisp      {mw:7.2f} ms   (min {min(w):.2f}, max {max(w):.2f})")
+print(f"  nginx (native, 1 worker)    {mn:7.2f} ms   (min {min(n):.2f}, max {max(n):.2f})")
+print(f"  wisp / nginx                {mw / mn:.2f}x   goal: <= 5 ms")
 PY
