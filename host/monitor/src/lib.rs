@@ -1,20 +1,24 @@
 //! # The Wisp monitor
 //!
 //! A minimal KVM virtual machine monitor for Wisp unikernels, built on the
-//! rust-vmm crates (`kvm-ioctls`, `kvm-bindings`, `vm-memory`).
-//!
-//! One [`vm::Vm`] is one guest: [`image`] validates the ELF image (every
-//! field is hostile until checked), [`layout`] decides where the boot
-//! structures, image and heap live, [`paging`] and [`boot`] write the
-//! page tables, GDT, IDT, TSS and the NoXS-style boot page, [`vcpu`] enters
-//! the 64-bit entry directly at CPL3 (KVM PVM emulates CPL0, see DESIGN.md),
-//! and [`vm::Vm::run`] serves the [`hypercall`]s until the guest exits,
-//! crashes or times out.
+//! rust-vmm crates (`kvm-ioctls`, `kvm-bindings`, `vm-memory`,
+//! `virtio-queue`, `seccompiler`), and shaped as an engine whose steps a
+//! caller drives one at a time ([`vm`]): a [`Shell`] (KVM VM, vCPU, guest
+//! memory in a memfd) that can wait unloaded, an image loaded into it
+//! ([`image`] validates every field, [`layout`], [`paging`] and [`boot`]
+//! write the page tables, GDT, IDT, TSS and the NoXS boot page), devices
+//! attached from backends already open ([`device_manager`]), then
+//! [`Vm::start`]: a vCPU thread ([`vcpu`] enters the 64-bit entry directly
+//! at CPL3, since KVM PVM emulates CPL0; see `docs/design.md`) that answers
+//! the [`hypercall`]s, and an [`io_thread`] that owns the NICs and polls
+//! their rings. [`control`] pauses, resumes and stops a running guest from
+//! any thread; each thread runs under its own [`seccomp`] filter.
 //!
 //! The mappings the guest runs with are fixed before entry: text RX,
 //! read-only data R, everything writable NX, the null page and a guard page
 //! under each stack unmapped, and the page tables, GDT, IDT and TSS
 //! supervisor-only, so a compromised guest cannot forge its way to CPL0.
+//! Devices obey the same map ([`devices::guest_access`]).
 
 pub mod boot;
 pub mod control;
