@@ -506,7 +506,7 @@ impl Vm {
         let vcpu_filter = (!opts.no_seccomp)
             .then(|| seccomp::program(ThreadKind::Vcpu))
             .transpose()?;
-        let io_filter = (!opts.no_seccomp)
+        let io_filter = (!opts.no_seccomp && !nics.is_empty())
             .then(|| seccomp::program(ThreadKind::Io))
             .transpose()?;
         let selftest = opts.seccomp_selftest;
