@@ -155,8 +155,17 @@ pub fn run(a: &RunArgs, started: Instant) -> anyhow::Result<u8> {
     if a.stats {
         let c = &report.counters;
         wisp_monitor::report(format_args!(
-            "wisp: stats: exits {} waits {} wakeups {} io-sleeps {} tx-frames {} rx-frames {}",
-            c.exits, c.waits, c.wakeups, c.io_sleeps, c.tx_frames, c.rx_frames
+            "wisp: stats: exits {} kicks {} waits {} blocked-waits {} wakeups {} \
+             io-sleeps {} tx-frames {} rx-frames {} interruptions {}",
+            c.exits,
+            c.kicks,
+            c.waits,
+            c.blocked_waits,
+            c.wakeups,
+            c.io_sleeps,
+            c.tx_frames,
+            c.rx_frames,
+            c.interruptions
         ));
     }
     if let Some(t) = &report.trace {

@@ -194,14 +194,18 @@ impl MmioBus {
         true
     }
 
-    /// Sends what the guest's NICs have queued (at the guest's exit, so that
-    /// frames it queued just before are not lost).
-    pub fn flush_network(&self) {
+    /// A backstop for a lost transmit notification, called when the guest
+    /// is about to wait: a driver that publishes its available index and
+    /// then reads `avail_event` without a full fence between them (as
+    /// virtio-drivers 0.13 does) can miss the I/O thread's arming while the
+    /// I/O thread misses its frame. If a NIC has frames the device has not
+    /// taken, its I/O thread is kicked.
+    pub fn kick_pending_tx(&self) {
         for (_, dev) in &self.devices {
-            if let BusDevice::Net(n, _) = dev {
-                let mut n = lock(n);
-                n.device.process_tx();
-                n.device.backend().poll();
+            if let BusDevice::Net(n, Some(wake)) = dev {
+                if lock(n).device.tx_pending() {
+                    let _ = wake.write(1);
+                }
             }
         }
     }

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use crate::control::{Request, Shared, ThreadState};
 use crate::device_manager::{lock, NicSlot};
+use crate::quota::CpuQuota;
 
 /// How long the thread keeps polling after the last frame before it sleeps.
 /// Short: on two cores it may share a core with the vCPU thread, and a
@@ -28,6 +29,8 @@ const MAX_SLEEP: Duration = Duration::from_secs(1);
 pub struct IoThread {
     pub(crate) nics: Vec<NicSlot>,
     pub(crate) shared: Arc<Shared>,
+    /// `--cpus`: work a guest causes here counts against its share too.
+    pub(crate) quota: Option<CpuQuota>,
 }
 
 impl IoThread {
@@ -35,6 +38,7 @@ impl IoThread {
     pub fn run(self) {
         let mut last_work = Instant::now();
         let mut fds: Vec<libc::pollfd> = Vec::new();
+        let mut owners: Vec<usize> = Vec::new();
         let mut backend_ready = vec![true; self.nics.len()];
         loop {
             match self.shared.request() {
@@ -48,6 +52,11 @@ impl IoThread {
                 }
                 Request::Stop(_) => break,
             }
+            if let Some(owed) = self.quota.as_ref().and_then(CpuQuota::owed) {
+                self.sleep(owed);
+                continue;
+            }
+            let mut delivered = 0usize;
             let mut work = 0usize;
             let mut next_timer: Option<Duration> = None;
             for (i, nic) in self.nics.iter().enumerate() {
@@ -66,16 +75,16 @@ impl IoThread {
                     net.backend().poll();
                 }
                 let rx = net.process_rx();
-                self.shared
-                    .counters
-                    .tx_frames
-                    .fetch_add(tx as u64, Ordering::Relaxed);
-                self.shared
-                    .counters
-                    .rx_frames
-                    .fetch_add(rx as u64, Ordering::Relaxed);
+                // The guest took frames: a backend that stopped reading its
+                // host side for lack of room may read again (its descriptors
+                // are edge-triggered and would not say so).
+                backend_ready[i] = rx > 0;
+                let c = &self.shared.counters;
+                c.tx_frames.fetch_add(tx as u64, Ordering::Relaxed);
+                c.rx_frames.fetch_add(rx as u64, Ordering::Relaxed);
                 work += tx + rx;
-                for t in [net.backend().next_timeout(), net.rx_delay()]
+                delivered += rx;
+                for t in [net.backend().next_timeout(), net.rx_delay(), net.tx_delay()]
                     .into_iter()
                     .flatten()
                 {
@@ -83,37 +92,41 @@ impl IoThread {
                 }
             }
             let now = Instant::now();
-            if work > 0 {
+            if delivered > 0 {
+                // Only received frames are news for a waiting guest: it
+                // reclaims its transmit buffers when it next runs anyway.
                 self.shared.signal_guest();
+            }
+            if work > 0 {
                 last_work = now;
             }
             let sleeping = now.duration_since(last_work) >= SPIN;
-            let timeout;
-            if sleeping {
+            let timeout = if sleeping {
                 // Ask for notifications, then look once more: a frame queued
                 // between the last pass and the arming must not be missed.
                 let mut late = false;
                 for nic in &self.nics {
                     late |= lock(&nic.device).device.arm_notifications();
                 }
-                timeout = if late {
+                if late {
                     Duration::ZERO
                 } else {
                     next_timer.unwrap_or(MAX_SLEEP).min(MAX_SLEEP)
-                };
-                if !timeout.is_zero() {
-                    self.shared
-                        .counters
-                        .io_sleeps
-                        .fetch_add(1, Ordering::Relaxed);
                 }
             } else {
-                timeout = Duration::ZERO;
+                Duration::ZERO
+            };
+            if sleeping && !timeout.is_zero() {
+                self.shared
+                    .counters
+                    .io_sleeps
+                    .fetch_add(1, Ordering::Relaxed);
             }
             // Wait (or, while spinning, just look) for host-side readiness.
             fds.clear();
+            owners.clear();
             fds.push(pollin(self.shared.io_wake.as_raw_fd()));
-            let mut owners = vec![usize::MAX];
+            owners.push(usize::MAX);
             for (i, nic) in self.nics.iter().enumerate() {
                 fds.push(pollin(nic.notify.as_raw_fd()));
                 owners.push(usize::MAX);
@@ -136,12 +149,14 @@ impl IoThread {
             for (r, nic) in backend_ready.iter_mut().zip(&self.nics) {
                 // Until the link is up, keep the backend marked for the
                 // first pass after it is.
-                *r = !lock(&nic.device).device.is_active();
+                *r |= !lock(&nic.device).device.is_active();
             }
             if n > 0 {
                 let _ = self.shared.io_wake.read();
                 for nic in &self.nics {
-                    let _ = nic.notify.read();
+                    if let Ok(k) = nic.notify.read() {
+                        self.shared.counters.kicks.fetch_add(k, Ordering::Relaxed);
+                    }
                 }
                 for (pfd, &owner) in fds.iter().zip(&owners) {
                     if pfd.revents != 0 && owner != usize::MAX {
@@ -159,7 +174,24 @@ impl IoThread {
                 }
             }
         }
+        // Frames the guest queued just before it ended still go out.
+        for nic in &self.nics {
+            let mut d = lock(&nic.device);
+            if d.device.is_active() {
+                d.device.process_tx();
+                d.device.backend().poll();
+            }
+        }
         self.shared.set_io(ThreadState::Ended);
+    }
+
+    /// Stays off the CPU for `d` (a control request ends it early).
+    fn sleep(&self, d: Duration) {
+        let mut fd = pollin(self.shared.io_wake.as_raw_fd());
+        let ms = d.as_millis().clamp(1, i32::MAX as u128) as i32;
+        // SAFETY: one valid pollfd that outlives the call.
+        unsafe { libc::poll(&mut fd, 1, ms) };
+        let _ = self.shared.io_wake.read();
     }
 }
 

@@ -69,6 +69,10 @@ impl VcpuThread {
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     self.machine.vcpu.set_kvm_immediate_exit(0);
+                    self.shared
+                        .counters
+                        .interruptions
+                        .fetch_add(1, Ordering::Relaxed);
                     if let Some(owed) = self.quota.as_ref().and_then(CpuQuota::owed) {
                         wait_on(&self.shared, owed);
                     }
@@ -142,8 +146,8 @@ impl VcpuThread {
                 Ok(Hypercall::Console { addr, len }) => self.console(addr, len)?,
                 Ok(Hypercall::Wait { timeout_ns }) => self.wait(timeout_ns),
                 Ok(Hypercall::Exit(status)) => {
-                    // Frames the guest queued just before exiting still go out.
-                    self.bus.flush_network();
+                    // Frames the guest queued just before exiting still go
+                    // out: the I/O thread sends them as it stops.
                     self.report_dropped();
                     mark(&mut self.trace, "guest exited");
                     self.console.flush().map_err(VmError::Console)?;
@@ -202,8 +206,10 @@ impl VcpuThread {
     fn wait(&mut self, timeout_ns: u64) {
         let s = &self.shared;
         s.counters.waits.fetch_add(1, Ordering::Relaxed);
+        self.bus.kick_pending_tx();
         s.guest_waiting.store(true, Ordering::SeqCst);
         if !s.events.swap(false, Ordering::SeqCst) && s.request() == Request::Run {
+            s.counters.blocked_waits.fetch_add(1, Ordering::Relaxed);
             wait_on(s, Duration::from_nanos(timeout_ns));
         }
         s.guest_waiting.store(false, Ordering::SeqCst);

@@ -494,12 +494,6 @@ impl Vm {
         opts: StartOptions,
     ) -> Result<RunningVm, VmError> {
         control::install_handlers().map_err(VmError::Thread)?;
-        // Every thread allocates from glibc's main arena: a thread arena
-        // grows with mprotect and, when it shrinks, reads
-        // /proc/sys/vm/overcommit_memory, neither of which a filtered thread
-        // may do.
-        // SAFETY: a malloc tuning call with constant arguments.
-        unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
         let (bus, nics) = self.devices.split();
         let shared = Arc::new(Shared::new(!nics.is_empty()).map_err(VmError::Thread)?);
         // Filters are built before any thread runs guest work.
@@ -516,12 +510,24 @@ impl Vm {
             let io_thread = IoThread {
                 nics,
                 shared: shared.clone(),
+                quota: None,
             };
+            let io_quota = opts.cpu_quota;
             let sh = shared.clone();
             Some(
                 std::thread::Builder::new()
                     .name("wisp-io".into())
                     .spawn(move || {
+                        // Armed before the filter: creating a timer is not
+                        // something a running I/O thread may do.
+                        let mut io_thread = io_thread;
+                        io_thread.quota = io_quota.and_then(|f| {
+                            CpuQuota::arm_for_this_thread(f)
+                                .map_err(|e| {
+                                    crate::report(format_args!("wisp: I/O thread quota: {e}"))
+                                })
+                                .ok()
+                        });
                         if let Some(f) = &io_filter {
                             if let Err(e) = seccomp::apply(f) {
                                 crate::report(format_args!("wisp: I/O thread: {e}"));

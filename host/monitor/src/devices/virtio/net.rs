@@ -57,6 +57,12 @@ pub struct Net {
     /// Why the device stopped, once the guest broke a queue.
     pub broken: Option<String>,
     pub stats: NetStats,
+    /// Set while the transmit limit holds the next frame back: how long.
+    tx_wait: Option<std::time::Duration>,
+    /// Reused for every transmitted frame and its chain's heads: nothing is
+    /// allocated per frame.
+    tx_buf: Vec<u8>,
+    tx_heads: Vec<u16>,
     /// Limits on what the guest sends (stalls it) and receives (queues).
     pub tx_limits: Limits,
     pub rx_limits: Limits,
@@ -78,20 +84,46 @@ impl Net {
             pending_rx: FrameQueue::new(MAX_PENDING_RX, MAX_PENDING_RX_BYTES),
             broken: None,
             stats: NetStats::default(),
+            tx_wait: None,
+            tx_buf: Vec::with_capacity(2048),
+            tx_heads: Vec::with_capacity(QUEUE_SIZE as usize),
             tx_limits: Limits::default(),
             rx_limits: Limits::default(),
         }
     }
 
     /// How long until the next queued frame may be delivered (rate limit);
-    /// `None` when nothing can be delivered (no frame, or the guest has not
-    /// activated the device or broke it).
+    /// `None` when nothing can be delivered now or by waiting alone: no
+    /// frame, no receive buffer (the guest's next buffer notifies: see
+    /// [`Net::arm_notifications`]), or the device inactive or broken.
     pub fn rx_delay(&mut self) -> Option<std::time::Duration> {
-        if !self.active() {
+        if !self.active() || !self.has_buffer(RX) {
             return None;
         }
         let len = self.pending_rx.front()?.len() as u64;
         Some(self.rx_limits.time_until(len))
+    }
+
+    /// How long the transmit limit holds the guest's next frame back, if
+    /// it does.
+    pub fn tx_delay(&self) -> Option<std::time::Duration> {
+        self.tx_wait
+    }
+
+    /// Whether the guest queued frames that the device has not taken (and
+    /// the limit does not hold back): the I/O thread should look.
+    pub fn tx_pending(&self) -> bool {
+        self.active() && self.tx_wait.is_none() && self.has_buffer(TX)
+    }
+
+    /// Whether the driver has made buffers available on queue `q` that the
+    /// device has not taken yet.
+    fn has_buffer(&self, q: usize) -> bool {
+        let queue = &self.queues[q];
+        match queue.avail_idx(&self.mem, std::sync::atomic::Ordering::Acquire) {
+            Ok(idx) => idx.0 != queue.next_avail(),
+            Err(_) => true, // the next pass reports the broken ring
+        }
     }
 
     pub fn pending_len(&self) -> usize {
@@ -145,17 +177,21 @@ impl Net {
             self.set_avail_event(RX, Some(()));
         }
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        let mut work = false;
-        for (i, q) in self.queues.iter().enumerate() {
-            if i == RX && self.pending_rx.is_empty() {
-                continue;
-            }
-            match q.avail_idx(&self.mem, std::sync::atomic::Ordering::Acquire) {
-                Ok(idx) => work |= idx.0 != q.next_avail(),
-                Err(_) => work = true, // let the next pass report it
-            }
+        if !self.active() {
+            return false;
         }
-        work
+        // Work that the caller can do now: a frame to send that the limit
+        // lets through, or a frame to deliver with a buffer for it and the
+        // limit's leave. Work that waits for a timer is not "late".
+        let tx = self.tx_wait.is_none() && self.has_buffer(TX);
+        let rx = match self.pending_rx.front() {
+            Some(f) if self.has_buffer(RX) => {
+                let len = f.len() as u64;
+                self.rx_limits.time_until(len).is_zero()
+            }
+            _ => false,
+        };
+        tx || rx
     }
 
     /// Suppresses the guest's notifications again (the I/O thread is polling).
@@ -217,65 +253,86 @@ impl Net {
         if !self.active() {
             return 0;
         }
-        let mut done = Vec::new();
-        let result = (|| -> Result<(), String> {
+        self.tx_wait = None;
+        let mut heads = std::mem::take(&mut self.tx_heads);
+        heads.clear();
+        let mut frame = std::mem::take(&mut self.tx_buf);
+        let mut rewind = false;
+        let result = 'chains: {
             let q = &mut self.queues[TX];
-            let iter = q
-                .iter(&self.mem)
-                .map_err(|e| format!("transmit queue: {e}"))?;
+            let iter = match q.iter(&self.mem) {
+                Ok(it) => it,
+                Err(e) => break 'chains Err(format!("transmit queue: {e}")),
+            };
             for chain in iter {
                 let head = chain.head_index();
-                let mut frame = Vec::new();
+                frame.clear();
                 let mut last_has_next = false;
                 for desc in chain {
                     last_has_next = desc.has_next();
                     if desc.is_write_only() {
-                        return Err("transmit descriptor is device-writable".into());
+                        break 'chains Err("transmit descriptor is device-writable".into());
                     }
                     let len = desc.len() as usize;
                     if frame.len() + len > MAX_FRAME + HDR_LEN {
-                        return Err(format!(
+                        break 'chains Err(format!(
                             "transmit chain longer than {} bytes",
                             MAX_FRAME + HDR_LEN
                         ));
                     }
-                    self.access
-                        .check_read(desc.addr().0, len as u64)
-                        .map_err(|e| format!("transmit buffer refused: {e}"))?;
+                    if let Err(e) = self.access.check_read(desc.addr().0, len as u64) {
+                        break 'chains Err(format!("transmit buffer refused: {e}"));
+                    }
                     let start = frame.len();
                     frame.resize(start + len, 0);
-                    self.mem
+                    if self
+                        .mem
                         .read_slice(&mut frame[start..], desc.addr())
-                        .map_err(|_| {
-                            format!(
-                                "transmit buffer {:#x}+{len} is outside guest memory",
-                                desc.addr().0
-                            )
-                        })?;
+                        .is_err()
+                    {
+                        break 'chains Err(format!(
+                            "transmit buffer {:#x}+{len} is outside guest memory",
+                            desc.addr().0
+                        ));
+                    }
                 }
                 // virtio-queue ends a chain after queue-size descriptors; one
                 // that still points on loops (or is longer than the ring).
                 if last_has_next {
-                    return Err(
+                    break 'chains Err(
                         "transmit descriptor chain loops or is longer than the queue".into(),
                     );
                 }
-                done.push((head, frame));
+                if frame.len() > HDR_LEN {
+                    let payload = (frame.len() - HDR_LEN) as u64;
+                    // Over the limit: the chain stays in the ring (never a
+                    // sleep here: this runs on the I/O thread, under the
+                    // device's lock) and the I/O thread comes back when the
+                    // limiter allows it.
+                    if !self.tx_limits.try_take(payload) {
+                        self.tx_wait = Some(self.tx_limits.time_until(payload));
+                        rewind = true;
+                        break;
+                    }
+                    self.backend.send(&frame[HDR_LEN..]);
+                    self.stats.tx_frames += 1;
+                }
+                heads.push(head);
             }
             Ok(())
-        })();
-        let sent = done.len();
-        for (head, frame) in done {
-            if frame.len() > HDR_LEN {
-                self.tx_limits.wait_for((frame.len() - HDR_LEN) as u64);
-                self.backend.send(&frame[HDR_LEN..]);
-                self.stats.tx_frames += 1;
-            }
+        };
+        if rewind {
+            self.queues[TX].go_to_previous_position();
+        }
+        let sent = heads.len();
+        for &head in &heads {
             if let Err(e) = self.queues[TX].add_used(&self.mem, head, 0) {
                 self.fail(format!("transmit used ring: {e}"));
-                return sent;
+                break;
             }
         }
+        self.tx_heads = heads;
+        self.tx_buf = frame;
         if let Err(e) = result {
             self.fail(e);
         }
@@ -296,6 +353,10 @@ impl Net {
         }
         let mut delivered = 0;
         while let Some(frame) = self.pending_rx.pop_front() {
+            if !self.has_buffer(RX) {
+                self.pending_rx.push_front(frame); // no buffer posted yet
+                break;
+            }
             if !self.rx_limits.try_take(frame.len() as u64) {
                 self.pending_rx.push_front(frame); // over the limit: later
                 break;
@@ -403,9 +464,9 @@ impl VirtioDevice for Net {
 
     fn queue_notify(&mut self, _index: u16) {
         // Notifications reach the I/O thread through an ioeventfd; a
-        // transport without one (tests, fuzzing) serves the queues here.
+        // transport without one (tests, fuzzing) moves the rings here. The
+        // backend's own I/O stays on the I/O thread (and its filter).
         self.process_tx();
-        self.backend.poll();
         self.process_rx();
     }
 
