@@ -78,10 +78,15 @@ struct BootCell<T>(core::cell::UnsafeCell<T>);
 // SAFETY: only `wisp_start_pvh` writes it, once, before any reader exists.
 unsafe impl<T> Sync for BootCell<T> {}
 
-/// The boot page built from the start info.
+/// The boot page built from the start info, read-only once the map is
+/// locked (`.pvh_boot` is not loaded: it starts zeroed, whatever the
+/// initialiser says).
+#[link_section = ".pvh_boot"]
 static BOOT: BootCell<BootPage> =
     BootCell(core::cell::UnsafeCell::new(BootPage::new(PLATFORM_PVH)));
-/// The arguments, NUL-separated, copied out of the command line.
+/// The arguments, NUL-separated, copied out of the command line; read-only
+/// once the map is locked.
+#[link_section = ".pvh_boot"]
 static ARGS: BootCell<[u8; CMDLINE_MAX]> = BootCell(core::cell::UnsafeCell::new([0; CMDLINE_MAX]));
 
 /// kvmclock's per-vCPU time (`pvclock_vcpu_time_info`), written by KVM.
@@ -150,6 +155,23 @@ pub fn clock_source() -> Option<ClockSource> {
         3 => Some(ClockSource::Calibrated),
         _ => None,
     }
+}
+
+/// Where the PVH path keeps what the CPL3 guest must not reach (for the
+/// protection tests): name and address of each structure.
+pub fn system_structures() -> [(&'static str, u64); 6] {
+    extern "C" {
+        static WISP_PVH_GDT: u8;
+        static WISP_PVH_TSS: u8;
+    }
+    [
+        ("gdt", &raw const WISP_PVH_GDT as u64),
+        ("tss", &raw const WISP_PVH_TSS as u64),
+        ("idt", &raw const stub::wisp_pvh_idt as u64),
+        ("page tables", &raw const stub::wisp_pvh_tables as u64),
+        ("lockdown", &raw const stub::wisp_pvh_lockdown as u64),
+        ("ioapic", IOAPIC[0]),
+    ]
 }
 
 /// Whether an idle guest halts (no host CPU) rather than spins.
@@ -261,6 +283,7 @@ extern "C" fn wisp_start_pvh(start_info: u32) -> ! {
     // SAFETY: single-threaded boot, entered once; nothing else references
     // BOOT or ARGS yet.
     let boot: &'static mut BootPage = unsafe { &mut *BOOT.0.get() };
+    *boot = BootPage::new(PLATFORM_PVH);
     // SAFETY: as above.
     let args: &'static mut [u8; CMDLINE_MAX] = unsafe { &mut *ARGS.0.get() };
 
@@ -329,8 +352,8 @@ extern "C" fn wisp_start_pvh(start_info: u32) -> ! {
         msr(lockdown, MSR_KVM_WALL_CLOCK[i], wall);
         msr(lockdown, MSR_KVM_SYSTEM_TIME[i], time | 1);
     });
-    if stub::call(stub::SERVICE_LOCKDOWN, 0) != 0 {
-        fail("PVH lockdown refused");
+    if stub::call(stub::SERVICE_SETUP, 0) != 0 {
+        fail("PVH set-up refused");
     }
     DEVICES_WAKE.store(routed.all_devices, Ordering::Relaxed);
 
@@ -346,6 +369,9 @@ extern "C" fn wisp_start_pvh(start_info: u32) -> ! {
         }
     };
     CLOCK_SOURCE.store(source as u32 + 1, Ordering::Relaxed);
+    boot.tsc_khz = khz;
+    boot.boot_unix_ns = unix_ns;
+    boot.boot_tsc = at_tsc;
     if routed.idle {
         let khz_timer = if cpu.tsc_deadline {
             Some(0)
@@ -357,9 +383,10 @@ extern "C" fn wisp_start_pvh(start_info: u32) -> ! {
             IDLE.store(true, Ordering::Relaxed);
         }
     }
-    boot.tsc_khz = khz;
-    boot.boot_unix_ns = unix_ns;
-    boot.boot_tsc = at_tsc;
+    // The boot page is complete: from here on it is read-only.
+    if stub::call(stub::SERVICE_LOCKDOWN, 0) != 0 {
+        fail("PVH lockdown refused");
+    }
     crate::start(boot)
 }
 
@@ -410,12 +437,13 @@ fn memory_ranges(
 ) -> List<Range, MAX_RANGES> {
     let sym = |s: &u8| s as *const u8 as u64;
     // SAFETY: linker symbols; only their addresses are taken.
-    let (image_start, text_end, rodata_end, data_end, sys_end) = unsafe {
+    let (image_start, text_end, rodata_end, data_end, boot_start, sys_end) = unsafe {
         (
             sym(&__image_start),
             sym(&__text_end),
             sym(&__rodata_end),
             sym(&stub::__data_end),
+            sym(&stub::__pvh_boot_start),
             sym(&stub::__pvh_sys_end),
         )
     };
@@ -439,7 +467,8 @@ fn memory_ranges(
     r.push(Range::new(image_start, text_end, Kind::Text));
     r.push(Range::new(text_end, rodata_end, Kind::ReadOnly));
     r.push(Range::new(rodata_end, data_end, Kind::Data));
-    r.push(Range::new(data_end, sys_end, Kind::System));
+    r.push(Range::new(data_end, boot_start, Kind::System));
+    r.push(Range::new(boot_start, sys_end, Kind::BootData));
     r.push(Range::new(stack_bottom, stack_top, Kind::Data));
     r.push(Range::new(ist_bottom, image_end, Kind::Data));
     for d in boot.devices() {

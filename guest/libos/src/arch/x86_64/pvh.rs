@@ -21,12 +21,15 @@
 //!    (`wisp_pvh_call`): `int N` is not delivered on KVM PVM but `int3`
 //!    through a CPL0 gate is. Any other `int3` is passed on to the CPL3
 //!    breakpoint handler.
+//!    * `SETUP` (before `LOCKDOWN` only): applies the MSR writes the Rust
+//!      start code listed in [`Lockdown`] (kvmclock, the x2APIC), so it can
+//!      read the clock while it may still write its boot page.
 //!    * `LOCKDOWN` (once): the Rust start code has built the final page
 //!      tables (with `wisp_abi::memmap`, the code the Wisp monitor uses)
-//!      and a list of MSR and MMIO writes in [`Lockdown`]; this applies
-//!      them and loads the tables. The bootstrap map, where the tables
-//!      and this structure were writable, is gone; in the final map they
-//!      are supervisor-only, and a second `LOCKDOWN` is refused.
+//!      and listed MMIO writes (the IOAPIC); this applies them and loads
+//!      the tables. The bootstrap map, where the tables and this structure
+//!      were writable, is gone; in the final map they are supervisor-only,
+//!      and `SETUP` and `LOCKDOWN` are refused from then on.
 //!    * `IDLE`: arms the LAPIC timer (a TSC deadline, or a one-shot count
 //!      where KVM offers no deadline mode), `sti; hlt` until an interrupt,
 //!      then back to CPL3: an idle guest costs no host CPU.
@@ -49,6 +52,7 @@ pub const SERVICE_LOCKDOWN: u64 = 1;
 pub const SERVICE_IDLE: u64 = 2;
 pub const SERVICE_HALT: u64 = 3;
 pub const SERVICE_CPUID: u64 = 4;
+pub const SERVICE_SETUP: u64 = 5;
 
 /// Most MSR writes a [`Lockdown`] can carry.
 pub const MAX_MSRS: usize = 12;
@@ -101,8 +105,10 @@ extern "C" {
     pub static wisp_pvh_cr2: u64;
     /// Handlers of the timer, devices 0..8 and the spurious vector.
     pub static wisp_pvh_irq_handlers: [u64; 2 + MAX_IRQS];
-    /// Bounds of the system segment (GDT, TSS, IDT, tables, CPL0 stack).
+    /// Bounds of the system segment (GDT, TSS, IDT, tables, CPL0 stack,
+    /// then the boot page and arguments).
     pub static __data_end: u8;
+    pub static __pvh_boot_start: u8;
     pub static __pvh_sys_end: u8;
     /// One service call: `int3` at a known address.
     fn wisp_pvh_call(op: u64, arg: u64) -> u128;
@@ -311,6 +317,8 @@ wisp_pvh_service:
     je wisp_pvh_halt
     cmp ${CPUID}, %rdi
     je 40f
+    cmp ${SETUP}, %rdi
+    je 50f
 29: mov $-1, %rax
     iretq
 
@@ -352,26 +360,20 @@ wisp_pvh_service:
     pop %rbx
     iretq
 
+    /* SETUP, before LOCKDOWN only: the MSR writes listed so far. */
+50: cmpb $0, wisp_pvh_locked
+    jne 29b
+    call wisp_pvh_apply_msrs
+    xor %eax, %eax
+    iretq
+
     /* LOCKDOWN, once: MSR writes, the final tables, MMIO writes. */
 30: cmpb $0, wisp_pvh_locked
     jne 29b
     movb $1, wisp_pvh_locked
+    call wisp_pvh_apply_msrs
     mov $wisp_pvh_lockdown, %r8d
-    mov {MSR_COUNT}(%r8), %r9
-    cmp ${MAX_MSRS}, %r9
-    jbe 31f
-    mov ${MAX_MSRS}, %r9d
-31: lea {MSRS}(%r8), %r10
-32: test %r9, %r9
-    jz 33f
-    mov (%r10), %ecx
-    mov 8(%r10), %eax
-    mov 12(%r10), %edx
-    wrmsr
-    add $16, %r10
-    dec %r9
-    jmp 32b
-33: mov {CR3}(%r8), %rax
+    mov {CR3}(%r8), %rax
     mov %rax, %cr3
     mov {MMIO_COUNT}(%r8), %r9
     cmp ${MAX_MMIO}, %r9
@@ -388,6 +390,26 @@ wisp_pvh_service:
     jmp 35b
 36: xor %eax, %eax
     iretq
+
+    /* The listed MSR writes, in order; the list is emptied. */
+wisp_pvh_apply_msrs:
+    mov $wisp_pvh_lockdown, %r8d
+    mov {MSR_COUNT}(%r8), %r9
+    movq $0, {MSR_COUNT}(%r8)
+    cmp ${MAX_MSRS}, %r9
+    jbe 31f
+    mov ${MAX_MSRS}, %r9d
+31: lea {MSRS}(%r8), %r10
+32: test %r9, %r9
+    jz 33f
+    mov (%r10), %ecx
+    mov 8(%r10), %eax
+    mov 12(%r10), %edx
+    wrmsr
+    add $16, %r10
+    dec %r9
+    jmp 32b
+33: ret
 
     /* HALT: for good, at no host CPU cost. */
 wisp_pvh_halt:
@@ -615,6 +637,7 @@ wisp_pvh_early_idt: .skip 32 * 8
     FLAG_IDLE = const FLAG_IDLE,
     FLAG_TSC_DEADLINE = const FLAG_TSC_DEADLINE,
     CPUID = const SERVICE_CPUID,
+    SETUP = const SERVICE_SETUP,
     FLAGS = const core::mem::offset_of!(Lockdown, flags),
     CR3 = const core::mem::offset_of!(Lockdown, cr3),
     MSR_COUNT = const core::mem::offset_of!(Lockdown, msr_count),
