@@ -182,6 +182,13 @@ fn main(args: wisp::Args) -> i32 {
             wisp::time::sleep(Duration::from_millis(num(1)));
             println!("slept {} ms", start.elapsed().as_millis());
         }
+        // Announces itself, then sleeps (for tests that watch an idle guest).
+        "idle" => {
+            println!("idle for {} ms", num(1));
+            wisp::console::flush();
+            wisp::time::sleep(Duration::from_millis(num(1)));
+            println!("awake");
+        }
         "async-sleep" => {
             let ms = num(1);
             let total = wisp::exec::block_on(async move {
@@ -221,6 +228,14 @@ fn main(args: wisp::Args) -> i32 {
         // the end of RAM, and (PVH) each system structure and the IOAPIC.
         "write-below-image" => write(0x1000, 0),
         "read-beyond-ram" => println!("read {}", read(wisp::boot::boot_page().mem_size as usize)),
+        "read-addr" | "write-addr" => {
+            let addr = usize::from_str_radix(arg(1).trim_start_matches("0x"), 16).unwrap_or(0);
+            if arg(0) == "read-addr" {
+                println!("read {}", read(addr));
+            } else {
+                write(addr, 0);
+            }
+        }
         "read-system" | "write-system" => {
             let (name, addr) = wisp::platform::pvh::system_structures()[num(1) as usize % 6];
             println!("{} {name} at {addr:#x}", arg(0));
