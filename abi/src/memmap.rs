@@ -36,8 +36,9 @@ pub const PAGE: u64 = 4096;
 pub const HUGE_PAGE: u64 = 2 << 20;
 /// 1 GiB, what one page directory maps.
 pub const GIB: u64 = 1 << 30;
-/// Addresses the tables can map: one page-directory-pointer table, 512 GiB.
-pub const ADDRESS_LIMIT: u64 = 512 * GIB;
+/// Addresses the tables can map (more than any Wisp guest uses: the Wisp
+/// monitor gives at most 3 GiB, the PVH start code uses RAM below 4 GiB).
+pub const ADDRESS_LIMIT: u64 = 64 * GIB;
 
 const PWT: u64 = 1 << 3;
 const PCD: u64 = 1 << 4;
@@ -140,6 +141,19 @@ pub enum MapError {
     MmioInRam { start: u64, end: u64 },
     /// The tables need more pages than were given.
     TooManyTables { needed: usize, available: usize },
+}
+
+impl MapError {
+    /// What went wrong, in a few words (no formatting code needed).
+    pub const fn reason(&self) -> &'static str {
+        match self {
+            MapError::BadRange { .. } => "a range is empty or not 4 KiB aligned",
+            MapError::BeyondLimit { .. } => "a range is beyond the mappable addresses",
+            MapError::OutsideRam { .. } => "a range is not inside guest RAM",
+            MapError::MmioInRam { .. } => "an MMIO range overlaps guest RAM",
+            MapError::TooManyTables { .. } => "the page tables need more pages than reserved",
+        }
+    }
 }
 
 impl core::fmt::Display for MapError {
@@ -255,20 +269,26 @@ impl Map<'_> {
         self.kind_at(addr).pte_flags()
     }
 
-    /// Every address at which the kind may change.
-    fn boundaries(&self) -> impl Iterator<Item = u64> + '_ {
-        let ram = self.ram.iter().flat_map(|&(s, e)| [s, e]);
-        let ranges = self.ranges.iter().flat_map(|r| [r.start, r.end]);
-        core::iter::once(PAGE).chain(ram).chain(ranges)
-    }
-
-    /// The kind of all of `[lo, hi)` if it has only one.
+    /// The kind of all of `[lo, hi)` if it has only one: the kind can only
+    /// change at the start or end of RAM or of a range (or after the null
+    /// page).
     fn uniform(&self, lo: u64, hi: u64) -> Option<Kind> {
         let kind = self.kind_at(lo);
-        self.boundaries()
-            .filter(|&b| b > lo && b < hi)
-            .all(|b| self.kind_at(b) == kind)
-            .then_some(kind)
+        let changes = |b: u64| b > lo && b < hi && self.kind_at(b) != kind;
+        if changes(PAGE) {
+            return None;
+        }
+        for &(s, e) in self.ram {
+            if changes(s) || changes(e) {
+                return None;
+            }
+        }
+        for r in self.ranges {
+            if changes(r.start) || changes(r.end) {
+                return None;
+            }
+        }
+        Some(kind)
     }
 
     /// Whether anything in `[lo, hi)` is mapped.
@@ -287,9 +307,18 @@ impl Map<'_> {
         ram.chain(ranges).max().unwrap_or(0).min(ADDRESS_LIMIT)
     }
 
+    /// The gigabytes that need a page directory, as a bit mask.
+    fn directory_mask(&self) -> u64 {
+        let gibs = self.top().div_ceil(GIB);
+        (0..gibs)
+            .filter(|&g| self.any_mapped(g * GIB, (g + 1) * GIB))
+            .fold(0, |m, g| m | 1 << g)
+    }
+
     /// The gigabytes (by index) that need a page directory, in order.
-    pub fn directory_gibs(&self) -> impl Iterator<Item = u64> + '_ {
-        (0..self.top().div_ceil(GIB)).filter(|&g| self.any_mapped(g * GIB, (g + 1) * GIB))
+    pub fn directory_gibs(&self) -> impl Iterator<Item = u64> {
+        let mask = self.directory_mask();
+        (0..64).filter(move |g| mask & 1 << g != 0)
     }
 
     /// The 2 MiB regions (by index) that need a table of 4 KiB pages, in
@@ -304,7 +333,7 @@ impl Map<'_> {
     /// Pages of tables [`Map::build`] writes: PML4, PDPT, the page
     /// directories and the page tables.
     pub fn tables_needed(&self) -> usize {
-        2 + self.directory_gibs().count() + self.table_regions().count()
+        2 + self.directory_mask().count_ones() as usize + self.table_regions().count()
     }
 
     /// Builds the page tables into `tables`, which the CPU will see at
@@ -326,27 +355,30 @@ impl Map<'_> {
             *t = [0; 512];
         }
         tables[0][0] = addr(1) | TABLE;
-        let mut next_pt = 2 + self.directory_gibs().count();
-        for (i, g) in self.directory_gibs().enumerate() {
-            let pd = 2 + i;
+        let mask = self.directory_mask();
+        let mut pd = 1;
+        let mut next_pt = 2 + mask.count_ones() as usize;
+        for g in 0..64u64 {
+            if mask & 1 << g == 0 {
+                continue;
+            }
+            pd += 1;
             tables[1][g as usize] = addr(pd) | TABLE;
             for slot in 0..512u64 {
                 let region = (g * 512 + slot) * HUGE_PAGE;
-                let entry = match self.uniform(region, region + HUGE_PAGE) {
-                    Some(Kind::Unmapped) => 0,
+                tables[pd][slot as usize] = match self.uniform(region, region + HUGE_PAGE) {
+                    Some(kind) if kind.pte_flags() == 0 => 0,
                     Some(kind) => region | kind.pte_flags() | pte::HUGE,
                     None => {
-                        let pt = next_pt;
-                        next_pt += 1;
-                        for (p, e) in tables[pt].iter_mut().enumerate() {
+                        for (p, e) in tables[next_pt].iter_mut().enumerate() {
                             let page = region + p as u64 * PAGE;
                             let flags = self.page_flags(page);
                             *e = if flags == 0 { 0 } else { page | flags };
                         }
-                        addr(pt) | TABLE
+                        next_pt += 1;
+                        addr(next_pt - 1) | TABLE
                     }
                 };
-                tables[pd][slot as usize] = entry;
             }
         }
         Ok(needed)

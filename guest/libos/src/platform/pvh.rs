@@ -342,8 +342,7 @@ extern "C" fn wisp_start_pvh(start_info: u32) -> ! {
     };
     let base = addr_of(tables);
     if let Err(e) = map.build(base, &mut tables[..]) {
-        let _ = writeln!(Com1, "wisp: PVH memory map: {e}");
-        exit(wisp_abi::exit::CRASH);
+        fail(e.reason());
     }
     lockdown.cr3 = base;
     let kvmclock = cpu.kvmclock.map(|i| {
@@ -631,7 +630,7 @@ fn calibrate_timer_khz(tsc_khz: u64) -> Option<u64> {
         stub::call(stub::SERVICE_IDLE, CALIBRATION_TICKS);
         longest = longest.max(rdtsc().wrapping_sub(t0));
     }
-    let khz = (CALIBRATION_TICKS as u128 * tsc_khz as u128 / longest.max(1) as u128) as u64;
+    let khz = CALIBRATION_TICKS.saturating_mul(tsc_khz) / longest.max(1);
     // KVM's LAPIC timer runs at 1 GHz unless the VMM slows it.
     (1_000..=10_000_000).contains(&khz).then_some(khz)
 }
@@ -663,8 +662,10 @@ fn read_kvmclock() -> Option<(u64, u64, u64)> {
         if mul == 0 {
             return None;
         }
-        let mut khz = (1_000_000u128 << 32) / mul as u128;
-        let mut delta = tsc.wrapping_sub(tsc_ts) as u128;
+        // Plain u64 arithmetic (no 128-bit division in the image): 10^6
+        // << 32 and seconds in ns both fit.
+        let mut khz = (1_000_000u64 << 32) / mul as u64;
+        let mut delta = tsc.wrapping_sub(tsc_ts);
         if shift < 0 {
             khz <<= -shift as u32;
             delta >>= -shift as u32;
@@ -672,9 +673,9 @@ fn read_kvmclock() -> Option<(u64, u64, u64)> {
             khz >>= shift as u32;
             delta <<= shift as u32;
         }
-        let now = sys as u128 + ((delta * mul as u128) >> 32);
-        let unix = wsec as u128 * 1_000_000_000 + wnsec as u128 + now;
-        return Some((khz as u64, unix as u64, tsc));
+        let now = sys.wrapping_add(((delta as u128 * mul as u128) >> 32) as u64);
+        let unix = (wsec as u64 * 1_000_000_000 + wnsec as u64).wrapping_add(now);
+        return Some((khz, unix, tsc));
     }
     None
 }
@@ -755,15 +756,16 @@ pub fn wait(timeout_ns: u64) {
         return;
     }
     let khz = crate::time::tsc_khz().max(1);
-    let ticks = u64::try_from(timeout_ns as u128 * khz as u128 / 1_000_000).unwrap_or(u64::MAX);
+    // Saturates only for waits of hours; the caller waits again.
+    let ticks = timeout_ns.saturating_mul(khz) / 1_000_000;
     let start = rdtsc();
     if halts_when_idle() && timeout_ns >= SPIN_BELOW_NS {
         let timer_khz = TIMER_KHZ.load(Ordering::Relaxed);
         let arg = if timer_khz == 0 {
             start.saturating_add(ticks)
         } else {
-            let count = timeout_ns as u128 * timer_khz as u128 / 1_000_000;
-            count.clamp(1, u32::MAX as u128) as u64
+            let count = timeout_ns.saturating_mul(timer_khz) / 1_000_000;
+            count.clamp(1, u32::MAX as u64)
         };
         stub::call(stub::SERVICE_IDLE, arg);
         return;

@@ -160,11 +160,11 @@ core::arch::global_asm!(
     .type wisp_pvh_entry, @function
 wisp_pvh_entry:
     cli
-    mov $wisp_pvh_kstack_top, %esp
+    mov $.Lpvh_kstack_top, %esp
     pushl $2
     popfl
     movl ${PLATFORM_PVH}, WISP_PLATFORM
-    lgdt wisp_pvh_gdt_ptr
+    lgdt .Lpvh_gdt_ptr
     ljmp ${KERNEL32_CS}, $1f
 1:  mov ${KERNEL_DS}, %eax
     mov %eax, %ds
@@ -173,22 +173,22 @@ wisp_pvh_entry:
     mov %eax, %fs
     mov %eax, %gs
 
-    /* Early IDT: vector v -> the 8-byte stub at wisp_pvh_early_stubs + 8v. */
-    mov $wisp_pvh_early_stubs, %eax
+    /* Early IDT: vector v -> the 8-byte stub at .Lpvh_early_stubs + 8v. */
+    mov $.Lpvh_early_stubs, %eax
     xor %ecx, %ecx
 2:  mov %eax, %edx
     and $0xffff, %edx
     or $({KERNEL32_CS} << 16), %edx
-    mov %edx, wisp_pvh_early_idt(,%ecx,8)
+    mov %edx, .Lpvh_early_idt(,%ecx,8)
     mov %eax, %edx
     and $0xffff0000, %edx
     or $0x8e00, %edx
-    mov %edx, wisp_pvh_early_idt+4(,%ecx,8)
+    mov %edx, .Lpvh_early_idt+4(,%ecx,8)
     add $8, %eax
     inc %ecx
     cmp $32, %ecx
     jne 2b
-    lidt wisp_pvh_early_idt_ptr
+    lidt .Lpvh_early_idt_ptr
 
     /* Mask the legacy PIC: its interrupts (ExtINT) ignore the TPR. */
     mov $0xff, %al
@@ -197,9 +197,9 @@ wisp_pvh_entry:
 
     /* Bootstrap map: 0-2 MiB as one user read-write-execute page, where
        the CPL3 start code builds the final tables. */
-    movl $(wisp_pvh_boot_pdpt + {TABLE}), wisp_pvh_boot_pml4
-    movl $(wisp_pvh_boot_pd + {TABLE}), wisp_pvh_boot_pdpt
-    movl ${BOOT_PAGE}, wisp_pvh_boot_pd
+    movl $(.Lpvh_boot_pdpt + {TABLE}), .Lpvh_boot_pml4
+    movl $(.Lpvh_boot_pd + {TABLE}), .Lpvh_boot_pdpt
+    movl ${BOOT_PAGE}, .Lpvh_boot_pd
 
     /* IDT: a DPL3 trap gate on IST1 to each CPL3 exception stub ... */
     xor %ecx, %ecx
@@ -219,7 +219,7 @@ wisp_pvh_entry:
     jne 3b
     /* ... but #BP (the services) and #PF (to save CR2) enter CPL0 first:
        DPL3 interrupt gates in the kernel code segment, on RSP0. */
-    mov $wisp_pvh_service, %eax
+    mov $.Lpvh_service, %eax
     mov %eax, %edx
     and $0xffff, %edx
     or $({KERNEL_CS} << 16), %edx
@@ -227,7 +227,7 @@ wisp_pvh_entry:
     and $0xffff0000, %eax
     or $0xee00, %eax
     mov %eax, wisp_pvh_idt+3*16+4
-    mov $wisp_pvh_page_fault, %eax
+    mov $.Lpvh_page_fault, %eax
     mov %eax, %edx
     and $0xffff, %edx
     or $({KERNEL_CS} << 16), %edx
@@ -251,12 +251,12 @@ wisp_pvh_entry:
     or %ecx, %edx
     mov %edx, WISP_PVH_GDT+68
     movl $__ist_top, WISP_PVH_TSS+{IST1}
-    movl $wisp_pvh_kstack_top, WISP_PVH_TSS+{RSP0}
+    movl $.Lpvh_kstack_top, WISP_PVH_TSS+{RSP0}
 
     /* Long mode, every control register written whole. */
     mov ${CR4}, %eax
     mov %eax, %cr4
-    mov $wisp_pvh_boot_pml4, %eax
+    mov $.Lpvh_boot_pml4, %eax
     mov %eax, %cr3
     mov $0xc0000080, %ecx
     mov ${EFER}, %eax
@@ -273,7 +273,7 @@ wisp_pvh_entry:
     mov %eax, %ss
     mov ${TSS_SEL}, %eax
     ltr %ax
-    lidt wisp_pvh_idt_ptr
+    lidt .Lpvh_idt_ptr
     /* TPR 15: no maskable interrupt reaches CPL3; IDLE lowers it. */
     mov $15, %eax
     mov %rax, %cr8
@@ -286,10 +286,10 @@ wisp_pvh_entry:
     pushq $__stack_top
     pushq $2
     pushq ${USER_CS}
-    pushq $wisp_pvh_user
+    pushq $.Lpvh_user
     iretq
 
-wisp_pvh_user:
+.Lpvh_user:
     mov ${USER_DS}, %eax
     mov %eax, %ds
     mov %eax, %es
@@ -302,19 +302,19 @@ wisp_pvh_user:
     .type wisp_pvh_call, @function
 wisp_pvh_call:
     int3
-wisp_pvh_call_return:
+.Lpvh_call_return:
     ret
 
     /* CPL0, IF clear, on the CPL0 stack: rip, cs, rflags, rsp, ss. */
-wisp_pvh_service:
-    cmpq $wisp_pvh_call_return, (%rsp)
-    jne wisp_pvh_breakpoint
+.Lpvh_service:
+    cmpq $.Lpvh_call_return, (%rsp)
+    jne .Lpvh_breakpoint
     cmp ${IDLE}, %rdi
     je 20f
     cmp ${LOCKDOWN}, %rdi
     je 30f
     cmp ${HALT}, %rdi
-    je wisp_pvh_halt
+    je .Lpvh_halt
     cmp ${CPUID}, %rdi
     je 40f
     cmp ${SETUP}, %rdi
@@ -361,17 +361,17 @@ wisp_pvh_service:
     iretq
 
     /* SETUP, before LOCKDOWN only: the MSR writes listed so far. */
-50: cmpb $0, wisp_pvh_locked
+50: cmpb $0, .Lpvh_locked
     jne 29b
-    call wisp_pvh_apply_msrs
+    call .Lpvh_apply_msrs
     xor %eax, %eax
     iretq
 
     /* LOCKDOWN, once: MSR writes, the final tables, MMIO writes. */
-30: cmpb $0, wisp_pvh_locked
+30: cmpb $0, .Lpvh_locked
     jne 29b
-    movb $1, wisp_pvh_locked
-    call wisp_pvh_apply_msrs
+    movb $1, .Lpvh_locked
+    call .Lpvh_apply_msrs
     mov $wisp_pvh_lockdown, %r8d
     mov {CR3}(%r8), %rax
     mov %rax, %cr3
@@ -392,7 +392,7 @@ wisp_pvh_service:
     iretq
 
     /* The listed MSR writes, in order; the list is emptied. */
-wisp_pvh_apply_msrs:
+.Lpvh_apply_msrs:
     mov $wisp_pvh_lockdown, %r8d
     mov {MSR_COUNT}(%r8), %r9
     movq $0, {MSR_COUNT}(%r8)
@@ -412,14 +412,14 @@ wisp_pvh_apply_msrs:
 33: ret
 
     /* HALT: for good, at no host CPU cost. */
-wisp_pvh_halt:
+.Lpvh_halt:
     cli
 1:  hlt
     jmp 1b
 
     /* Any other int3: pass it on to the CPL3 handler as the CPU would
        through a DPL3 trap gate on IST1. */
-wisp_pvh_breakpoint:
+.Lpvh_breakpoint:
     push %rax
     push %rcx
     mov $(__ist_top - 40), %rcx
@@ -445,7 +445,7 @@ wisp_pvh_breakpoint:
 
     /* #PF: save CR2, then pass the fault (error code first) on to the CPL3
        handler the same way. */
-wisp_pvh_page_fault:
+.Lpvh_page_fault:
     push %rax
     push %rcx
     mov %cr2, %rax
@@ -476,25 +476,25 @@ wisp_pvh_page_fault:
 
     /* Interrupts: acknowledge the device (its line may fire again), then
        the LAPIC. */
-wisp_pvh_irq_timer:
+.Lpvh_irq_timer:
     push %rax
     push %rcx
     push %rdx
-    jmp wisp_pvh_eoi
+    jmp .Lpvh_eoi
     .irp i, 0,1,2,3,4,5,6,7
-wisp_pvh_irq_\i:
+.Lpvh_irq_\i:
     push %rax
     push %rcx
     push %rdx
     mov wisp_pvh_lockdown+{IRQ_WINDOWS}+8*\i, %rdx
-    jmp wisp_pvh_irq_ack
+    jmp .Lpvh_irq_ack
     .endr
-wisp_pvh_irq_ack:
+.Lpvh_irq_ack:
     test %rdx, %rdx
-    jz wisp_pvh_eoi
+    jz .Lpvh_eoi
     movl 0x60(%rdx), %eax
     movl %eax, 0x64(%rdx)
-wisp_pvh_eoi:
+.Lpvh_eoi:
     mov $0x80b, %ecx
     xor %eax, %eax
     xor %edx, %edx
@@ -503,29 +503,29 @@ wisp_pvh_eoi:
     pop %rcx
     pop %rax
     iretq
-wisp_pvh_irq_spurious:
+.Lpvh_irq_spurious:
     iretq
 
     /* Early faults (32-bit, before long mode): vector v's stub pushes v. */
     .code32
     .balign 8
-wisp_pvh_early_stubs:
+.Lpvh_early_stubs:
     .irp v, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
     .balign 8
     push $\v
-    jmp wisp_pvh_early_fault
+    jmp .Lpvh_early_fault
     .endr
-wisp_pvh_early_fault:
-    mov $wisp_pvh_early_msg, %esi
-    call wisp_pvh_puts
+.Lpvh_early_fault:
+    mov $.Lpvh_early_msg, %esi
+    call .Lpvh_puts
     pop %ebx
     mov %ebx, %eax
     shr $4, %eax
-    call wisp_pvh_hex
+    call .Lpvh_hex
     mov %ebx, %eax
-    call wisp_pvh_hex
-    mov $wisp_pvh_early_msg_end, %esi
-    call wisp_pvh_puts
+    call .Lpvh_hex
+    mov $.Lpvh_early_msg_end, %esi
+    call .Lpvh_puts
     mov ${CRASH}, %eax
     mov $0xf4, %dx
     out %eax, %dx
@@ -534,7 +534,7 @@ wisp_pvh_early_fault:
 5:  cli
     hlt
     jmp 5b
-wisp_pvh_puts:
+.Lpvh_puts:
     mov $0x3f8, %dx
 6:  lodsb
     test %al, %al
@@ -542,7 +542,7 @@ wisp_pvh_puts:
     out %al, %dx
     jmp 6b
 7:  ret
-wisp_pvh_hex:
+.Lpvh_hex:
     and $0xf, %eax
     add $0x30, %al
     cmp $0x3a, %al
@@ -555,27 +555,27 @@ wisp_pvh_hex:
 
     .section .rodata.wisp_pvh, "a"
     .balign 8
-wisp_pvh_gdt_ptr:
+.Lpvh_gdt_ptr:
     .word {GDT_LIMIT}
     .quad WISP_PVH_GDT
     .balign 8
-wisp_pvh_idt_ptr:
+.Lpvh_idt_ptr:
     .word 256 * 16 - 1
     .quad wisp_pvh_idt
     .balign 8
-wisp_pvh_early_idt_ptr:
+.Lpvh_early_idt_ptr:
     .word 32 * 8 - 1
-    .quad wisp_pvh_early_idt
+    .quad .Lpvh_early_idt
     .balign 8
     .global wisp_pvh_irq_handlers
 wisp_pvh_irq_handlers:
-    .quad wisp_pvh_irq_timer
-    .quad wisp_pvh_irq_0, wisp_pvh_irq_1, wisp_pvh_irq_2, wisp_pvh_irq_3
-    .quad wisp_pvh_irq_4, wisp_pvh_irq_5, wisp_pvh_irq_6, wisp_pvh_irq_7
-    .quad wisp_pvh_irq_spurious
-wisp_pvh_early_msg:
+    .quad .Lpvh_irq_timer
+    .quad .Lpvh_irq_0, .Lpvh_irq_1, .Lpvh_irq_2, .Lpvh_irq_3
+    .quad .Lpvh_irq_4, .Lpvh_irq_5, .Lpvh_irq_6, .Lpvh_irq_7
+    .quad .Lpvh_irq_spurious
+.Lpvh_early_msg:
     .asciz "\nwisp: guest crashed in the PVH entry: exception vector 0x"
-wisp_pvh_early_msg_end:
+.Lpvh_early_msg_end:
     .asciz "\nwisp: exit status 139\n"
 
     .section .bss.wisp_pvh, "aw", @nobits
@@ -586,20 +586,20 @@ wisp_pvh_cr2: .skip 8
     /* The system segment: supervisor-only in the final map. */
     .section .pvh_bss, "aw", @nobits
     .balign 4096
-wisp_pvh_boot_pml4: .skip 4096
-wisp_pvh_boot_pdpt: .skip 4096
-wisp_pvh_boot_pd:   .skip 4096
+.Lpvh_boot_pml4: .skip 4096
+.Lpvh_boot_pdpt: .skip 4096
+.Lpvh_boot_pd:   .skip 4096
     .global wisp_pvh_tables
 wisp_pvh_tables:    .skip {TABLE_PAGES} * 4096
     .global wisp_pvh_idt
 wisp_pvh_idt:       .skip 256 * 16
-wisp_pvh_kstack:    .skip 4096
-wisp_pvh_kstack_top:
+.Lpvh_kstack:    .skip 4096
+.Lpvh_kstack_top:
     .balign 8
     .global wisp_pvh_lockdown
 wisp_pvh_lockdown:  .skip {LOCKDOWN_SIZE}
-wisp_pvh_locked:    .skip 8
-wisp_pvh_early_idt: .skip 32 * 8
+.Lpvh_locked:    .skip 8
+.Lpvh_early_idt: .skip 32 * 8
 
     /* PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY = 18). */
     .section .note.Xen, "a", @note
