@@ -201,7 +201,7 @@ pub struct Map<'a> {
 }
 
 fn aligned(start: u64, end: u64) -> bool {
-    start < end && start % PAGE == 0 && end % PAGE == 0
+    start < end && start.is_multiple_of(PAGE) && end.is_multiple_of(PAGE)
 }
 
 impl Map<'_> {

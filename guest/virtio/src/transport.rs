@@ -43,12 +43,13 @@ impl<T: Transport> SpecOrder<T> {
         let init = STEPS.iter().fold(DeviceStatus::empty(), |a, &b| a | b);
         let grows = to.contains(from);
         let mut now = from;
-        let ordered = STEPS.into_iter().filter_map(move |bit| {
-            (grows && to.contains(bit) && !now.contains(bit)).then(|| {
+        let ordered = STEPS
+            .into_iter()
+            .filter(move |&bit| grows && to.contains(bit) && !from.contains(bit))
+            .map(move |bit| {
                 now |= bit;
                 now
-            })
-        });
+            });
         let rest = (!grows || !to.difference(from).difference(init).is_empty()).then_some(to);
         ordered.chain(rest)
     }

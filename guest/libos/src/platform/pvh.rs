@@ -175,12 +175,6 @@ pub fn system_structures() -> [(&'static str, u64); 6] {
 }
 
 /// Whether an idle guest halts (no host CPU) rather than spins.
-pub fn ticks() -> u64 {
-    extern "C" {
-        static wisp_pvh_ticks: u64;
-    }
-    unsafe { core::ptr::read_volatile(&raw const wisp_pvh_ticks) }
-}
 pub fn halts_when_idle() -> bool {
     IDLE.load(Ordering::Relaxed)
 }
@@ -325,14 +319,14 @@ extern "C" fn wisp_start_pvh(start_info: u32) -> ! {
     read_command_line(cmdline, boot, args);
 
     let cpu = Cpu::detect();
-    // SAFETY: boot phase: nothing else uses the lockdown structure, the
-    // tables or the IDT, which the bootstrap map lets CPL3 write.
-    let (lockdown, tables, idt) = unsafe {
-        (
-            &mut *(&raw mut stub::wisp_pvh_lockdown),
-            &mut *(&raw mut stub::wisp_pvh_tables),
-            &mut *(&raw mut stub::wisp_pvh_idt),
-        )
+    // Boot phase: nothing else uses the lockdown structure, the tables or
+    // the IDT, which the bootstrap map lets CPL3 write.
+    let (lockdown, tables, idt) = {
+        let l = &raw mut stub::wisp_pvh_lockdown;
+        let t = &raw mut stub::wisp_pvh_tables;
+        let i = &raw mut stub::wisp_pvh_idt;
+        // SAFETY: as above; the pointers are to distinct statics.
+        unsafe { (&mut *l, &mut *t, &mut *i) }
     };
     let routed = plan_interrupts(&cpu, boot, lockdown, idt);
     let ranges = memory_ranges(ram.as_slice(), boot, routed.ioapics);
@@ -578,7 +572,7 @@ fn plan_interrupts(
         return routed;
     }
     // SAFETY: a table of addresses in the image's read-only data.
-    let handlers = unsafe { &*(&raw const stub::wisp_pvh_irq_handlers) };
+    let handlers = unsafe { &stub::wisp_pvh_irq_handlers };
     let gate = |handler: u64| x86::gate(handler, x86::KERNEL_CS, 0, 0, false);
     idt[TIMER_VECTOR as usize] = gate(handlers[0]);
     idt[SPURIOUS_VECTOR as usize] = gate(handlers[1 + MAX_IRQS]);

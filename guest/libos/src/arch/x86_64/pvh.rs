@@ -18,9 +18,19 @@
 //!    bitmap, IST1, RSP0), long mode, TPR 15 (no interrupt while at CPL3),
 //!    and `iretq` to `wisp_start_pvh` at CPL3.
 //! 2. **Services**, reached from CPL3 through `int3` at one known address
-//!    (`wisp_pvh_call`): `int N` is not delivered on KVM PVM but `int3`
-//!    through a CPL0 gate is. Any other `int3` is passed on to the CPL3
-//!    breakpoint handler.
+//!    (`wisp_pvh_call`) and a DPL3 interrupt gate into CPL0. Any other
+//!    `int3` is passed on to the CPL3 breakpoint handler. The ways down
+//!    from CPL3, measured here under QEMU on KVM PVM (200 round trips each,
+//!    with a handler of a few instructions that `iretq`s back):
+//!
+//!    | way down | result |
+//!    |---|---|
+//!    | `int3` through a CPL0 gate | works, 15–20 µs |
+//!    | `hlt` (#GP) through a CPL0 gate | works, 11–14 µs (but #GP is also how crashes look) |
+//!    | `ud2` (#UD) through a CPL0 gate | works, ~21 µs |
+//!    | far `call` through a DPL3 call gate | not delivered: #UD at the call |
+//!    | `syscall` with LSTAR | lands at LSTAR still at CPL3 (CS 0x33), 0.5–8 ms |
+//!    | `int N` | not delivered: #UD at the `int` |
 //!    * `SETUP` (before `LOCKDOWN` only): applies the MSR writes the Rust
 //!      start code listed in [`Lockdown`] (kvmclock, the x2APIC), so it can
 //!      read the clock while it may still write its boot page.
