@@ -317,10 +317,9 @@ fn an_idle_guest_uses_no_host_cpu() {
         .stderr(std::process::Stdio::null());
     let mut q = Running(cmd.spawn().expect("qemu"));
     let rx = lines_of(&mut q.0);
-    wait_for_line(&rx, "idle for 4000 ms");
+    wait_for_line(&rx, "idle");
     let share = cpu_share(q.0.id(), 2);
     assert!(share < 0.1, "QEMU used {:.0}% of a CPU", share * 100.0);
-    wait_for_line(&rx, "awake");
     let st = q.0.wait().expect("wait");
     assert_eq!(wisp_qemu::guest_status(st.code().unwrap_or(-1)), Some(0));
 }

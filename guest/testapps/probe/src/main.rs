@@ -182,13 +182,6 @@ fn main(args: wisp::Args) -> i32 {
             wisp::time::sleep(Duration::from_millis(num(1)));
             println!("slept {} ms", start.elapsed().as_millis());
         }
-        // Announces itself, then sleeps (for tests that watch an idle guest).
-        "idle" => {
-            println!("idle for {} ms", num(1));
-            wisp::console::flush();
-            wisp::time::sleep(Duration::from_millis(num(1)));
-            println!("awake");
-        }
         "async-sleep" => {
             let ms = num(1);
             let total = wisp::exec::block_on(async move {

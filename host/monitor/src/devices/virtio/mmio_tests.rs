@@ -30,6 +30,9 @@ impl VirtioDevice for Recorder {
         self.activations += 1;
     }
     fn queue_notify(&mut self, _index: u16) {}
+    fn broken(&self) -> bool {
+        false
+    }
     fn reset(&mut self) {}
 }
 
