@@ -60,6 +60,8 @@ const IOAPIC_PINS: u32 = 24;
 const MAX_RANGES: usize = 64;
 /// How long QEMU may take to act on isa-debug-exit.
 const EXIT_GRACE_NS: u64 = 1_000_000_000;
+/// The same where an i8042 is there to reset (Firecracker).
+const EXIT_GRACE_I8042_NS: u64 = 20_000_000;
 /// Waits shorter than this spin: entering and leaving the halt costs more.
 const SPIN_BELOW_NS: u64 = 100_000;
 
@@ -405,6 +407,11 @@ fn read_command_line(cmdline: u64, boot: &mut BootPage, args: &'static mut [u8; 
             Com1,
             "wisp: command line at {cmdline:#x} is not in the first 2 MiB; arguments ignored"
         );
+    }
+    // Firecracker appends " pci=off" to every command line, after the
+    // application's arguments: a loader option, not an argument.
+    if line[..n].ends_with(b" pci=off") {
+        n -= b" pci=off".len();
     }
     let text = core::str::from_utf8(&line[..n]).unwrap_or("");
     let net = crate::cmdline::NetOptions::parse(text);
@@ -773,14 +780,17 @@ pub fn wait(timeout_ns: u64) {
 /// none (Firecracker), the status goes to the console and an i8042 reset
 /// ends the VM (with status 0); failing that, the vCPU halts for good.
 pub fn exit(status: u8) -> ! {
+    // An i8042 (Firecracker has one, QEMU microvm only when asked) answers
+    // its status port; an absent one reads as all ones.
+    let i8042 = in8(I8042_COMMAND) != 0xff;
     // isa-debug-exit reads as 0; an absent port reads as all ones under
-    // QEMU, and as whatever the last port exit left under Firecracker.
+    // QEMU, and as 0 under Firecracker.
     if in32(DEBUG_EXIT) == 0 {
         out32(DEBUG_EXIT, status as u32);
         // QEMU (since 9.1) ends the VM from its main loop, a little later:
         // give it the time to stop this vCPU before concluding there is no
-        // such device.
-        wait(EXIT_GRACE_NS);
+        // such device, but not long where an i8042 promises another way out.
+        wait(if i8042 { EXIT_GRACE_I8042_NS } else { EXIT_GRACE_NS });
     }
     let _ = writeln!(Com1, "wisp: exit status {status}");
     out8(I8042_COMMAND, I8042_RESET);
