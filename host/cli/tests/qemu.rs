@@ -358,3 +358,11 @@ fn an_idle_server_uses_no_host_cpu_and_still_answers() {
         assert_eq!(echo(msg.as_bytes()), msg.as_bytes());
     }
 }
+
+/// Firecracker appends ` pci=off` to every command line, after the
+/// application's arguments: it is not one of them.
+#[test]
+fn a_trailing_pci_off_is_not_an_argument() {
+    let o = qemu(probe(), "args x pci=off");
+    assert_eq!(stdout(&o), "argc=1 [\"x\"]\n");
+}
