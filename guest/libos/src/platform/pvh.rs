@@ -790,7 +790,11 @@ pub fn exit(status: u8) -> ! {
         // QEMU (since 9.1) ends the VM from its main loop, a little later:
         // give it the time to stop this vCPU before concluding there is no
         // such device, but not long where an i8042 promises another way out.
-        wait(if i8042 { EXIT_GRACE_I8042_NS } else { EXIT_GRACE_NS });
+        wait(if i8042 {
+            EXIT_GRACE_I8042_NS
+        } else {
+            EXIT_GRACE_NS
+        });
     }
     let _ = writeln!(Com1, "wisp: exit status {status}");
     out8(I8042_COMMAND, I8042_RESET);
