@@ -16,6 +16,7 @@ pub mod boot;
 pub mod exit;
 pub mod hypercall;
 pub mod manifest;
+pub mod memmap;
 pub mod pod;
 pub mod x86;
 

@@ -7,6 +7,9 @@
 //! exceptions and an I/O permission bitmap that lets CPL3 reach exactly the
 //! ports it needs.
 
+/// Kernel 32-bit code selector: the PVH entry's protected-mode code, before
+/// long mode (the loader's own selectors are not promised).
+pub const KERNEL32_CS: u16 = 0x08;
 /// Kernel 64-bit code selector (only the PVH stub runs there).
 pub const KERNEL_CS: u16 = 0x10;
 /// Kernel data selector.
@@ -23,7 +26,7 @@ pub const TSS_SEL: u16 = 0x40;
 /// the CPU never writes to the GDT, which is mapped read-only.
 pub const GDT_FIXED: [u64; 8] = [
     0,
-    0,
+    0x00cf_9b00_0000_ffff, // 0x08 kernel code, 32-bit (PVH entry)
     0x00af_9b00_0000_ffff, // 0x10 kernel code, 64-bit
     0x00cf_9300_0000_ffff, // 0x18 kernel data
     0x00cf_fb00_0000_ffff, // 0x23 user code, 32-bit (unused, Linux layout)
@@ -53,6 +56,8 @@ pub const IO_BITMAP_MAX_PORT: u16 = 0x507;
 pub const IO_BITMAP_LEN: usize = IO_BITMAP_MAX_PORT as usize / 8 + 2;
 /// Total TSS size, header and bitmap.
 pub const TSS_SIZE: usize = TSS_HEADER + IO_BITMAP_LEN;
+/// Byte offset of RSP0 (the stack for a switch to CPL0) in the TSS.
+pub const TSS_RSP0_OFFSET: usize = 4;
 /// Byte offset of IST1 in the TSS.
 pub const TSS_IST1_OFFSET: usize = 36;
 
@@ -63,12 +68,15 @@ pub const WISP_PORTS: &[(u16, u16)] = &[(
     crate::hypercall::PORT_BASE,
     crate::hypercall::PORT_BASE + crate::hypercall::PORT_COUNT - 1 + 3,
 )];
-/// Ports a guest booted through PVH (QEMU microvm) may use: COM1, the
-/// isa-debug-exit device, the PIT and port 0x61 (TSC calibration) and the
-/// CMOS clock.
+/// Ports a guest booted through PVH (QEMU microvm, Firecracker) may use:
+/// COM1, the isa-debug-exit device (QEMU's exit), the i8042 command port
+/// (Firecracker's exit: a reset), the PIT and port 0x61 (TSC calibration
+/// where there is no kvmclock) and the CMOS clock (wall clock where there
+/// is no kvmclock).
 pub const PVH_PORTS: &[(u16, u16)] = &[
     (0x3f8, 0x3ff),
     (0xf4, 0xf7),
+    (0x64, 0x64),
     (0x40, 0x43),
     (0x61, 0x61),
     (0x70, 0x71),
@@ -148,12 +156,38 @@ pub const EXCEPTION_VECTORS: usize = 32;
 /// An IDT entry: a DPL3 64-bit trap gate (type 0xF, so IF is never cleared;
 /// see pvm-costs.md) to `handler` in the user code segment on IST1.
 pub const fn trap_gate(handler: u64) -> [u64; 2] {
+    gate(handler, USER_CS, 3, 1, true)
+}
+
+/// A 64-bit IDT entry to `handler` in code segment `selector`, callable by
+/// `int` from privilege `dpl`, on IST stack `ist` (0: none); a trap gate
+/// leaves IF alone, an interrupt gate clears it.
+pub const fn gate(handler: u64, selector: u16, dpl: u8, ist: u8, trap: bool) -> [u64; 2] {
+    let kind: u64 = if trap { 0xf } else { 0xe };
     let low = (handler & 0xffff)
-        | ((USER_CS as u64) << 16)
-        | (1 << 32) // IST1
-        | (0xef << 40) // present, DPL3, type 0xF (trap gate)
+        | ((selector as u64) << 16)
+        | (((ist & 7) as u64) << 32)
+        | ((0x80 | (((dpl & 3) as u64) << 5) | kind) << 40)
         | (((handler >> 16) & 0xffff) << 48);
     [low, handler >> 32]
+}
+
+/// What a page-fault error code says: the access and why it failed, in the
+/// words both monitors' crash reports use.
+pub fn page_fault_cause(error_code: u64) -> (&'static str, &'static str) {
+    let access = if error_code & 0x2 != 0 {
+        "write"
+    } else if error_code & 0x10 != 0 {
+        "instruction fetch"
+    } else {
+        "read"
+    };
+    let why = if error_code & 0x1 != 0 {
+        "protection violation"
+    } else {
+        "page not mapped"
+    };
+    (access, why)
 }
 
 #[cfg(test)]
@@ -177,6 +211,10 @@ mod tests {
         assert_eq!(g[0] & 0xffff, 0xdef0);
         assert_eq!(g[0] >> 48, 0x9abc);
         assert_eq!(g[1], 0x1234_5678);
+        assert_eq!(
+            gate(0x1234_5678, KERNEL_CS, 3, 0, false),
+            [0x1234_ee00_0010_5678, 0]
+        );
         let d = tss_descriptor(0xdead_beef_1234, 0x1ff);
         assert_eq!(d[0] & 0xffff, 0x1ff);
         assert_eq!((d[0] >> 16) & 0xff_ffff, 0xef_1234);

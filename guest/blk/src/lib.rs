@@ -17,7 +17,6 @@ extern crate alloc;
 pub mod tar;
 
 use virtio_drivers::device::blk::VirtIOBlk;
-use virtio_drivers::transport::mmio::MmioTransport;
 use wisp_abi::manifest::DEVICE_BLOCK;
 use wisp_virtio::hal::WispHal;
 
@@ -71,7 +70,7 @@ impl core::fmt::Display for BlkError {
 
 /// A virtio block device.
 pub struct Disk {
-    driver: VirtIOBlk<WispHal, MmioTransport<'static>>,
+    driver: VirtIOBlk<WispHal, wisp_virtio::Transport>,
     sectors: u64,
 }
 

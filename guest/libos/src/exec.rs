@@ -66,8 +66,8 @@ pub fn set_io_poller(poller: IoPoller) {
     POLLER.0.set(Some(poller));
 }
 
-/// Longest a guest blocks with an I/O poller but nothing to wake it: under
-/// QEMU there are no interrupts, so the executor must come back to poll.
+/// Longest a guest blocks with an I/O poller but nothing to wake it (a PVH
+/// platform without device interrupts): the executor must come back to poll.
 const PVH_IO_POLL_NS: u64 = 50_000;
 
 fn with<R>(f: impl FnOnce(&mut Executor) -> R) -> R {
@@ -296,7 +296,7 @@ pub fn block_on<F: Future>(future: F) -> F::Output {
             // Nothing can ever wake a task: a deadlock in the application.
             (None, None) => panic!("block_on: no task is ready and no timer is pending"),
         };
-        if poller.is_some() && crate::platform::is_pvh() {
+        if poller.is_some() && !crate::platform::wakes_on_io() {
             timeout = timeout.min(PVH_IO_POLL_NS);
         }
         if let Some(poll) = poller.filter(|_| !crate::platform::is_pvh()) {

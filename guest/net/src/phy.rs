@@ -18,7 +18,6 @@ use core::cell::RefCell;
 use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
 use virtio_drivers::device::net::VirtIONetRaw;
-use virtio_drivers::transport::mmio::MmioTransport;
 use wisp_virtio::hal::WispHal;
 
 /// Ring size of each queue.
@@ -26,7 +25,7 @@ pub const QUEUE_SIZE: usize = 64;
 /// Buffer size: a full Ethernet frame plus the virtio header.
 pub const BUF_LEN: usize = 2048;
 
-pub type Driver = VirtIONetRaw<WispHal, MmioTransport<'static>, QUEUE_SIZE>;
+pub type Driver = VirtIONetRaw<WispHal, wisp_virtio::Transport, QUEUE_SIZE>;
 
 /// The driver and the buffers the device owns, by token.
 pub struct NicState {

@@ -1,6 +1,7 @@
 //! The glue every Wisp virtio driver shares: the DMA/address HAL that
-//! `virtio-drivers` needs ([`hal::WispHal`]) and device discovery from the
-//! boot page ([`find`]).
+//! `virtio-drivers` needs ([`hal::WispHal`]), device discovery from the
+//! boot page ([`find`]) and the transport, initialised in the
+//! specification's order ([`transport::SpecOrder`]).
 //!
 //! On the Wisp monitor the boot page names each device's kind; under QEMU
 //! microvm the PVH start code lists the command line's
@@ -11,6 +12,7 @@
 extern crate alloc;
 
 pub mod hal;
+pub mod transport;
 
 use core::ptr::NonNull;
 
@@ -45,13 +47,18 @@ pub fn find(kind: u32, virtio_id: u32, n: usize) -> Option<&'static Device> {
         .nth(n)
 }
 
+/// The transport every Wisp driver uses: virtio-mmio, status bits written
+/// one step at a time.
+pub type Transport = transport::SpecOrder<MmioTransport<'static>>;
+
 /// The virtio-mmio transport of a device found by [`find`].
-pub fn transport(dev: &'static Device) -> Option<MmioTransport<'static>> {
+pub fn transport(dev: &'static Device) -> Option<Transport> {
     let header = NonNull::new(dev.mmio_base as usize as *mut VirtIOHeader)?;
     // SAFETY: the boot page describes a virtio-mmio window of `mmio_len`
     // bytes at `mmio_base`, mapped for the guest's whole life; each device
     // is driven by one driver only (callers take each device once).
-    unsafe { MmioTransport::new(header, dev.mmio_len as usize) }.ok()
+    let mmio = unsafe { MmioTransport::new(header, dev.mmio_len as usize) }.ok()?;
+    Some(transport::SpecOrder::new(mmio))
 }
 
 /// Declares, in an ELF note the monitor reads, that this image cannot run

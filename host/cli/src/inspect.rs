@@ -20,7 +20,7 @@ pub fn inspect(path: &Path) -> anyhow::Result<()> {
     println!("ABI version:  {}", { m.abi_version });
     println!("entry (wisp): {:#x} (64-bit, CPL3)", image.entry);
     match image.pvh_entry {
-        Some(e) => println!("entry (PVH):  {e:#x} (32-bit, QEMU microvm / Firecracker)"),
+        Some(e) => println!("entry (PVH):  {e:#x} (32-bit, QEMU microvm)"),
         None => println!("entry (PVH):  none"),
     }
     println!(

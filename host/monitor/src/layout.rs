@@ -9,10 +9,14 @@
 //! 0x0010_0000  the image's segments (guard holes unmapped)  per ELF flags
 //!  image end   free memory -> heap, up to --memory          user RW NX
 //! ```
+//! Where things are is decided here; what each of them may be used for is
+//! not: [`Layout::map`] describes the guest as a [`wisp_abi::memmap::Map`],
+//! whose [`Kind`]s carry the permissions, and [`crate::paging`] builds the
+//! tables from it with the same code the guest's PVH start uses under QEMU.
 //! The guest is identity-mapped, with 2 MiB pages wherever a whole 2 MiB
-//! region has one permission (first touch of a page costs a 28 µs shadow
-//! fault on KVM PVM; fewer, bigger pages cost fewer faults) and 4 KiB pages
-//! where permissions change (boot area, image).
+//! region has one kind and 4 KiB pages where kinds change.
+
+use wisp_abi::memmap::{Kind, Map, Range};
 
 use crate::image::Image;
 
@@ -43,6 +47,8 @@ pub enum LayoutError {
     ArgsTooLong(usize),
     #[error("boot structures ({boot_end:#x}) would overlap the image at {image_start:#x}")]
     BootAreaOverlapsImage { boot_end: u64, image_start: u64 },
+    #[error("guest memory map: {0}")]
+    Map(wisp_abi::memmap::MapError),
 }
 
 /// Human form of a byte count for errors.
@@ -103,6 +109,10 @@ pub struct Layout {
     pub image_end: u64,
     /// Free memory for the guest heap: (start, len).
     pub free: Vec<(u64, u64)>,
+    /// Guest RAM, for [`Layout::map`].
+    ram: [(u64, u64); 1],
+    /// What each part of memory is for, for [`Layout::map`].
+    ranges: Vec<Range>,
 }
 
 impl Layout {
@@ -139,34 +149,65 @@ impl Layout {
             return Err(LayoutError::ArgsTooLong(args_bytes));
         }
 
-        let pd_count = mem_size.div_ceil(GIB);
-        // Regions mapped with 4 KiB pages: those holding the boot area or
-        // the image, and a partial last region.
-        let mut pt_regions: Vec<u64> = (0..image_end.div_ceil(HUGE_PAGE)).collect();
-        if !mem_size.is_multiple_of(HUGE_PAGE) {
-            let last = mem_size / HUGE_PAGE;
-            if !pt_regions.contains(&last) {
-                pt_regions.push(last);
+        let ram = [(0, mem_size)];
+        let mmio = devices.then_some((
+            crate::devices::MMIO_BASE,
+            crate::devices::MMIO_BASE + HUGE_PAGE,
+        ));
+        // The boot area's size depends on how many pages of tables the map
+        // needs, and the map on where the boot area ends: start from the
+        // fewest tables and grow until the count is stable (it always is at
+        // once, as the boot area lies in the first 2 MiB, which always needs
+        // a table for the null page).
+        let mut tables = 3;
+        let (system_end, boot_area_end, ranges) = loop {
+            let system_end = PAGE + tables as u64 * PAGE + 3 * PAGE;
+            let boot_area_end = system_end + PAGE + (args_bytes as u64).next_multiple_of(PAGE);
+            if boot_area_end > image_start {
+                return Err(LayoutError::BootAreaOverlapsImage {
+                    boot_end: boot_area_end,
+                    image_start,
+                });
             }
-        }
+            let ranges = ranges(image, system_end, boot_area_end, mmio);
+            let map = Map {
+                ram: &ram,
+                ranges: &ranges,
+            };
+            map.validate().map_err(LayoutError::Map)?;
+            let needed = map.tables_needed();
+            if needed == tables {
+                break (system_end, boot_area_end, ranges);
+            }
+            if needed < tables {
+                // Cannot happen (more tables only push the boot area up
+                // inside the first region); refuse rather than loop.
+                return Err(LayoutError::Map(
+                    wisp_abi::memmap::MapError::TooManyTables {
+                        needed: tables,
+                        available: needed,
+                    },
+                ));
+            }
+            tables = needed;
+        };
+        let map = Map {
+            ram: &ram,
+            ranges: &ranges,
+        };
         let pml4 = PAGE;
         let pdpt = pml4 + PAGE;
         let pd_base = pdpt + PAGE;
+        let pd_count = mem_size.div_ceil(GIB);
         let mmio_pd = devices.then_some(pd_base + pd_count * PAGE);
-        let pt_base = pd_base + (pd_count + u64::from(devices)) * PAGE;
-        let gdt = pt_base + pt_regions.len() as u64 * PAGE;
+        let pt_base = pd_base + map.directory_gibs().count() as u64 * PAGE;
+        let pt_regions: Vec<u64> = map.table_regions().collect();
+        let gdt = pml4 + tables as u64 * PAGE;
         let idt = gdt + PAGE;
         let tss = idt + PAGE;
-        let system_end = tss + PAGE;
+        debug_assert_eq!(tss + PAGE, system_end);
         let boot_page = system_end;
         let args = boot_page + PAGE;
-        let boot_area_end = args + (args_bytes as u64).next_multiple_of(PAGE);
-        if boot_area_end > image_start {
-            return Err(LayoutError::BootAreaOverlapsImage {
-                boot_end: boot_area_end,
-                image_start,
-            });
-        }
         let mut free = Vec::new();
         if image_start > boot_area_end {
             free.push((boot_area_end, image_start - boot_area_end));
@@ -193,6 +234,43 @@ impl Layout {
             image_start,
             image_end,
             free,
+            ram,
+            ranges,
         })
     }
+
+    /// The guest's memory map: what every address is for, and so how the
+    /// CPU (and every device) may access it.
+    pub fn map(&self) -> Map<'_> {
+        Map {
+            ram: &self.ram,
+            ranges: &self.ranges,
+        }
+    }
+}
+
+/// The ranges of the map: system structures, boot data, the image's span
+/// (unmapped, so holes between segments are guard pages) refined by each
+/// segment, and the device window. Free RAM is plain data by default.
+fn ranges(
+    image: &Image,
+    system_end: u64,
+    boot_area_end: u64,
+    mmio: Option<(u64, u64)>,
+) -> Vec<Range> {
+    let mut r = vec![
+        Range::new(PAGE, system_end, Kind::System),
+        Range::new(system_end, boot_area_end, Kind::BootData),
+        Range::new(image.start(), image.end(), Kind::Unmapped),
+    ];
+    for s in &image.segments {
+        // Image::parse refuses writable and executable segments; were one
+        // to get here, it stays unmapped.
+        let kind = Kind::of_segment(s.perms.write, s.perms.exec).unwrap_or(Kind::Unmapped);
+        r.push(Range::new(s.addr, s.end_page(), kind));
+    }
+    if let Some((start, end)) = mmio {
+        r.push(Range::new(start, end, Kind::DeviceMmio));
+    }
+    r
 }

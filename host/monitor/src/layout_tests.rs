@@ -94,3 +94,16 @@ fn tables_map_huge_pages_outside_the_image() {
     assert_eq!(pt.entries[0], 0);
     assert_eq!(pt.entries[(TEXT / 4096) as usize] & pte::ADDR_MASK, TEXT);
 }
+
+#[test]
+fn reserved_table_pages_are_exactly_the_tables_built() {
+    let img = image();
+    for (mem, devices) in [(2 << 20, false), (64 << 20, true), (3 << 30, true)] {
+        let l = Layout::with_devices(&img, mem, 100, devices).expect("fits");
+        let tables = paging::build(&l, &img);
+        assert_eq!(tables.len() as u64 * 4096, l.gdt - l.pml4, "{mem:#x}");
+        assert_eq!(tables.last().map(|t| t.addr + 4096), Some(l.gdt));
+        assert_eq!(l.mmio_pd.is_some(), devices);
+        assert_eq!(l.map().page_flags(crate::devices::MMIO_BASE) != 0, devices);
+    }
+}

@@ -33,6 +33,7 @@ pub mod layout;
 pub mod memory;
 pub mod net;
 pub mod paging;
+pub mod pvh_entry;
 pub mod quota;
 pub mod ratelimit;
 pub mod seccomp;

@@ -2,8 +2,9 @@
 //! provides: console output, blocking wait, exit, crash report.
 //!
 //! * [`wisp`]: the Wisp monitor, through port-I/O hypercalls (one exit each).
-//! * [`pvh`]: QEMU microvm (or any PVH loader): COM1 for the console,
-//!   isa-debug-exit for the exit status, a TSC spin for waiting.
+//! * [`pvh`]: QEMU microvm, Firecracker or any PVH loader: COM1 for the
+//!   console, isa-debug-exit then an i8042 reset for the exit, a halt at
+//!   CPL0 with a timer and device interrupts for waiting.
 
 pub mod pvh;
 pub mod wisp;
@@ -12,16 +13,20 @@ use core::sync::atomic::{AtomicU32, Ordering};
 use wisp_abi::boot::{PLATFORM_PVH, PLATFORM_WISP};
 use wisp_abi::hypercall::CrashReport;
 
-static PLATFORM: AtomicU32 = AtomicU32::new(PLATFORM_WISP);
+/// The platform; the PVH stub writes [`PLATFORM_PVH`] here with its first
+/// store, so even a fault in the earliest start code is reported on the
+/// right console.
+#[no_mangle]
+static WISP_PLATFORM: AtomicU32 = AtomicU32::new(PLATFORM_WISP);
 
 pub(crate) fn set(platform: u32) {
-    PLATFORM.store(platform, Ordering::Relaxed);
+    WISP_PLATFORM.store(platform, Ordering::Relaxed);
 }
 
 /// Whether the image was booted through PVH (QEMU) rather than by the
 /// Wisp monitor.
 pub fn is_pvh() -> bool {
-    PLATFORM.load(Ordering::Relaxed) == PLATFORM_PVH
+    WISP_PLATFORM.load(Ordering::Relaxed) == PLATFORM_PVH
 }
 
 /// Writes bytes to the console, unbuffered (see [`crate::console`] for the
@@ -32,6 +37,12 @@ pub fn console_write(bytes: &[u8]) {
     } else {
         wisp::console_write(bytes)
     }
+}
+
+/// Whether a device's activity ends a [`wait`] early, so an executor with
+/// I/O may block until its next timer (else it must come back to poll).
+pub fn wakes_on_io() -> bool {
+    !is_pvh() || pvh::wakes_on_io()
 }
 
 /// Blocks the vCPU for at most `timeout_ns` (returns early on an event).

@@ -210,6 +210,35 @@ fn main(args: wisp::Args) -> i32 {
             );
         }
         "clock" => println!("unix {}", wisp::time::unix_time().as_secs()),
+        "clock-source" => println!(
+            "{:?} tsc {} kHz, halts when idle: {}",
+            wisp::platform::pvh::clock_source(),
+            wisp::time::tsc_khz(),
+            wisp::platform::pvh::halts_when_idle()
+        ),
+        // The same protections on every monitor: below the image (page
+        // tables on the Wisp monitor, the loader's data under PVH), past
+        // the end of RAM, and (PVH) each system structure and the IOAPIC.
+        "write-below-image" => write(0x1000, 0),
+        "read-beyond-ram" => println!("read {}", read(wisp::boot::boot_page().mem_size as usize)),
+        "read-addr" | "write-addr" => {
+            let addr = usize::from_str_radix(arg(1).trim_start_matches("0x"), 16).unwrap_or(0);
+            if arg(0) == "read-addr" {
+                println!("read {}", read(addr));
+            } else {
+                write(addr, 0);
+            }
+        }
+        "read-system" | "write-system" => {
+            let (name, addr) = wisp::platform::pvh::system_structures()[num(1) as usize % 6];
+            println!("{} {name} at {addr:#x}", arg(0));
+            wisp::console::flush();
+            if arg(0) == "read-system" {
+                println!("read {}", read(addr as usize));
+            } else {
+                write(addr as usize, 0);
+            }
+        }
         // Hostile hypercalls: argument blocks outside memory, oversized
         // console writes. The monitor must stop the guest cleanly.
         "bad-console-ptr" => hypercall(0x500, 0xffff_f000),

@@ -34,6 +34,17 @@ pub fn in8(port: u16) -> u8 {
     v
 }
 
+/// Reads 32 bits from `port`.
+#[inline(always)]
+pub fn in32(port: u16) -> u32 {
+    let v: u32;
+    // SAFETY: a port read has no effect on Rust memory.
+    unsafe {
+        asm!("in eax, dx", in("dx") port, out("eax") v, options(nomem, nostack, preserves_flags))
+    }
+    v
+}
+
 /// The time-stamp counter (native at CPL3: ~30 ns on KVM PVM).
 #[inline(always)]
 pub fn rdtsc() -> u64 {

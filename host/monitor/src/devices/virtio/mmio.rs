@@ -104,20 +104,44 @@ impl<D: VirtioDevice> VirtioMmio<D> {
         }
     }
 
+    /// A status write from the driver. 0 resets the device. Otherwise the
+    /// write must add exactly the next step of the specification's
+    /// initialisation sequence (virtio 1.2, 3.1.1) to the current status:
+    /// `ACKNOWLEDGE`, then `DRIVER`, then `FEATURES_OK` (refused if the
+    /// driver acked features the device never offered), then `DRIVER_OK`,
+    /// which activates the device; or set `FAILED`. Anything else (a write
+    /// that skips or merges steps, or drops bits) is refused and leaves the
+    /// status as it was, as Firecracker's transport does, so a driver that
+    /// would not work there does not work here either.
     fn set_status(&mut self, value: u32) {
+        use status::{ACKNOWLEDGE, DRIVER, DRIVER_OK, FAILED, FEATURES_OK, NEEDS_RESET};
         if value == 0 {
             self.reset();
             return;
         }
-        // FEATURES_OK is refused if the driver acked features we never offered.
-        let mut value = value;
-        if value & status::FEATURES_OK != 0
-            && self.acked_features & !self.device.avail_features() != 0
-        {
-            value &= !status::FEATURES_OK;
+        // NEEDS_RESET is the device's to set; a driver echoing it back
+        // neither sets nor clears it.
+        let current = self.status & !NEEDS_RESET;
+        let value = value & !NEEDS_RESET;
+        if value & FAILED != 0 {
+            self.status |= FAILED;
+            return;
         }
-        self.status = value;
-        if value & status::DRIVER_OK != 0 && !self.activated && value & status::FAILED == 0 {
+        let next = match current {
+            0 => ACKNOWLEDGE,
+            c if c == ACKNOWLEDGE => DRIVER,
+            c if c == ACKNOWLEDGE | DRIVER => FEATURES_OK,
+            c if c == ACKNOWLEDGE | DRIVER | FEATURES_OK => DRIVER_OK,
+            _ => return, // initialised (or failed): nothing more to add
+        };
+        if value != current | next {
+            return;
+        }
+        if next == FEATURES_OK && self.acked_features & !self.device.avail_features() != 0 {
+            return;
+        }
+        self.status = value | (self.status & NEEDS_RESET);
+        if next == DRIVER_OK && !self.activated {
             let event_idx = self.acked_features & F_RING_EVENT_IDX != 0;
             // The device owns the queues from now on; the transport keeps
             // fresh ones for a later reset.
@@ -214,3 +238,7 @@ impl<D: VirtioDevice> MmioDevice for VirtioMmio<D> {
         std::sync::atomic::fence(Ordering::SeqCst);
     }
 }
+
+#[cfg(test)]
+#[path = "mmio_tests.rs"]
+mod tests;
