@@ -78,6 +78,18 @@ fn until(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// Whether the guest ended within `limit` (its done descriptor became
+/// readable): a stop that is not delivered fails here instead of hanging.
+fn ended_within(vm: &RunningVm, limit: Duration) -> bool {
+    let mut fd = libc::pollfd {
+        fd: vm.done_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd that outlives the call.
+    unsafe { libc::poll(&mut fd, 1, limit.as_millis() as i32) == 1 }
+}
+
 fn get(stream: &mut TcpStream) -> String {
     stream
         .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -169,8 +181,12 @@ fn a_guest_blocked_in_its_wait_stops_at_once() {
     });
     ctl.stop(StopReason::Requested);
     // Were the stop not delivered to the blocked wait, the guest would sleep
-    // for ten minutes and the generous timeout below would end it instead.
-    let report = vm.wait(Some(Duration::from_secs(30))).expect("wait");
+    // for ten minutes.
+    assert!(
+        ended_within(&vm, Duration::from_secs(20)),
+        "a stop did not end a guest blocked in its wait"
+    );
+    let report = vm.wait(None).expect("wait");
     assert!(
         matches!(report.outcome, Outcome::Stopped { .. }),
         "{:?}",
@@ -185,7 +201,11 @@ fn a_spinning_guest_stops_at_once() {
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(ctl.state(), VmState::Running);
     ctl.stop(StopReason::Requested);
-    let report = vm.wait(Some(Duration::from_secs(30))).expect("wait");
+    assert!(
+        ended_within(&vm, Duration::from_secs(20)),
+        "a stop did not end a spinning guest"
+    );
+    let report = vm.wait(None).expect("wait");
     assert!(
         matches!(report.outcome, Outcome::Stopped { .. }),
         "{:?}",
@@ -203,6 +223,43 @@ fn a_spinning_guest_pauses_and_resumes() {
     assert_eq!(ctl.state(), VmState::Running);
     let report = vm.wait(Some(Duration::from_millis(200))).expect("wait");
     assert!(matches!(report.outcome, Outcome::TimedOut { .. }));
+}
+
+#[test]
+fn controlling_one_guest_leaves_its_neighbour_alone() {
+    // Two spinning guests in one process: stopping one must not touch the
+    // other. Kicks are signals aimed at one vCPU thread; one sent to the
+    // whole process (or a process-wide timer) would interrupt both.
+    let (a, _, _) = start(probe(), &["spin"], &[]);
+    let (b, _, _) = start(probe(), &["spin"], &[]);
+    let (ca, cb) = (a.controller(), b.controller());
+    std::thread::sleep(Duration::from_millis(50));
+    ca.pause().expect("pause a");
+    assert_eq!(ca.state(), VmState::Paused);
+    assert_eq!(cb.state(), VmState::Running);
+    ca.stop(StopReason::Requested);
+    assert!(ended_within(&a, Duration::from_secs(20)), "a did not stop");
+    let ra = a.wait(None).expect("wait a");
+    assert!(
+        matches!(ra.outcome, Outcome::Stopped { .. }),
+        "{:?}",
+        ra.outcome
+    );
+    assert!(ra.counters.interruptions > 0, "a was never kicked");
+    assert_eq!(cb.state(), VmState::Running, "stopping a stopped b");
+    assert_eq!(
+        cb.counters().interruptions,
+        0,
+        "b's vCPU was interrupted by a's controls"
+    );
+    cb.stop(StopReason::Requested);
+    assert!(ended_within(&b, Duration::from_secs(20)), "b did not stop");
+    let rb = b.wait(None).expect("wait b");
+    assert!(
+        matches!(rb.outcome, Outcome::Stopped { .. }),
+        "{:?}",
+        rb.outcome
+    );
 }
 
 #[test]

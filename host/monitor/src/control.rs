@@ -248,6 +248,13 @@ impl Controller {
             return Err(ControlError::Ended);
         }
         if t.timed_out() {
+            // Leave no pause behind that the threads would act on later.
+            let mut g = g;
+            if g.request == Request::Pause {
+                g.request = Request::Run;
+            }
+            drop(g);
+            s.changed.notify_all();
             return Err(ControlError::PauseTimeout(PAUSE_LIMIT));
         }
         Ok(())
@@ -294,11 +301,15 @@ impl Controller {
         s.deliver();
     }
 
+    /// Where the guest is, as its threads report it (not what was asked):
+    /// paused only once the vCPU is out of `KVM_RUN` with its pending exit
+    /// completed and the I/O thread has let go of guest memory.
     pub fn state(&self) -> VmState {
         let g = self.shared.lock();
-        match (g.vcpu, g.request) {
-            (ThreadState::Ended, _) => VmState::Ended,
-            (ThreadState::Paused, _) | (_, Request::Pause) => VmState::Paused,
+        let io_quiet = g.io.is_none_or(|io| io != ThreadState::Running);
+        match g.vcpu {
+            ThreadState::Ended => VmState::Ended,
+            ThreadState::Paused if io_quiet => VmState::Paused,
             _ => VmState::Running,
         }
     }
