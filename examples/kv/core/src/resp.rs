@@ -83,12 +83,28 @@ fn find_cr(buf: &[u8]) -> Option<usize> {
 pub fn parse(buf: &[u8]) -> Result<(Args, usize), Error> {
     match buf.first() {
         None => Err(Error::Incomplete),
-        Some(b'*') => parse_multibulk(buf),
+        Some(b'*') => parse_multibulk(buf, false),
         Some(_) => parse_inline(buf),
     }
 }
 
-fn parse_multibulk(buf: &[u8]) -> Result<(Args, usize), Error> {
+/// Parses one record of the append-only log: a multibulk command whose
+/// every line and payload ends in CRLF (a client's stream is parsed as
+/// leniently as Redis does, but a torn record must not parse).
+pub fn parse_record(buf: &[u8]) -> Result<(Args, usize), Error> {
+    match buf.first() {
+        None => Err(Error::Incomplete),
+        Some(b'*') => parse_multibulk(buf, true),
+        Some(_) => Err(protocol("not a record")),
+    }
+}
+
+/// Whether the two bytes at `at` are CRLF (always, unless `strict`).
+fn crlf(buf: &[u8], at: usize, strict: bool) -> bool {
+    !strict || &buf[at..at + 2] == b"\r\n"
+}
+
+fn parse_multibulk(buf: &[u8], strict: bool) -> Result<(Args, usize), Error> {
     let Some(cr) = find_cr(buf) else {
         return if buf.len() > MAX_INLINE {
             Err(protocol("too big mbulk count string"))
@@ -99,6 +115,9 @@ fn parse_multibulk(buf: &[u8]) -> Result<(Args, usize), Error> {
     // Redis waits for the byte after '\r' and skips it unchecked.
     if cr + 2 > buf.len() {
         return Err(Error::Incomplete);
+    }
+    if !crlf(buf, cr, strict) {
+        return Err(protocol("invalid multibulk length"));
     }
     let count = match string2ll(&buf[1..cr]) {
         Some(n) if n <= i64::from(i32::MAX) => n,
@@ -124,6 +143,9 @@ fn parse_multibulk(buf: &[u8]) -> Result<(Args, usize), Error> {
         if cr + 2 > rest.len() {
             return Err(Error::Incomplete);
         }
+        if !crlf(rest, cr, strict) {
+            return Err(protocol("invalid bulk length"));
+        }
         if rest[0] != b'$' {
             let mut msg = String::from("Protocol error: expected '$', got '");
             msg.push(char::from(rest[0]));
@@ -138,6 +160,9 @@ fn parse_multibulk(buf: &[u8]) -> Result<(Args, usize), Error> {
         // The payload, then two bytes Redis skips without looking at them.
         if buf.len() < start + len + 2 {
             return Err(Error::Incomplete);
+        }
+        if !crlf(buf, start + len, strict) {
+            return Err(protocol("bulk string not terminated by CRLF"));
         }
         args.push(buf[start..start + len].to_vec());
         pos = start + len + 2;
@@ -417,6 +442,17 @@ mod tests {
         let (args, used) = ok(b"*1\r\n$3\r\nGETXX\r\n");
         assert_eq!(args, vec![b"GET".to_vec()]);
         assert_eq!(used, 13);
+    }
+
+    #[test]
+    fn log_records_must_be_terminated_where_client_input_need_not_be() {
+        assert!(parse_record(b"*1\r\n$3\r\nGETXX").is_err());
+        assert!(parse_record(b"*1\r\n$3\r\nGET\0\0").is_err());
+        assert!(parse_record(b"*1\r\n$3\0\0GET\r\n").is_err());
+        assert!(parse_record(b"*1\0\0$3\r\nGET\r\n").is_err());
+        assert!(parse_record(b"PING\r\n").is_err());
+        assert_eq!(parse_record(b"*1\r\n$3\r\nGET\r\n").unwrap().1, 13);
+        assert_eq!(parse_record(b"*1\r\n$3\r\nGE"), Err(Error::Incomplete));
     }
 
     #[test]
