@@ -13,12 +13,15 @@ cargo fmt --all --check
 (cd fuzz && cargo fmt --check)
 cargo clippy --release --workspace --all-targets -q -- -D warnings
 (cd guest && cargo clippy --release --target x86_64-unknown-linux-gnu --workspace -q -- -D warnings)
+(cd guest && cargo clippy --release --target x86_64-unknown-linux-gnu -p kv-core --all-targets -q -- -D warnings)
 
 echo "== build"
 cargo build --release -q
 
 echo "== tests"
 cargo test --release --workspace
+# Guest logic that runs on the host too (kv-core has no Wisp runtime dependency).
+(cd guest && cargo test --release --target x86_64-unknown-linux-gnu -p kv-core)
 
 echo "== fuzz targets, briefly (they must keep building and not fail at once)"
 bash scripts/fuzz.sh "${FUZZ_SECONDS:-3}"

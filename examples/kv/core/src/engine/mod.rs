@@ -302,14 +302,12 @@ impl Engine {
                 return Flow::Close;
             }
             "select" => match string2ll(a(1)) {
-                Some(n) if i32::try_from(n).is_ok() => {
-                    if n == 0 {
-                        cx.ok()
-                    } else {
-                        cx.err("DB index is out of range")
-                    }
-                }
-                _ => cx.not_integer(),
+                Some(0) => cx.ok(),
+                Some(n) if i32::try_from(n).is_ok() => cx.err("DB index is out of range"),
+                Some(_) => cx.err(
+                    "value is out of range, value must between -2147483648 and 2147483647",
+                ),
+                None => cx.not_integer(),
             },
             "time" => {
                 resp::array_header(cx.out, 2);
