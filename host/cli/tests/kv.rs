@@ -257,6 +257,90 @@ fn config_reports_the_policy_it_runs_with_and_changes_it() {
     assert!(count > 40, "{count}");
 }
 
+/// Interactive redis-cli (on a terminal) builds its help from `COMMAND
+/// DOCS`: `HELP @connection` then lists kv's connection commands (its
+/// built-in fallback for servers without COMMAND DOCS would also list
+/// AUTH, HELLO and others kv does not have).
+#[test]
+fn interactive_redis_cli_takes_its_help_from_kv() {
+    use std::os::unix::io::{AsRawFd, FromRawFd};
+    use std::os::unix::process::CommandExt;
+    let g = start(None);
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: openpty writes two new descriptors into the given integers.
+    let r = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(r, 0, "openpty");
+    // SAFETY: the descriptors are new and owned here from now on.
+    let (master, slave) = unsafe {
+        (
+            std::fs::File::from_raw_fd(master),
+            std::fs::File::from_raw_fd(slave),
+        )
+    };
+    let mut cmd = Command::new("redis-cli");
+    cmd.args(["-p", &g.port.to_string()])
+        .env("TERM", "dumb")
+        .stdin(slave.try_clone().unwrap())
+        .stdout(slave.try_clone().unwrap())
+        .stderr(slave);
+    // SAFETY: only async-signal-safe calls between fork and exec: a new
+    // session with the terminal as its controlling terminal.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            libc::ioctl(0, libc::TIOCSCTTY, 0);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().expect("redis-cli");
+    let mut out = Vec::new();
+    let read_until = |out: &mut Vec<u8>, needle: &str| {
+        let start = std::time::Instant::now();
+        while !String::from_utf8_lossy(out).contains(needle) {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "no {needle:?} in {}",
+                String::from_utf8_lossy(out)
+            );
+            let mut pfd = libc::pollfd {
+                fd: master.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            if unsafe { libc::poll(&mut pfd, 1, 100) } > 0 {
+                let mut buf = [0u8; 4096];
+                match (&master).read(&mut buf) {
+                    Ok(n) if n > 0 => out.extend_from_slice(&buf[..n]),
+                    _ => break,
+                }
+            }
+        }
+    };
+    let prompt = format!("127.0.0.1:{}> ", g.port);
+    read_until(&mut out, &prompt);
+    (&master).write_all(b"HELP @connection\n").unwrap();
+    read_until(&mut out, "SELECT");
+    read_until(&mut out, &prompt);
+    let help = String::from_utf8_lossy(&out).into_owned();
+    (&master).write_all(b"quit\n").unwrap();
+    let _ = child.wait();
+    for present in ["CLIENT SETNAME", "CLIENT GETNAME", "CLIENT LIST", "ECHO", "PING"] {
+        assert!(help.contains(present), "{present} missing from:\n{help}");
+    }
+    for absent in ["AUTH", "HELLO", "CLIENT KILL", "RESET"] {
+        assert!(!help.contains(absent), "{absent} listed in:\n{help}");
+    }
+}
+
 #[test]
 fn a_disk_holding_something_else_is_not_overwritten() {
     let p = scratch().join("kv-foreign.img");
