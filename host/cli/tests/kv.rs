@@ -333,7 +333,13 @@ fn interactive_redis_cli_takes_its_help_from_kv() {
     let help = String::from_utf8_lossy(&out).into_owned();
     (&master).write_all(b"quit\n").unwrap();
     let _ = child.wait();
-    for present in ["CLIENT SETNAME", "CLIENT GETNAME", "CLIENT LIST", "ECHO", "PING"] {
+    for present in [
+        "CLIENT SETNAME",
+        "CLIENT GETNAME",
+        "CLIENT LIST",
+        "ECHO",
+        "PING",
+    ] {
         assert!(help.contains(present), "{present} missing from:\n{help}");
     }
     for absent in ["AUTH", "HELLO", "CLIENT KILL", "RESET"] {
