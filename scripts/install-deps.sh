@@ -41,6 +41,9 @@ fi
 if [ "$mode" = test ]; then
     command -v curl >/dev/null || need_apt+=(curl)
     command -v redis-cli >/dev/null || need_apt+=(redis-tools)
+    # kv is tested side by side with redis-server, and its flushes under strace.
+    command -v redis-server >/dev/null || need_apt+=(redis-server)
+    command -v strace >/dev/null || need_apt+=(strace)
     command -v ip >/dev/null || need_apt+=(iproute2)
     command -v ping >/dev/null || need_apt+=(iputils-ping)
     command -v tar >/dev/null || need_apt+=(tar)

@@ -1,6 +1,8 @@
 //! The kv unikernel against redis-cli (Debian's redis-tools): commands,
-//! errors, malformed input, and persistence across a restart and across
-//! `kill -9` of the monitor.
+//! errors, malformed input, the configuration it reports, and persistence
+//! across a restart and across `kill -9` of the monitor. (When writes are
+//! flushed is tested in kv_durability.rs; agreement with redis-server in
+//! kv_vs_redis.rs.)
 
 mod common;
 
@@ -29,6 +31,10 @@ fn pong(port: u16) -> bool {
 }
 
 fn start(disk: Option<&Path>) -> Guest {
+    start_with(disk, &[])
+}
+
+fn start_with(disk: Option<&Path>, args: &[&str]) -> Guest {
     let image = example("kv");
     let disk_flag;
     let mut flags = vec![];
@@ -36,7 +42,7 @@ fn start(disk: Option<&Path>) -> Guest {
         disk_flag = d.display().to_string();
         flags = vec!["--disk", disk_flag.as_str()];
     }
-    start_guest(&image, 6379, &flags, &[], pong)
+    start_guest(&image, 6379, &flags, args, pong)
 }
 
 fn fresh_disk(name: &str) -> std::path::PathBuf {
@@ -67,7 +73,12 @@ fn commands_behave_like_redis() {
     assert_eq!(cli(p, &["MSET", "a", "1", "b", "2"]), "OK");
     assert_eq!(cli(p, &["MGET", "a", "b", "c"]), "1\n2"); // nil prints as an empty line
     assert_eq!(cli(p, &["EXISTS", "a", "b", "c"]), "2");
-    assert_eq!(cli(p, &["KEYS", "[ab]"]), "a\nb");
+    let mut keys: Vec<String> = cli(p, &["KEYS", "[ab]"])
+        .lines()
+        .map(String::from)
+        .collect();
+    keys.sort();
+    assert_eq!(keys, ["a", "b"]);
     assert_eq!(cli(p, &["DBSIZE"]), "4");
     assert_eq!(cli(p, &["DEL", "a", "b", "c"]), "2");
     assert_eq!(cli(p, &["TTL", "k"]), "-1");
@@ -88,7 +99,7 @@ fn unknown_commands_and_bad_arguments_are_errors_not_crashes() {
     let p = g.port;
     assert_eq!(
         cli(p, &["FROBNICATE", "x"]),
-        "ERR unknown command 'FROBNICATE'"
+        "ERR unknown command 'FROBNICATE', with args beginning with: 'x'"
     );
     assert_eq!(
         cli(p, &["GET"]),
@@ -107,9 +118,11 @@ fn malformed_resp_gets_an_error_and_the_server_survives() {
     let g = start(None);
     for garbage in [
         &b"*2\r\n$3\r\nGET\r\n+oops\r\n"[..],
-        b"*-5\r\n",
+        b"*x\r\n",
+        b"*1\r\n$-5\r\n",
         b"*1\r\n$99999999999\r\n",
-        b"*1\r\n$3\r\nGETXX\r\n",
+        b"*1\r\nGET\r\n",
+        b"SET k \"unbalanced\r\n",
     ] {
         let mut s = TcpStream::connect(("127.0.0.1", g.port)).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -157,11 +170,29 @@ fn data_survives_a_restart() {
     assert_eq!(cli(g.port, &["SET", "gone", "x"]), "OK");
     assert_eq!(cli(g.port, &["DEL", "gone"]), "1");
     assert_eq!(cli(g.port, &["EXPIRE", "city", "1000"]), "1");
+    assert_eq!(cli(g.port, &["APPEND", "log", "a"]), "1");
+    assert_eq!(cli(g.port, &["APPEND", "log", "bc"]), "3");
+    assert_eq!(cli(g.port, &["SETRANGE", "log", "5", "z"]), "6");
+    assert_eq!(cli(g.port, &["INCRBYFLOAT", "f", "10.50"]), "10.5");
+    assert_eq!(cli(g.port, &["INCRBYFLOAT", "f", "0.1"]), "10.6");
+    assert_eq!(cli(g.port, &["SET", "old", "o", "EX", "500"]), "OK");
+    assert_eq!(cli(g.port, &["RENAME", "old", "new"]), "OK");
+    assert_eq!(cli(g.port, &["SET", "short", "s", "PX", "300"]), "OK");
+    assert_eq!(cli(g.port, &["GETEX", "visits", "EX", "100"]), "7");
+    assert_eq!(cli(g.port, &["GETEX", "visits", "PERSIST"]), "7");
     drop(g);
+    // "short" expires while the server is down.
+    std::thread::sleep(Duration::from_millis(400));
     let g = start(Some(&disk));
     assert_eq!(cli(g.port, &["GET", "city"]), "Lisbon");
     assert_eq!(cli(g.port, &["GET", "visits"]), "7");
+    assert_eq!(cli(g.port, &["TTL", "visits"]), "-1");
     assert_eq!(cli(g.port, &["GET", "gone"]), "");
+    assert_eq!(cli(g.port, &["GET", "log"]), "abc\0\0z");
+    assert_eq!(cli(g.port, &["GET", "f"]), "10.6");
+    assert_eq!(cli(g.port, &["EXISTS", "old", "new", "short"]), "1");
+    let ttl: i64 = cli(g.port, &["TTL", "new"]).parse().unwrap();
+    assert!((490..=500).contains(&ttl), "{ttl}");
     let ttl: i64 = cli(g.port, &["TTL", "city"]).parse().unwrap();
     assert!(
         (990..=1000).contains(&ttl),
@@ -169,6 +200,9 @@ fn data_survives_a_restart() {
     );
 }
 
+/// A reply means the record reached the disk file (the host's page cache
+/// keeps it when the monitor is killed). Whether it was also flushed is
+/// what kv_durability.rs checks.
 #[test]
 fn acknowledged_writes_survive_kill_9() {
     let disk = fresh_disk("kv-kill9.img");
@@ -184,6 +218,133 @@ fn acknowledged_writes_survive_kill_9() {
     let g = start(Some(&disk));
     assert_eq!(cli(g.port, &["DBSIZE"]), "50");
     assert_eq!(cli(g.port, &["GET", "key49"]), "value49");
+}
+
+#[test]
+fn config_reports_the_policy_it_runs_with_and_changes_it() {
+    let disk = fresh_disk("kv-config.img");
+    let g = start_with(Some(&disk), &["--appendfsync", "everysec"]);
+    assert_eq!(
+        cli(g.port, &["CONFIG", "GET", "appendfsync"]),
+        "appendfsync\neverysec"
+    );
+    assert_eq!(
+        cli(g.port, &["CONFIG", "GET", "appendonly"]),
+        "appendonly\nyes"
+    );
+    assert_eq!(cli(g.port, &["CONFIG", "SET", "appendfsync", "no"]), "OK");
+    assert_eq!(
+        cli(g.port, &["CONFIG", "GET", "append*"]),
+        "appendonly\nyes\nappendfsync\nno"
+    );
+    drop(g);
+    let g = start(None);
+    assert_eq!(
+        cli(g.port, &["CONFIG", "GET", "appendonly"]),
+        "appendonly\nno"
+    );
+    assert_eq!(
+        cli(g.port, &["CONFIG", "GET", "appendfsync"]),
+        "appendfsync\nalways"
+    );
+    assert_eq!(cli(g.port, &["CLIENT", "SETNAME", "me"]), "OK");
+    assert_eq!(
+        cli(g.port, &["CLIENT", "GETNAME"]),
+        "",
+        "a new connection has no name"
+    );
+    let count: usize = cli(g.port, &["COMMAND", "COUNT"]).parse().unwrap();
+    assert!(count > 40, "{count}");
+}
+
+/// Interactive redis-cli (on a terminal) builds its help from `COMMAND
+/// DOCS`: `HELP @connection` then lists kv's connection commands (its
+/// built-in fallback for servers without COMMAND DOCS would also list
+/// AUTH, HELLO and others kv does not have).
+#[test]
+fn interactive_redis_cli_takes_its_help_from_kv() {
+    use std::os::unix::io::{AsRawFd, FromRawFd};
+    use std::os::unix::process::CommandExt;
+    let g = start(None);
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: openpty writes two new descriptors into the given integers.
+    let r = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(r, 0, "openpty");
+    // SAFETY: the descriptors are new and owned here from now on.
+    let (master, slave) = unsafe {
+        (
+            std::fs::File::from_raw_fd(master),
+            std::fs::File::from_raw_fd(slave),
+        )
+    };
+    let mut cmd = Command::new("redis-cli");
+    cmd.args(["-p", &g.port.to_string()])
+        .env("TERM", "dumb")
+        .stdin(slave.try_clone().unwrap())
+        .stdout(slave.try_clone().unwrap())
+        .stderr(slave);
+    // SAFETY: only async-signal-safe calls between fork and exec: a new
+    // session with the terminal as its controlling terminal.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            libc::ioctl(0, libc::TIOCSCTTY, 0);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().expect("redis-cli");
+    let mut out = Vec::new();
+    let read_until = |out: &mut Vec<u8>, needle: &str| {
+        let start = std::time::Instant::now();
+        while !String::from_utf8_lossy(out).contains(needle) {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "no {needle:?} in {}",
+                String::from_utf8_lossy(out)
+            );
+            let mut pfd = libc::pollfd {
+                fd: master.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            if unsafe { libc::poll(&mut pfd, 1, 100) } > 0 {
+                let mut buf = [0u8; 4096];
+                match (&master).read(&mut buf) {
+                    Ok(n) if n > 0 => out.extend_from_slice(&buf[..n]),
+                    _ => break,
+                }
+            }
+        }
+    };
+    let prompt = format!("127.0.0.1:{}> ", g.port);
+    read_until(&mut out, &prompt);
+    (&master).write_all(b"HELP @connection\n").unwrap();
+    read_until(&mut out, "SELECT");
+    read_until(&mut out, &prompt);
+    let help = String::from_utf8_lossy(&out).into_owned();
+    (&master).write_all(b"quit\n").unwrap();
+    let _ = child.wait();
+    for present in [
+        "CLIENT SETNAME",
+        "CLIENT GETNAME",
+        "CLIENT LIST",
+        "ECHO",
+        "PING",
+    ] {
+        assert!(help.contains(present), "{present} missing from:\n{help}");
+    }
+    for absent in ["AUTH", "HELLO", "CLIENT KILL", "RESET"] {
+        assert!(!help.contains(absent), "{absent} listed in:\n{help}");
+    }
 }
 
 #[test]
