@@ -11,6 +11,9 @@
 #     of STARTS starts, beside nginx's start to its first 200;
 #   * an idle guest's host CPU use.
 # Both peers run one worker / one thread, as the unikernel has one vCPU.
+# The clients run on CPU 0 and every server on CPU 1 (nginx's worker,
+# redis-server, and both threads of a Wisp monitor share that core), so
+# each server gets the same one core; PIN=0 lets the scheduler place them.
 # Usage: bash scripts/bench-net.sh [ROUNDS] [SECONDS] [STARTS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +26,12 @@ cargo build --release -q
 mkdir -p target/bench
 target/release/wisp build examples/httpd -o target/bench/httpd.wisp
 target/release/wisp build examples/kv -o target/bench/kv.wisp
+
+srv=(); cli=()
+if [ "${PIN:-1}" = 1 ] && [ "$(nproc)" -ge 2 ]; then
+  srv=(taskset -c 1); cli=(taskset -c 0)
+  echo "== servers on CPU 1, clients on CPU 0 (PIN=0 to let the scheduler place them)"
+fi
 
 work="$(mktemp -d)"
 # nginx's worker runs as nobody: it must be able to read the page.
@@ -60,10 +69,10 @@ http {
 NGINX
 }
 nginx_conf "$np" "$work"
-nginx -c "$work/nginx.conf" & pids+=($!)
-target/release/wisp run -q --stats -p "127.0.0.1:$wp:80" target/bench/httpd.wisp >/dev/null 2>"$work/httpd.stats" & wisp_httpd=$!; pids+=($wisp_httpd)
-redis-server --port "$rp" --bind 127.0.0.1 --save "" --appendonly no --daemonize no >/dev/null & pids+=($!)
-target/release/wisp run -q --stats -p "127.0.0.1:$kp:6379" target/bench/kv.wisp >/dev/null 2>"$work/kv.stats" & wisp_kv=$!; pids+=($wisp_kv)
+${srv[@]+"${srv[@]}"} nginx -c "$work/nginx.conf" & pids+=($!)
+${srv[@]+"${srv[@]}"} target/release/wisp run -q --stats -p "127.0.0.1:$wp:80" target/bench/httpd.wisp >/dev/null 2>"$work/httpd.stats" & wisp_httpd=$!; pids+=($wisp_httpd)
+${srv[@]+"${srv[@]}"} redis-server --port "$rp" --bind 127.0.0.1 --save "" --appendonly no --daemonize no >/dev/null & pids+=($!)
+${srv[@]+"${srv[@]}"} target/release/wisp run -q --stats -p "127.0.0.1:$kp:6379" target/bench/kv.wisp >/dev/null 2>"$work/kv.stats" & wisp_kv=$!; pids+=($wisp_kv)
 wait_port "$np"; wait_port "$wp"; wait_port "$rp"; wait_port "$kp"
 sleep 0.5
 
@@ -71,7 +80,7 @@ echo "== HTTP: wrk -t1 -c32 -d${secs}s, same page ($(wc -c < "$work/www/index.ht
 for r in $(seq "$rounds"); do
   for who in nginx wisp; do
     port=$np; [ "$who" = wisp ] && port=$wp
-    wrk -t1 -c32 -d"${secs}s" --latency "http://127.0.0.1:$port/" > "$work/wrk-$who-$r.txt"
+    ${cli[@]+"${cli[@]}"} wrk -t1 -c32 -d"${secs}s" --latency "http://127.0.0.1:$port/" > "$work/wrk-$who-$r.txt"
   done
 done
 
@@ -79,8 +88,8 @@ echo "== Redis: redis-benchmark -t set,get -n 100000 -c 32 (and -P 16), $rounds 
 for r in $(seq "$rounds"); do
   for who in redis wisp; do
     port=$rp; [ "$who" = wisp ] && port=$kp
-    redis-benchmark -p "$port" -t set,get -n 100000 -c 32 -q > "$work/rb-$who-$r.txt" 2>/dev/null
-    redis-benchmark -p "$port" -t set,get -n 200000 -c 32 -P 16 -q > "$work/rbp-$who-$r.txt" 2>/dev/null
+    ${cli[@]+"${cli[@]}"} redis-benchmark -p "$port" -t set,get -n 100000 -c 32 -q > "$work/rb-$who-$r.txt" 2>/dev/null
+    ${cli[@]+"${cli[@]}"} redis-benchmark -p "$port" -t set,get -n 200000 -c 32 -P 16 -q > "$work/rbp-$who-$r.txt" 2>/dev/null
   done
 done
 

@@ -114,6 +114,13 @@ impl IoThread {
                     next_timer.unwrap_or(MAX_SLEEP).min(MAX_SLEEP)
                 }
             } else {
+                if work == 0 {
+                    // Spinning: give the core away if anything else wants
+                    // it (the vCPU thread, when both share one core),
+                    // otherwise this returns at once.
+                    // SAFETY: a plain syscall without arguments.
+                    unsafe { libc::sched_yield() };
+                }
                 Duration::ZERO
             };
             if sleeping && !timeout.is_zero() {
