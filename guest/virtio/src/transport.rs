@@ -175,8 +175,8 @@ impl<T: Transport> Transport for SpecOrder<T> {
     ) {
         if let Some(r) = self.rings.get_mut(queue as usize) {
             *r = Rings {
-                avail: driver_area as u64,
-                used: device_area as u64,
+                avail: driver_area,
+                used: device_area,
                 size,
                 decided: 0,
             };
