@@ -133,6 +133,11 @@ impl Dev {
         self.w(0x044, 1);
     }
 
+    /// Writes status 0: the device lets go of its queues.
+    fn reset(&self) {
+        self.w(STATUS, 0);
+    }
+
     fn driver_ok(&self) {
         self.w(STATUS, 15);
     }
@@ -236,6 +241,17 @@ fn rings(base: usize, at: RingAt, target: usize) -> Rings {
     r
 }
 
+/// Resets both devices before the scratch area (which holds the rings of
+/// both) is reused: a live device must not see its rings change under it
+/// (the monitor's I/O thread polls a NIC's rings while the guest runs).
+fn quiesce() {
+    for kind in [1, 2] {
+        if let Some(d) = Dev::find(kind) {
+            d.reset();
+        }
+    }
+}
+
 fn zero_scratch() {
     for i in (0..DATA).step_by(8) {
         put(scratch() + i, 0u64);
@@ -245,6 +261,7 @@ fn zero_scratch() {
 /// One block request: `kind` with its data buffer at `data`, the block
 /// queue's `ring` at `target` (or none).
 fn block(dev: &Dev, kind: u32, data: usize, ring: RingAt, target: usize) -> Outcome {
+    quiesce();
     zero_scratch();
     if !dev.start() {
         return Outcome::Nothing;
@@ -316,6 +333,7 @@ enum NetAt {
 
 /// One exchange on the NIC, with the receive queue's `ring` at `target`.
 fn net(dev: &Dev, what: NetAt, ring: RingAt, target: usize) -> Outcome {
+    quiesce();
     zero_scratch();
     if !dev.start() {
         return Outcome::Nothing;
