@@ -5,6 +5,8 @@
 //! `wisp_abi::exit` for the statuses with a fixed meaning).
 
 mod build;
+mod client;
+mod daemon;
 mod inspect;
 mod new;
 mod run;
@@ -24,10 +26,16 @@ use clap::{Parser, Subcommand};
     about = "Build, inspect and run Wisp unikernels"
 )]
 struct Cli {
+    /// The daemon's socket (toolstack commands) [default: $WISP_SOCKET, or
+    /// /run/wisp/wisp.sock for root, $XDG_RUNTIME_DIR/wisp/wisp.sock].
+    #[arg(long, global = true, value_name = "PATH")]
+    socket: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
 
+// Parsed once per process: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Build an application crate into a bootable image.
@@ -104,9 +112,91 @@ enum Command {
         /// Give the guest a block device backed by FILE (",ro": read-only).
         #[arg(long, value_name = "FILE[,ro]")]
         disk: Option<wisp_monitor::DiskConfig>,
+        /// Run in the background under the daemon (`wisp daemon`); prints
+        /// the VM's id.
+        #[arg(short, long)]
+        detach: bool,
+        /// With -d: a name for the VM.
+        #[arg(long, requires = "detach")]
+        name: Option<String>,
+        /// With -d: `no` (default) or `on-failure` (start it again when it
+        /// ends with a non-zero status, unless stopped).
+        #[arg(long, requires = "detach", value_name = "POLICY")]
+        restart: Option<String>,
         /// Arguments for the application (after `--`).
         #[arg(last = true)]
         args: Vec<String>,
+    },
+    /// Run the toolstack daemon (HTTP/JSON API on a Unix socket).
+    Daemon {
+        /// Directory for VM records, control sockets and logs
+        /// [default: $WISP_STATE_DIR, or the socket's default directory].
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+        /// Pre-started shells to keep per guest memory size, SIZE:COUNT
+        /// (repeatable) [default: 64M:4].
+        #[arg(long, value_name = "SIZE:COUNT")]
+        pool: Vec<String>,
+        /// Bound of each VM's log (it keeps at most twice this).
+        #[arg(long, default_value = "1M", value_parser = units::parse_memory)]
+        log_size: u64,
+    },
+    /// List VMs started with `run -d` (NAME ID STATE IMAGE MEMORY UPTIME PORTS).
+    Ps {
+        /// Include VMs that have ended (with their exit status).
+        #[arg(short, long)]
+        all: bool,
+        /// `table` (default) or `json` (every field, start_us included).
+        #[arg(long, default_value = "table", value_parser = ["table", "json"])]
+        format: String,
+    },
+    /// Print a VM's console log.
+    Logs {
+        name: String,
+        /// Keep printing what the guest writes until it ends.
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Pause VMs (their vCPU stops; host connections wait).
+    Pause {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Resume paused VMs.
+    Resume {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Stop VMs through their monitor; kill those not gone after the timeout.
+    Stop {
+        /// Seconds to wait before killing.
+        #[arg(short, long, default_value = "10")]
+        time: f64,
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Kill VMs' monitor processes (SIGKILL).
+    Kill {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Remove ended VMs (-f: kill running ones first).
+    Rm {
+        #[arg(short, long)]
+        force: bool,
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Per-VM and host figures from the daemon.
+    Stats {
+        #[arg(long, default_value = "table", value_parser = ["table", "json"])]
+        format: String,
+    },
+    /// Internal: a monitor process the daemon starts ahead of need.
+    #[command(hide = true)]
+    Shell {
+        #[arg(long)]
+        memory: u64,
     },
     /// Print an image's size, entry points, segments, libraries and devices.
     Inspect { image: PathBuf },
@@ -123,7 +213,8 @@ enum Command {
 fn main() -> ExitCode {
     let started = Instant::now();
     let cli = Cli::parse();
-    let is_run = matches!(cli.command, Command::Run { .. });
+    let is_run = matches!(cli.command, Command::Run { detach: false, .. });
+    let socket = client::socket(cli.socket);
     let result = match cli.command {
         Command::Build { app_dir, output } => build::build(&app_dir, output.as_deref()).map(|_| 0),
         Command::Run {
@@ -142,8 +233,58 @@ fn main() -> ExitCode {
             net_ops,
             disk_rate,
             disk_ops,
+            quiet: _,
+            args,
+            detach: true,
+            name,
+            restart,
+        } => detached(
+            &socket,
+            DetachedFlags {
+                timeout: timeout.is_some(),
+                trace_boot,
+                net: !net.is_empty(),
+                stats,
+                no_seccomp,
+                limits: net_rate.or(net_ops).or(disk_rate).or(disk_ops).is_some(),
+                selftest: seccomp_selftest.is_some(),
+            },
+            client::DetachedRun {
+                image: &image,
+                name,
+                memory,
+                args,
+                publish: publish
+                    .iter()
+                    .map(|p| {
+                        let proto = if p.udp { "/udp" } else { "" };
+                        format!("{}:{}{proto}", p.host, p.guest_port)
+                    })
+                    .collect(),
+                disk: disk.as_ref(),
+                cpus,
+                restart,
+            },
+        ),
+        Command::Run {
+            image,
+            memory,
+            timeout,
+            trace_boot,
+            publish,
+            net,
+            disk,
+            no_seccomp,
+            stats,
+            seccomp_selftest,
+            cpus,
+            net_rate,
+            net_ops,
+            disk_rate,
+            disk_ops,
             quiet,
             args,
+            ..
         } => run::run(
             &run::RunArgs {
                 image,
@@ -164,6 +305,27 @@ fn main() -> ExitCode {
             },
             started,
         ),
+        Command::Daemon {
+            state_dir,
+            pool,
+            log_size,
+        } => daemon::daemon(daemon::DaemonArgs {
+            socket,
+            state_dir,
+            pool,
+            log_size,
+        }),
+        Command::Ps { all, format } => client::ps(&socket, all, format == "json"),
+        Command::Logs { name, follow } => client::logs(&socket, &name, follow),
+        Command::Pause { names } => client::action(&socket, "pause", &names, ""),
+        Command::Resume { names } => client::action(&socket, "resume", &names, ""),
+        Command::Stop { time, names } => {
+            client::action(&socket, "stop", &names, &format!("?timeout={time}"))
+        }
+        Command::Kill { names } => client::action(&socket, "kill", &names, ""),
+        Command::Rm { force, names } => client::rm(&socket, &names, force),
+        Command::Stats { format } => client::stats(&socket, format == "json"),
+        Command::Shell { memory } => return ExitCode::from(daemon::shell(memory)),
         Command::Inspect { image } => inspect::inspect(&image).map(|_| 0),
         Command::New { name, path } => new::new(&name, path.as_deref()).map(|_| 0),
     };
@@ -182,6 +344,38 @@ fn main() -> ExitCode {
             ExitCode::from(wisp_abi::exit::MONITOR_ERROR)
         }
     }
+}
+
+/// `wisp run` flags that only a foreground run has.
+struct DetachedFlags {
+    timeout: bool,
+    trace_boot: bool,
+    net: bool,
+    stats: bool,
+    no_seccomp: bool,
+    limits: bool,
+    selftest: bool,
+}
+
+/// `wisp run -d`: refuses the flags a detached run does not support.
+fn detached(
+    socket: &std::path::Path,
+    f: DetachedFlags,
+    r: client::DetachedRun<'_>,
+) -> anyhow::Result<u8> {
+    let unsupported = [
+        (f.timeout, "--timeout"),
+        (f.trace_boot, "--trace-boot"),
+        (f.net, "--net"),
+        (f.stats, "--stats"),
+        (f.no_seccomp, "--no-seccomp"),
+        (f.limits, "--net-rate/--net-ops/--disk-rate/--disk-ops"),
+        (f.selftest, "--seccomp-selftest"),
+    ];
+    if let Some((_, flag)) = unsupported.iter().find(|(set, _)| *set) {
+        anyhow::bail!("{flag} is not supported with -d (run in the foreground for it)");
+    }
+    client::run_detached(socket, r)
 }
 
 /// What `wisp run` exits with, shown under `wisp run --help`.

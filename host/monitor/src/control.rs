@@ -113,6 +113,9 @@ pub(crate) struct Shared {
     /// Kernel thread id of the vCPU thread, once it runs (0 before).
     pub vcpu_tid: AtomicI32,
     pub counters: Counters,
+    /// [`monotonic_ns`] when the guest reported reaching `main` (its MARK
+    /// hypercall, sent when the boot page asks for a boot trace); 0 before.
+    pub main_reached_ns: AtomicU64,
 }
 
 impl Shared {
@@ -130,6 +133,7 @@ impl Shared {
             io_wake: EventFd::new(libc::EFD_NONBLOCK)?,
             vcpu_tid: AtomicI32::new(0),
             counters: Counters::default(),
+            main_reached_ns: AtomicU64::new(0),
         })
     }
 
@@ -317,6 +321,28 @@ impl Controller {
     pub fn counters(&self) -> CounterValues {
         self.shared.values()
     }
+
+    /// When the guest reached its `main`, as [`monotonic_ns`] (comparable
+    /// across processes): `None` before, or if the guest was not started
+    /// with a boot trace (it only reports `main` then).
+    pub fn main_reached_ns(&self) -> Option<u64> {
+        match self.shared.main_reached_ns.load(Ordering::SeqCst) {
+            0 => None,
+            t => Some(t),
+        }
+    }
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the same clock in every process of the
+/// host, so a toolstack can subtract a time taken in another process.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: writes one timespec we own; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 // ---- kicks -------------------------------------------------------------

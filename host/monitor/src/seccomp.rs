@@ -102,8 +102,15 @@ fn syscalls(kind: ThreadKind) -> Vec<i64> {
             libc::SYS_epoll_ctl,
             libc::SYS_timer_delete,
         ],
-        // Kicks (tgkill), the teardown child (clone, checked below).
-        ThreadKind::Control => &[libc::SYS_tgkill, libc::SYS_getpid, libc::SYS_writev],
+        // Kicks (tgkill), the teardown child (clone, checked below), and
+        // the connections of the toolstack's control socket (accept4; the
+        // listener was bound and handed over before the filter).
+        ThreadKind::Control => &[
+            libc::SYS_tgkill,
+            libc::SYS_getpid,
+            libc::SYS_writev,
+            libc::SYS_accept4,
+        ],
     });
     v
 }

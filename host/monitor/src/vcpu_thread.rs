@@ -163,7 +163,18 @@ impl VcpuThread {
                     self.console.flush().map_err(VmError::Console)?;
                     return Ok(Outcome::Crashed(Crash::Exception { report, cr2 }));
                 }
-                Ok(Hypercall::Mark(_)) => mark(&mut self.trace, "guest main() reached"),
+                Ok(Hypercall::Mark(m)) => {
+                    if m == wisp_abi::hypercall::MARK_MAIN {
+                        let now = control::monotonic_ns();
+                        let _ = (self.shared.main_reached_ns).compare_exchange(
+                            0,
+                            now,
+                            Ordering::SeqCst,
+                            Ordering::SeqCst,
+                        );
+                    }
+                    mark(&mut self.trace, "guest main() reached")
+                }
                 Err(e) => return Ok(crashed_protocol(e.to_string())),
             }
         }

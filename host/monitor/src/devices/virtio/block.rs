@@ -80,6 +80,17 @@ impl Block {
             .read(true)
             .write(!read_only)
             .open(path)?;
+        Block::from_file(file, read_only, mem, access)
+    }
+
+    /// A disk backed by a file already open (e.g. handed over by another
+    /// process); it must be writable unless `read_only`.
+    pub fn from_file(
+        file: std::fs::File,
+        read_only: bool,
+        mem: GuestMemoryMmap,
+        access: GuestAccess,
+    ) -> std::io::Result<Block> {
         let len = file.metadata()?.len();
         Ok(Block {
             file,

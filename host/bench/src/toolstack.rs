@@ -1,0 +1,195 @@
+//! Warm-start benchmark of the toolstack: `run` requests to a `wisp daemon`
+//! served from its pool of pre-started shells, timed from the request
+//! reaching the daemon to the guest's `main` (the daemon's `start_us`),
+//! beside a static C process spawn and a cold `wisp run hello` (process
+//! start to exit), interleaved so that machine noise hits all alike.
+//!
+//! Each warm start waits until the pool is full again, so every one is
+//! served by a ready shell. Usage: `bench-toolstack [ROUNDS]` (default 30),
+//! after `cargo build --release`; `scripts/bench-toolstack.sh` does both.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::json;
+use wisp_toolstack::client::Client;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn time(cmd: &mut Command) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    let st = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .context("spawn")?;
+    let took = start.elapsed();
+    if !st.success() {
+        bail!("{cmd:?} failed: {st}");
+    }
+    Ok(took)
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn row(name: &str, mut v: Vec<f64>, base: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let med = pct(&v, 0.5);
+    println!(
+        "{name:<58} {:>8.3} {:>8.3} {:>8.3} {:>8.2}x",
+        med,
+        pct(&v, 0.1),
+        pct(&v, 0.9),
+        med / base
+    );
+    med
+}
+
+/// Waits until every pooled size is full.
+fn pool_full(c: &Client) -> anyhow::Result<()> {
+    let start = Instant::now();
+    loop {
+        let v = c
+            .request("GET", "/v1/pool", None)?
+            .json()
+            .unwrap_or_default();
+        let full = v["shells"]
+            .as_array()
+            .is_some_and(|a| a.iter().all(|s| s["ready"] == s["target"]));
+        if full {
+            return Ok(());
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            bail!("the pool never refilled: {v}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let rounds: usize = std::env::args()
+        .nth(1)
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(30);
+    let repo = repo().canonicalize()?;
+    let wisp = repo.join("target/release/wisp");
+    let dir = PathBuf::from(format!("/tmp/wisp-bench-ts-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let image = dir.join("hello.wisp");
+    if !Command::new(&wisp)
+        .arg("build")
+        .arg(repo.join("examples/hello"))
+        .arg("-o")
+        .arg(&image)
+        .stdout(Stdio::null())
+        .status()?
+        .success()
+    {
+        bail!("wisp build examples/hello failed");
+    }
+    let c_src = dir.join("true.c");
+    let c_bin = dir.join("true-static");
+    std::fs::write(&c_src, "int main(void) { return 0; }\n")?;
+    if !Command::new("gcc")
+        .args(["-static", "-O2", "-o"])
+        .arg(&c_bin)
+        .arg(&c_src)
+        .status()
+        .context("gcc")?
+        .success()
+    {
+        bail!("gcc -static failed (is libc6-dev installed?)");
+    }
+    let socket = dir.join("api.sock");
+    let mut daemon = Command::new(&wisp)
+        .arg("daemon")
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .args(["--pool", "2M:2"])
+        .stderr(Stdio::null())
+        .spawn()
+        .context("wisp daemon")?;
+    let result = (|| -> anyhow::Result<()> {
+        let c = Client::new(&socket);
+        let start = Instant::now();
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            if start.elapsed() > Duration::from_secs(10) {
+                bail!("the daemon did not start");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let (mut warm_main, mut warm_launch, mut warm_reply) = (vec![], vec![], vec![]);
+        let (mut spawn, mut cold) = (vec![], vec![]);
+        let body = json!({ "image": image.to_string_lossy(), "memory": 2 << 20 });
+        for i in 0..rounds + 2 {
+            pool_full(&c)?;
+            let t = Instant::now();
+            let r = c.request("POST", "/v1/vms", Some(&body))?;
+            let reply_ms = t.elapsed().as_secs_f64() * 1e3;
+            let v = r.json().unwrap_or_default();
+            if r.status != 201 || v["from_pool"] != true {
+                bail!("run failed or was cold: {} {v}", r.status);
+            }
+            let id = v["id"].as_str().unwrap_or_default().to_string();
+            let s = time(&mut Command::new(&c_bin))?;
+            let w = time(Command::new(&wisp).arg("run").arg("-q").arg(&image))?;
+            // Two rounds of warm-up.
+            if i >= 2 {
+                let main_us = v["start_us"].as_f64().context("no start_us")?;
+                warm_main.push(main_us / 1e3);
+                warm_launch.push(v["launch_us"].as_f64().unwrap_or(0.0) / 1e3);
+                warm_reply.push(reply_ms);
+                spawn.push(s.as_secs_f64() * 1e3);
+                cold.push(w.as_secs_f64() * 1e3);
+            }
+            let _ = c.request("DELETE", &format!("/v1/vms/{id}?force=1"), None)?;
+        }
+        println!("{rounds} rounds (ms)                                                median      p10      p90  vs static");
+        let base = {
+            let mut s = spawn.clone();
+            s.sort_by(f64::total_cmp);
+            pct(&s, 0.5)
+        };
+        row(
+            "static C process spawn (int main(){return 0;})",
+            spawn,
+            base,
+        );
+        row(
+            "cold `wisp run -q hello` (process start to exit)",
+            cold,
+            base,
+        );
+        let m = row(
+            "warm start from the pool: request -> guest main()",
+            warm_main,
+            base,
+        );
+        row(
+            "  of which request -> guest threads started",
+            warm_launch,
+            base,
+        );
+        row(
+            "  client round trip (POST /v1/vms -> 201)",
+            warm_reply,
+            base,
+        );
+        println!("goal (DESIGN.md): warm start median <= 0.5 ms; measured {m:.3} ms");
+        Ok(())
+    })();
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}

@@ -1,0 +1,295 @@
+//! The toolstack commands of the CLI: `run -d`, `ps`, `logs`, `pause`,
+//! `resume`, `stop`, `kill`, `rm`, `stats`, each one request to the
+//! daemon's API.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use serde_json::{json, Value};
+use wisp_toolstack::client::{Client, Reply};
+
+/// The daemon's socket: `--socket`, else `WISP_SOCKET`, else the default.
+pub fn socket(flag: Option<PathBuf>) -> PathBuf {
+    flag.or_else(|| std::env::var_os("WISP_SOCKET").map(PathBuf::from))
+        .unwrap_or_else(wisp_toolstack::daemon::default_socket)
+}
+
+fn client(socket: &Path) -> Client {
+    Client::new(socket)
+}
+
+/// The reply's JSON if its status is a success, or an error with the
+/// daemon's message.
+fn ok(reply: Reply) -> anyhow::Result<Value> {
+    if (200..300).contains(&reply.status) {
+        return Ok(reply.json().unwrap_or(Value::Null));
+    }
+    bail!("{}", reply.error_text())
+}
+
+fn absolute(p: &Path) -> anyhow::Result<String> {
+    let abs = std::path::absolute(p).with_context(|| format!("{}", p.display()))?;
+    Ok(abs.to_string_lossy().into_owned())
+}
+
+pub struct DetachedRun<'a> {
+    pub image: &'a Path,
+    pub name: Option<String>,
+    pub memory: u64,
+    pub args: Vec<String>,
+    pub publish: Vec<String>,
+    pub disk: Option<&'a wisp_monitor::DiskConfig>,
+    pub cpus: Option<f64>,
+    pub restart: Option<String>,
+}
+
+/// `wisp run -d`: prints the new VM's id.
+pub fn run_detached(socket: &Path, r: DetachedRun<'_>) -> anyhow::Result<u8> {
+    let mut body = json!({
+        "image": absolute(r.image)?,
+        "memory": r.memory,
+        "args": r.args,
+        "publish": r.publish,
+    });
+    if let Some(n) = r.name {
+        body["name"] = json!(n);
+    }
+    if let Some(d) = r.disk {
+        body["disk"] = json!(absolute(&d.path)?);
+        body["disk_read_only"] = json!(d.read_only);
+    }
+    if let Some(c) = r.cpus {
+        body["cpus"] = json!(c);
+    }
+    if let Some(p) = r.restart {
+        body["restart"] = json!(p);
+    }
+    let v = ok(client(socket).request("POST", "/v1/vms", Some(&body))?)?;
+    println!("{}", v["id"].as_str().unwrap_or_default());
+    Ok(0)
+}
+
+fn path_of(name: &str) -> String {
+    // Names and ids are [A-Za-z0-9_.-]: nothing to escape.
+    format!("/v1/vms/{name}")
+}
+
+fn human_bytes(b: u64) -> String {
+    if b >= 1 << 30 && b.is_multiple_of(1 << 30) {
+        format!("{}G", b >> 30)
+    } else {
+        format!("{}M", b >> 20)
+    }
+}
+
+fn human_duration(secs: u64) -> String {
+    match secs {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m{}s", s / 60, s % 60),
+        s if s < 86400 => format!("{}h{}m", s / 3600, s % 3600 / 60),
+        s => format!("{}d{}h", s / 86400, s % 86400 / 3600),
+    }
+}
+
+/// The STATE column: for an ended VM, how and with which status.
+fn state_text(v: &Value) -> String {
+    let state = v["state"].as_str().unwrap_or("?");
+    let exit = &v["exit"];
+    if state != "exited" && state != "restarting" || exit.is_null() {
+        return state.to_string();
+    }
+    let how = exit["how"].as_str().unwrap_or("exited");
+    match (exit["status"].as_i64(), exit["signal"].as_i64()) {
+        (_, Some(sig)) => format!("{state} ({how}, signal {sig})"),
+        (Some(st), _) => format!("{state} ({how}, {st})"),
+        _ => format!("{state} ({how})"),
+    }
+}
+
+/// `wisp ps [-a] [--format json]`.
+pub fn ps(socket: &Path, all: bool, json_out: bool) -> anyhow::Result<u8> {
+    let path = if all { "/v1/vms?all=1" } else { "/v1/vms" };
+    let v = ok(client(socket).request("GET", path, None)?)?;
+    let list = v.as_array().cloned().unwrap_or_default();
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(0);
+    }
+    let now = wisp_toolstack::record::unix_ms();
+    let mut rows =
+        vec![["NAME", "ID", "STATE", "IMAGE", "MEMORY", "UPTIME", "PORTS"].map(String::from)];
+    for vm in &list {
+        let image = vm["spec"]["image"].as_str().unwrap_or("");
+        let image = Path::new(image)
+            .file_name()
+            .map_or(image.into(), |f| f.to_string_lossy().into_owned());
+        let live = matches!(vm["state"].as_str(), Some("running" | "paused"));
+        let uptime = match vm["started_unix_ms"].as_u64() {
+            Some(t) if live => human_duration(now.saturating_sub(t) / 1000),
+            _ => "-".into(),
+        };
+        let ports: Vec<String> = vm["ports"]
+            .as_array()
+            .map(|ps| {
+                ps.iter()
+                    .map(|p| {
+                        let udp = if p["udp"].as_bool() == Some(true) {
+                            "/udp"
+                        } else {
+                            ""
+                        };
+                        format!(
+                            "{}->{}{udp}",
+                            p["host"].as_str().unwrap_or("?"),
+                            p["guest_port"]
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        rows.push([
+            vm["name"].as_str().unwrap_or("").into(),
+            vm["id"].as_str().unwrap_or("").chars().take(12).collect(),
+            state_text(vm),
+            image,
+            human_bytes(vm["spec"]["memory"].as_u64().unwrap_or(0)),
+            uptime,
+            ports.join(","),
+        ]);
+    }
+    print_table(&rows);
+    Ok(0)
+}
+
+fn print_table<const N: usize>(rows: &[[String; N]]) {
+    let mut widths = [0usize; N];
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    for r in rows {
+        let mut line = String::new();
+        for (i, c) in r.iter().enumerate() {
+            if i + 1 == N {
+                line.push_str(c);
+            } else {
+                line.push_str(&format!("{c:<w$}  ", w = widths[i]));
+            }
+        }
+        println!("{}", line.trim_end());
+    }
+}
+
+/// `wisp logs NAME [-f]`.
+pub fn logs(socket: &Path, name: &str, follow: bool) -> anyhow::Result<u8> {
+    let c = client(socket);
+    let mut out = std::io::stdout();
+    let path = format!(
+        "{}/logs{}",
+        path_of(name),
+        if follow { "?follow=1" } else { "" }
+    );
+    let reply = c.stream(&path, &mut out)?;
+    if reply.status != 200 {
+        bail!("{}", reply.error_text());
+    }
+    Ok(0)
+}
+
+/// `wisp pause|resume|kill NAME...`: one action per VM; prints each name.
+pub fn action(socket: &Path, action: &str, names: &[String], query: &str) -> anyhow::Result<u8> {
+    let c = client(socket);
+    let mut failed = false;
+    for n in names {
+        let path = format!("{}/{action}{query}", path_of(n));
+        match ok(c.request("POST", &path, None)?) {
+            Ok(_) => println!("{n}"),
+            Err(e) => {
+                wisp_monitor::report(format_args!("wisp: error: {n}: {e}"));
+                failed = true;
+            }
+        }
+    }
+    Ok(if failed { 1 } else { 0 })
+}
+
+/// `wisp rm [-f] NAME...`.
+pub fn rm(socket: &Path, names: &[String], force: bool) -> anyhow::Result<u8> {
+    let c = client(socket);
+    let mut failed = false;
+    for n in names {
+        let path = format!("{}{}", path_of(n), if force { "?force=1" } else { "" });
+        match ok(c.request("DELETE", &path, None)?) {
+            Ok(_) => println!("{n}"),
+            Err(e) => {
+                wisp_monitor::report(format_args!("wisp: error: {n}: {e}"));
+                failed = true;
+            }
+        }
+    }
+    Ok(if failed { 1 } else { 0 })
+}
+
+/// `wisp stats [--format json]`.
+pub fn stats(socket: &Path, json_out: bool) -> anyhow::Result<u8> {
+    let v = ok(client(socket).request("GET", "/v1/stats", None)?)?;
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(0);
+    }
+    let host = &v["host"];
+    let avail = host["mem_available_bytes"].as_u64().unwrap_or(0);
+    let states: Vec<String> = host["vms_by_state"]
+        .as_object()
+        .map(|m| m.iter().map(|(k, n)| format!("{k} {n}")).collect())
+        .unwrap_or_default();
+    let pool: Vec<String> = host["pool"]["shells"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|s| {
+                    format!(
+                        "{} {}/{}",
+                        human_bytes(s["memory"].as_u64().unwrap_or(0)),
+                        s["ready"],
+                        s["target"]
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    println!(
+        "host: MemAvailable {} MiB; VMs: {}; ready shells: {}",
+        avail >> 20,
+        if states.is_empty() {
+            "none".into()
+        } else {
+            states.join(", ")
+        },
+        pool.join(", ")
+    );
+    let mut rows =
+        vec![["NAME", "STATE", "CPU", "RSS", "EXITS", "TX", "RX", "START"].map(String::from)];
+    let opt = |x: &Value| x.as_u64().map_or("-".into(), |n| n.to_string());
+    for vm in v["vms"].as_array().cloned().unwrap_or_default() {
+        rows.push([
+            vm["name"].as_str().unwrap_or("").into(),
+            vm["state"].as_str().unwrap_or("").into(),
+            vm["cpu_seconds"]
+                .as_f64()
+                .map_or("-".into(), |c| format!("{c:.2}s")),
+            vm["rss_bytes"]
+                .as_u64()
+                .map_or("-".into(), |b| format!("{:.1}M", b as f64 / 1048576.0)),
+            opt(&vm["exits"]),
+            opt(&vm["tx_frames"]),
+            opt(&vm["rx_frames"]),
+            vm["start_us"]
+                .as_u64()
+                .map_or("-".into(), |u| format!("{:.3}ms", u as f64 / 1000.0)),
+        ]);
+    }
+    print_table(&rows);
+    Ok(0)
+}

@@ -1,0 +1,483 @@
+//! The toolstack: `wisp daemon` on a temporary socket and state directory,
+//! driven through the CLI and through raw HTTP on its socket.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+/// A daemon on its own socket and state directory; on drop it is killed
+/// and so are the monitor processes its records name.
+struct Daemon {
+    child: Option<Child>,
+    dir: PathBuf,
+    pool: String,
+}
+
+impl Daemon {
+    fn start(tag: &str, pool: &str) -> Daemon {
+        require_kvm();
+        // Short: control sockets live under it (sun_path is 108 bytes).
+        let dir = PathBuf::from(format!("/tmp/wisp-ts-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut d = Daemon {
+            child: None,
+            dir,
+            pool: pool.into(),
+        };
+        d.restart();
+        d
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.join("api.sock")
+    }
+
+    fn state(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
+    /// (Re)starts the daemon process and waits for its socket to answer.
+    fn restart(&mut self) {
+        let child = wisp()
+            .arg("daemon")
+            .arg("--socket")
+            .arg(self.socket())
+            .arg("--state-dir")
+            .arg(self.state())
+            .args(["--pool", &self.pool])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn wisp daemon");
+        self.child = Some(child);
+        until("the daemon answers", || {
+            UnixStream::connect(self.socket()).is_ok()
+        });
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// `wisp --socket S ARGS`, bounded.
+    fn wisp(&self, args: &[&str]) -> Output {
+        let mut cmd = wisp();
+        cmd.arg("--socket").arg(self.socket()).args(args);
+        output_within(cmd, Duration::from_secs(60))
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.wisp(args);
+        assert!(
+            o.status.success(),
+            "wisp {args:?} failed: {}{}",
+            stdout(&o),
+            stderr(&o)
+        );
+        stdout(&o)
+    }
+
+    /// One raw HTTP request on the API socket: (status, body).
+    fn http(&self, method: &str, path: &str, body: &str) -> (u16, String) {
+        let mut s = UnixStream::connect(self.socket()).expect("connect");
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).unwrap();
+        let status = raw[9..12].parse().expect("status");
+        let body = raw.split_once("\r\n\r\n").map_or("", |x| x.1).to_string();
+        (status, body)
+    }
+
+    fn json(&self, path: &str) -> Value {
+        let (st, body) = self.http("GET", path, "");
+        assert_eq!(st, 200, "{path}: {body}");
+        serde_json::from_str(&body).expect("json")
+    }
+
+    /// The record of VM `name` (exited ones included).
+    fn vm(&self, name: &str) -> Value {
+        self.json(&format!("/v1/vms/{name}"))
+    }
+
+    fn wait_state(&self, name: &str, state: &str) -> Value {
+        let mut last = Value::Null;
+        until(&format!("{name} is {state} (last: {last})"), || {
+            last = self.vm(name);
+            last["state"] == state
+        });
+        last
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+        // The guests outlive a daemon by design: end the ones this test made.
+        if let Ok(dirs) = std::fs::read_dir(self.state().join("vms")) {
+            for d in dirs.flatten() {
+                let rec = std::fs::read(d.path().join("vm.json")).unwrap_or_default();
+                let pid = serde_json::from_slice::<Value>(&rec)
+                    .ok()
+                    .and_then(|v| v["pid"].as_i64());
+                if let Some(pid) = pid {
+                    // SAFETY: a plain syscall on a pid this test's daemon started.
+                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn until(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < Duration::from_secs(30), "never: {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// GET / on the published port: the status line, or None if no answer
+/// comes within `limit`.
+fn get(port: u16, limit: Duration) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(limit)).ok()?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).ok()?;
+    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+    text.lines().next().map(str::to_string)
+}
+
+fn alive(pid: i64) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+fn run_httpd(d: &Daemon, name: &str, extra: &[&str]) -> (String, u16) {
+    let port = free_port();
+    let httpd = example("httpd");
+    let publish = format!("{port}:80");
+    let mut args = vec!["run", "-d", "--name", name, "-p", &publish];
+    args.extend_from_slice(extra);
+    let img = httpd.to_str().unwrap();
+    args.push(img);
+    let id = d.ok(&args).trim().to_string();
+    until("httpd answers", || {
+        get(port, Duration::from_secs(2)).is_some()
+    });
+    (id, port)
+}
+
+#[test]
+fn every_lifecycle_step_of_a_served_guest() {
+    let d = Daemon::start("life", "64M:1");
+    let (id, port) = run_httpd(&d, "web", &[]);
+    assert_eq!(id.len(), 16, "an id is printed: {id}");
+    let ps = d.ok(&["ps"]);
+    let row = ps.lines().find(|l| l.starts_with("web ")).expect(&ps);
+    assert!(
+        row.contains("running") && row.contains("httpd.wisp"),
+        "{ps}"
+    );
+    assert!(row.contains(&format!("127.0.0.1:{port}->80")), "{ps}");
+    assert_eq!(
+        get(port, Duration::from_secs(5)).as_deref(),
+        Some("HTTP/1.1 200 OK")
+    );
+    // ps --format json: every field, the start latency included.
+    let list: Value = serde_json::from_str(&d.ok(&["ps", "--format", "json"])).unwrap();
+    let vm = &list[0];
+    assert_eq!(vm["id"], id.as_str());
+    assert!(vm["start_us"].as_u64().is_some_and(|u| u > 0), "{vm}");
+    assert!(d.ok(&["logs", "web"]).contains("listening on port 80"));
+
+    // Paused: connections wait; resumed: served again.
+    d.ok(&["pause", "web"]);
+    assert_eq!(d.vm("web")["state"], "paused");
+    assert_eq!(get(port, Duration::from_millis(500)), None);
+    d.ok(&["resume", "web"]);
+    assert_eq!(d.vm("web")["state"], "running");
+    assert_eq!(
+        get(port, Duration::from_secs(5)).as_deref(),
+        Some("HTTP/1.1 200 OK")
+    );
+
+    // Figures: per-VM counters through stats and metrics.
+    let stats: Value = serde_json::from_str(&d.ok(&["stats", "--format", "json"])).unwrap();
+    let s = &stats["vms"][0];
+    assert_eq!(s["name"], "web");
+    assert!(s["exits"].as_u64().unwrap() > 0 && s["rx_frames"].as_u64().unwrap() > 0);
+    assert!(s["rss_bytes"].as_u64().unwrap() > 0);
+    let (st, metrics) = d.http("GET", "/metrics", "");
+    assert_eq!(st, 200);
+    assert!(
+        metrics.contains("wisp_vms{state=\"running\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("wisp_start_latency_seconds_count"));
+    assert!(metrics.contains(&format!("wisp_vm_exits_total{{id=\"{id}\",name=\"web\"}}")));
+
+    // Stop: the guest is stopped through its monitor, status 143.
+    let pid = d.vm("web")["pid"].as_i64().unwrap();
+    d.ok(&["stop", "web"]);
+    let vm = d.vm("web");
+    assert_eq!(vm["state"], "exited");
+    assert_eq!(vm["exit"]["how"], "stopped");
+    assert_eq!(vm["exit"]["status"], 143);
+    assert!(!alive(pid), "the monitor process is gone");
+    assert!(get(port, Duration::from_millis(500)).is_none());
+    assert!(d.ok(&["ps"]).lines().count() == 1, "ps hides ended VMs");
+    assert!(d.ok(&["ps", "-a"]).contains("exited (stopped, 143)"));
+
+    // rm: nothing left behind.
+    let dir = d.state().join("vms").join(&id);
+    assert!(dir.exists());
+    d.ok(&["rm", "web"]);
+    assert!(!dir.exists(), "the VM's directory is removed");
+    assert_eq!(d.http("GET", "/v1/vms/web", "").0, 404);
+}
+
+#[test]
+fn bad_requests_get_a_clear_error_and_change_nothing() {
+    let d = Daemon::start("bad", "64M:1");
+    let hello = hello().to_str().unwrap();
+    d.ok(&["run", "-d", "--name", "one", "-m", "2M", hello]);
+    // Duplicate name.
+    let o = d.wisp(&["run", "-d", "--name", "one", hello]);
+    assert_clean_error(&o, "already in use");
+    // Malformed JSON, unknown field, bad sizes, bad image, relative path.
+    let cases = [
+        ("{\"image\": ", "malformed"),
+        ("{\"image\": \"/x\", \"colour\": 1}", "unknown field"),
+        (
+            &format!("{{\"image\": \"{hello}\", \"memory\": 1000}}"),
+            "memory",
+        ),
+        (
+            &format!("{{\"image\": \"{hello}\", \"memory\": 8589934592}}"),
+            "memory",
+        ),
+        (
+            "{\"image\": \"/etc/hostname\"}",
+            "not a bootable Wisp image",
+        ),
+        ("{\"image\": \"hello.wisp\"}", "absolute"),
+        (
+            &format!("{{\"image\": \"{hello}\", \"name\": \"a/b\"}}"),
+            "name",
+        ),
+        (
+            &format!("{{\"image\": \"{hello}\", \"restart\": \"always\"}}"),
+            "restart",
+        ),
+        (
+            &format!("{{\"image\": \"{hello}\", \"publish\": [\"x:80\"]}}"),
+            "publish",
+        ),
+    ];
+    for (body, needle) in cases {
+        let (st, text) = d.http("POST", "/v1/vms", body);
+        assert_eq!(st, 400, "{body}: {text}");
+        let err: Value = serde_json::from_str(&text).expect("a JSON error");
+        let msg = err["error"].as_str().unwrap();
+        assert!(msg.contains(needle), "{body}: {msg}");
+    }
+    // An image that needs a NIC, given none: refused by the shell, cleanly.
+    let httpd = example("httpd");
+    let o = d.wisp(&["run", "-d", "--name", "nonet", httpd.to_str().unwrap()]);
+    assert_clean_error(&o, "network");
+    // Unknown VMs and endpoints.
+    assert_eq!(d.http("GET", "/v1/vms/nosuch", "").0, 404);
+    assert_eq!(d.http("POST", "/v1/vms/nosuch/pause", "").0, 404);
+    assert_eq!(d.http("GET", "/v1/nothing", "").0, 404);
+    let o = d.wisp(&["stop", "nosuch"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("no such VM: 'nosuch'"),
+        "{}",
+        stderr(&o)
+    );
+    // Pausing an ended VM is a conflict; rm of a live one without -f too.
+    d.wait_state("one", "exited");
+    assert_eq!(d.http("POST", "/v1/vms/one/pause", "").0, 409);
+    // Nothing of the failures is left: one VM, one directory.
+    let all: Value = d.json("/v1/vms?all=1");
+    assert_eq!(all.as_array().unwrap().len(), 1, "{all}");
+    assert_eq!(std::fs::read_dir(d.state().join("vms")).unwrap().count(), 1);
+}
+
+#[test]
+fn detached_run_without_a_daemon_says_how_to_start_one() {
+    let o = output_within(
+        {
+            let mut c = wisp();
+            c.env("WISP_SOCKET", "/nonexistent/wisp.sock")
+                .args(["run", "-d"])
+                .arg(hello());
+            c
+        },
+        Duration::from_secs(20),
+    );
+    assert_clean_error(&o, "start one with `wisp daemon`");
+}
+
+#[test]
+fn a_daemon_killed_with_sigkill_readopts_its_guests() {
+    let mut d = Daemon::start("adopt", "64M:1");
+    let (_, port) = run_httpd(&d, "web", &[]);
+    let pid = d.vm("web")["pid"].as_i64().unwrap();
+    d.kill9();
+    // The guest keeps serving with no daemon at all.
+    assert_eq!(
+        get(port, Duration::from_secs(5)).as_deref(),
+        Some("HTTP/1.1 200 OK")
+    );
+    d.restart();
+    let vm = d.vm("web");
+    assert_eq!(vm["state"], "running", "{vm}");
+    assert_eq!(vm["pid"], pid);
+    // Adopted: controlled and supervised as before.
+    d.ok(&["pause", "web"]);
+    d.ok(&["resume", "web"]);
+    assert_eq!(
+        get(port, Duration::from_secs(5)).as_deref(),
+        Some("HTTP/1.1 200 OK")
+    );
+    d.ok(&["kill", "web"]);
+    let vm = d.vm("web");
+    assert_eq!(vm["exit"]["how"], "killed", "{vm}");
+    assert!(!alive(pid));
+}
+
+#[test]
+fn crashes_and_outside_kills_are_recorded_and_restart_on_failure_restarts() {
+    let d = Daemon::start("crash", "2M:1");
+    let probe = probe().to_str().unwrap();
+    d.ok(&["run", "-d", "--name", "ud", "-m", "2M", probe, "--", "ud"]);
+    let vm = d.wait_state("ud", "exited");
+    assert_eq!(vm["exit"]["how"], "crashed", "{vm}");
+    assert_eq!(vm["exit"]["status"], 139);
+    assert!(d.ok(&["ps", "-a"]).contains("exited (crashed, 139)"));
+    assert!(d.ok(&["logs", "ud"]).contains("invalid opcode"));
+
+    // Killed from outside: reported with its signal.
+    d.ok(&[
+        "run", "-d", "--name", "sleeper", "-m", "2M", probe, "--", "sleep", "600000",
+    ]);
+    let pid = d.wait_state("sleeper", "running")["pid"].as_i64().unwrap();
+    // SAFETY: a plain syscall on the monitor this test started.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let vm = d.wait_state("sleeper", "exited");
+    assert_eq!(vm["exit"]["signal"], 9, "{vm}");
+    assert_eq!(vm["exit"]["how"], "killed");
+
+    // A stop that the monitor cannot answer (process stopped) ends in a kill.
+    d.ok(&[
+        "run", "-d", "--name", "frozen", "-m", "2M", probe, "--", "sleep", "600000",
+    ]);
+    let pid = d.wait_state("frozen", "running")["pid"].as_i64().unwrap();
+    // SAFETY: a plain syscall on the monitor this test started.
+    unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+    d.ok(&["stop", "-t", "1", "frozen"]);
+    let vm = d.vm("frozen");
+    assert_eq!(vm["exit"]["signal"], 9, "{vm}");
+
+    // --restart on-failure: a guest exiting with 3 is started again...
+    d.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "flaky",
+        "-m",
+        "2M",
+        "--restart",
+        "on-failure",
+        probe,
+        "--",
+        "exit",
+        "3",
+    ]);
+    until("restarted twice", || {
+        d.vm("flaky")["restarts"].as_u64().unwrap_or(0) >= 2
+    });
+    // ...until it is stopped; one exiting with 0 is not.
+    let o = d.wisp(&["stop", "flaky"]);
+    assert!(
+        o.status.success() || stderr(&o).contains("exited"),
+        "{}",
+        stderr(&o)
+    );
+    d.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "fine",
+        "-m",
+        "2M",
+        "--restart",
+        "on-failure",
+        probe,
+        "--",
+        "exit",
+        "0",
+    ]);
+    let vm = d.wait_state("fine", "exited");
+    assert_eq!(vm["restarts"], 0);
+    // rm -f of a live VM kills it; rm of several at once.
+    d.ok(&[
+        "run", "-d", "--name", "live", "-m", "2M", probe, "--", "sleep", "600000",
+    ]);
+    let pid = d.wait_state("live", "running")["pid"].as_i64().unwrap();
+    assert!(!d.wisp(&["rm", "live"]).status.success());
+    d.ok(&["rm", "-f", "live", "ud", "sleeper"]);
+    assert!(!alive(pid));
+}
+
+#[test]
+fn starts_take_pooled_shells_and_the_pool_refills() {
+    let d = Daemon::start("pool", "2M:2");
+    let ready = |d: &Daemon| d.json("/v1/pool")["shells"][0]["ready"].as_u64().unwrap();
+    until("the pool is full", || ready(&d) == 2);
+    let before = d.json("/v1/pool")["counters"].clone();
+    let hello = hello().to_str().unwrap();
+    d.ok(&["run", "-d", "--name", "a", "-m", "2M", hello]);
+    let vm = d.wait_state("a", "exited");
+    assert_eq!(vm["from_pool"], true, "{vm}");
+    assert!(d.ok(&["logs", "a"]).contains("Hello from Wisp!"));
+    let after = d.json("/v1/pool")["counters"].clone();
+    assert_eq!(
+        after["warm"].as_u64(),
+        before["warm"].as_u64().map(|w| w + 1)
+    );
+    // The refiller replaces the shell taken.
+    until("the pool is refilled", || {
+        d.json("/v1/pool")["counters"]["spawned"].as_u64() > before["spawned"].as_u64()
+            && ready(&d) == 2
+    });
+    // A size without a pool is a cold start, still served.
+    d.ok(&["run", "-d", "--name", "b", "-m", "4M", hello]);
+    let vm = d.wait_state("b", "exited");
+    assert_eq!(vm["from_pool"], false);
+    assert_eq!(vm["exit"]["status"], 0);
+}

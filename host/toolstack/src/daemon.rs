@@ -1,0 +1,159 @@
+//! `wisp daemon`: binds the API socket, re-adopts the guests of a previous
+//! daemon, keeps the shell pool full and serves requests, each on its own
+//! thread. SIGTERM or SIGINT ends the daemon and its idle shells; running
+//! guests keep running, for the next daemon to adopt.
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+use std::time::Duration;
+
+use crate::pool::Pool;
+use crate::vms::Vms;
+
+pub struct Config {
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    /// (memory, shells kept ready)
+    pub pool: Vec<(u64, usize)>,
+    /// Bound of each VM's log, in bytes (twice this at most on disk).
+    pub log_limit: u64,
+    /// The `wisp` executable, run as `wisp shell` for each monitor.
+    pub exe: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("a Wisp daemon is already listening on {0}")]
+    Running(PathBuf),
+    #[error("{0}: {1}")]
+    Io(String, std::io::Error),
+    #[error("the state directory {0} is too long for Unix socket paths (at most {1} bytes)")]
+    StateDirTooLong(PathBuf, usize),
+}
+
+/// Longest state directory: `vms/<16 hex>/control.sock` must fit in
+/// `sun_path` (108 bytes with its NUL).
+const MAX_STATE_DIR: usize = 107 - 34;
+
+fn io(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> DaemonError {
+    let what = what.to_string();
+    move |e| DaemonError::Io(what, e)
+}
+
+/// Blocks SIGTERM and SIGINT in this thread and those it creates; a
+/// dedicated thread waits for them.
+fn block_stop_signals() -> libc::sigset_t {
+    // SAFETY: sigset manipulation on a local set; the mask change affects
+    // this thread and threads created after it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+/// Binds the API socket, refusing if a daemon answers on it and removing a
+/// stale one left by a daemon that died.
+fn bind(socket: &Path) -> Result<UnixListener, DaemonError> {
+    if socket.exists() {
+        if UnixStream::connect(socket).is_ok() {
+            return Err(DaemonError::Running(socket.to_path_buf()));
+        }
+        std::fs::remove_file(socket).map_err(io(format!("removing {}", socket.display())))?;
+    }
+    if let Some(parent) = socket.parent() {
+        std::fs::create_dir_all(parent).map_err(io(format!("creating {}", parent.display())))?;
+    }
+    let l = UnixListener::bind(socket).map_err(io(format!("binding {}", socket.display())))?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
+        .map_err(io("socket permissions"))?;
+    Ok(l)
+}
+
+pub fn run(cfg: Config) -> Result<(), DaemonError> {
+    let sigs = block_stop_signals();
+    if cfg.state_dir.as_os_str().len() > MAX_STATE_DIR {
+        return Err(DaemonError::StateDirTooLong(cfg.state_dir, MAX_STATE_DIR));
+    }
+    std::fs::create_dir_all(cfg.state_dir.join("vms"))
+        .map_err(io(format!("creating {}", cfg.state_dir.display())))?;
+    std::fs::set_permissions(&cfg.state_dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(io("state directory permissions"))?;
+    let listener = bind(&cfg.socket)?;
+    let pool = Pool::new(cfg.exe.clone(), cfg.pool.clone());
+    let vms = Vms::new(cfg.state_dir.clone(), pool.clone());
+    let (adopted, ended) = vms.adopt().map_err(io("reading the state directory"))?;
+    crate::log(format_args!(
+        "listening on {} (state in {}); re-adopted {adopted} running VM(s), {ended} ended while no daemon ran",
+        cfg.socket.display(),
+        cfg.state_dir.display()
+    ));
+    {
+        let pool = pool.clone();
+        std::thread::spawn(move || pool.refill());
+    }
+    {
+        let vms = vms.clone();
+        let limit = cfg.log_limit;
+        std::thread::spawn(move || loop {
+            vms.bound_logs(limit);
+            std::thread::sleep(Duration::from_secs(1));
+        });
+    }
+    {
+        let socket = cfg.socket.clone();
+        let pool = pool.clone();
+        std::thread::spawn(move || {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: waits for one of the signals blocked above.
+            unsafe { libc::sigwait(&sigs, &mut sig) };
+            crate::log(format_args!(
+                "signal {sig}: stopping (running guests keep running)"
+            ));
+            let _ = std::fs::remove_file(&socket);
+            pool.stop();
+            std::process::exit(0);
+        });
+    }
+    for conn in listener.incoming() {
+        match conn {
+            Ok(c) => {
+                let vms = vms.clone();
+                let spawned = std::thread::Builder::new()
+                    .stack_size(256 << 10)
+                    .spawn(move || crate::api::serve(&vms, c));
+                if let Err(e) = spawned {
+                    crate::log(format_args!("cannot serve a connection: {e}"));
+                }
+            }
+            Err(e) => {
+                crate::log(format_args!("accept: {e}"));
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The documented default socket and state directory: `/run/wisp` for
+/// root, `$XDG_RUNTIME_DIR/wisp` otherwise (or `/tmp/wisp-UID`).
+pub fn default_dir() -> PathBuf {
+    // SAFETY: geteuid cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    if uid == 0 {
+        return PathBuf::from("/run/wisp");
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d).join("wisp"),
+        _ => PathBuf::from(format!("/tmp/wisp-{uid}")),
+    }
+}
+
+pub fn default_socket() -> PathBuf {
+    default_dir().join("wisp.sock")
+}

@@ -1,0 +1,381 @@
+//! The monitor process of one guest, as the daemon runs it (`wisp shell`).
+//!
+//! It starts before any request: it creates its KVM VM, vCPU and guest
+//! memory (the expensive, image-independent part of a boot), says it is
+//! ready, and waits. When the daemon hands it a guest (image, log, exit
+//! record and control socket as open files), it loads and starts it, puts
+//! its own thread under the Control seccomp filter, and from then on only
+//! answers control requests and waits for the guest's end, which it writes
+//! to the exit record before exiting with the guest's status. It never
+//! opens a path after the hand-off: everything it reaches was handed over.
+
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::time::Duration;
+
+use wisp_monitor::control::monotonic_ns;
+use wisp_monitor::devices::virtio::block::Block;
+use wisp_monitor::net::user::{PortForward, UserNet};
+use wisp_monitor::net::NetBackend;
+use wisp_monitor::seccomp::{self, ThreadKind};
+use wisp_monitor::{Controller, Image, Outcome, RunningVm, Shell, StartOptions, StopReason};
+
+use crate::proto::{
+    self, ControlReply, ControlRequest, DiskMode, ExitRecord, GuestStats, Handoff, Hello,
+    Published, Started,
+};
+
+/// How long the hand-off reply waits for the guest to reach `main` (the
+/// reply then carries `main_ns`; a slower guest is still running).
+const MAIN_WAIT: Duration = Duration::from_secs(2);
+/// How long a control connection may take to send its request.
+const REQUEST_WAIT_MS: i32 = 1000;
+
+/// The files of a hand-off, in protocol order.
+struct Files {
+    image: OwnedFd,
+    log: OwnedFd,
+    exit: OwnedFd,
+    control: OwnedFd,
+    disk: Option<OwnedFd>,
+}
+
+impl Files {
+    fn take(fds: Vec<OwnedFd>, disk: bool) -> Result<Files, String> {
+        let want = 4 + disk as usize;
+        if fds.len() != want {
+            return Err(format!("hand-off carried {} files, not {want}", fds.len()));
+        }
+        let mut it = fds.into_iter();
+        let mut next = || it.next().ok_or("missing file");
+        Ok(Files {
+            image: next()?,
+            log: next()?,
+            exit: next()?,
+            control: next()?,
+            disk: if disk { Some(next()?) } else { None },
+        })
+    }
+}
+
+/// Runs a shell on `channel` for a guest of `memory` bytes; returns the
+/// process's exit status.
+pub fn run(memory: u64, channel: UnixStream) -> i32 {
+    let shell = match Shell::create(memory) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = proto::send(
+                &channel,
+                &Hello::Failed {
+                    error: e.to_string(),
+                },
+                &[],
+            );
+            return wisp_abi::exit::MONITOR_ERROR as i32;
+        }
+    };
+    let ready = Hello::Ready {
+        pid: std::process::id(),
+    };
+    if proto::send(&channel, &ready, &[]).is_err() {
+        return 0;
+    }
+    let (handoff, fds) = match proto::recv::<Handoff>(&channel) {
+        Ok(h) => h,
+        // The daemon is gone or drained its pool: nothing to run.
+        Err(_) => return 0,
+    };
+    let files = match Files::take(fds, handoff.disk.is_some()) {
+        Ok(f) => f,
+        Err(error) => {
+            let _ = proto::send(&channel, &Started::Failed { error }, &[]);
+            return wisp_abi::exit::MONITOR_ERROR as i32;
+        }
+    };
+    // From here on the monitor's own messages (and crash reports) go to the
+    // guest's log, as the guest's console does.
+    redirect_stdio(files.log.as_raw_fd());
+    let running = match start(shell, &handoff, &files) {
+        Ok(r) => r,
+        Err(error) => {
+            let _ = proto::send(&channel, &Started::Failed { error }, &[]);
+            return wisp_abi::exit::MONITOR_ERROR as i32;
+        }
+    };
+    let (running, published, started_ns) = running;
+    let main_ns = wait_for_main(&running);
+    let _ = proto::send(
+        &channel,
+        &Started::Ok {
+            published,
+            started_ns,
+            main_ns,
+        },
+        &[],
+    );
+    drop(channel);
+    // Everything the guest can reach is set up: from here this thread only
+    // answers control requests and waits, under its own filter.
+    if let Err(e) = seccomp::install(ThreadKind::Control) {
+        wisp_monitor::report(format_args!("wisp: control thread: {e}"));
+        running.controller().stop(StopReason::Requested);
+    }
+    let listener = UnixListener::from(files.control);
+    serve(&running, &listener);
+    finish(running, files.exit)
+}
+
+/// Loads and starts the guest; returns it, its published addresses and
+/// when it started.
+fn start(
+    shell: Shell,
+    h: &Handoff,
+    files: &Files,
+) -> Result<(RunningVm, Vec<Published>, u64), String> {
+    let mut bytes = Vec::new();
+    std::fs::File::from(files.image.try_clone().map_err(|e| e.to_string())?)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("reading the image: {e}"))?;
+    let image = Image::parse(bytes).map_err(|e| format!("not a bootable Wisp image: {e}"))?;
+    let publish = h
+        .publish
+        .iter()
+        .map(|p| p.parse::<PortForward>())
+        .collect::<Result<Vec<_>, _>>()?;
+    let devices = !publish.is_empty() || h.disk.is_some();
+    let mut loaded = shell
+        .load(&image, &h.args, devices, None)
+        .map_err(|e| e.to_string())?;
+    let mut published = Vec::new();
+    if !publish.is_empty() {
+        let user = UserNet::new(&publish).map_err(|e| e.to_string())?;
+        let tcp = publish.iter().filter(|p| !p.udp);
+        for (addr, p) in user.local_addrs().into_iter().zip(tcp) {
+            published.push(Published {
+                host: addr.to_string(),
+                guest_port: p.guest_port,
+                udp: false,
+            });
+        }
+        for p in publish.iter().filter(|p| p.udp) {
+            published.push(Published {
+                host: p.host.to_string(),
+                guest_port: p.guest_port,
+                udp: true,
+            });
+        }
+        let nic = "user".parse().map_err(|e: String| e)?;
+        let backend: Box<dyn NetBackend + Send> = Box::new(user);
+        loaded
+            .attach_net(backend, &nic, (0, 0))
+            .map_err(|e| e.to_string())?;
+    }
+    if let (Some(mode), Some(disk)) = (h.disk, &files.disk) {
+        let file = std::fs::File::from(disk.try_clone().map_err(|e| e.to_string())?);
+        let block = Block::from_file(
+            file,
+            mode == DiskMode::ReadOnly,
+            loaded.memory().clone(),
+            loaded.access().clone(),
+        )
+        .map_err(|e| format!("disk: {e}"))?;
+        loaded.attach_block(block).map_err(|e| e.to_string())?;
+    }
+    // The boot trace flag makes the guest report `main` (one exit): that
+    // is how the daemon measures start latency.
+    let vm = loaded.finish(true).map_err(|e| e.to_string())?;
+    let console = std::fs::File::from(files.log.try_clone().map_err(|e| e.to_string())?);
+    let running = vm
+        .start(
+            Box::new(console),
+            StartOptions {
+                cpu_quota: h.cpus,
+                no_seccomp: false,
+                seccomp_selftest: None,
+            },
+        )
+        .map_err(|e| e.to_string())?;
+    Ok((running, published, monotonic_ns()))
+}
+
+fn redirect_stdio(log: RawFd) {
+    // SAFETY: dup2 onto the standard descriptors; `log` is open.
+    unsafe {
+        libc::dup2(log, 1);
+        libc::dup2(log, 2);
+    }
+}
+
+/// Waits (briefly, in short sleeps) until the guest reaches `main` or ends.
+fn wait_for_main(running: &RunningVm) -> Option<u64> {
+    let c = running.controller();
+    let until = monotonic_ns() + MAIN_WAIT.as_nanos() as u64;
+    loop {
+        if let Some(t) = c.main_reached_ns() {
+            return Some(t);
+        }
+        if readable(running.done_fd(), 0) || monotonic_ns() > until {
+            return c.main_reached_ns();
+        }
+        let ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 20_000,
+        };
+        // SAFETY: a plain sleep with a valid timespec.
+        unsafe { libc::nanosleep(&ts, std::ptr::null_mut()) };
+    }
+}
+
+fn readable(fd: RawFd, timeout_ms: i32) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd that outlives the call.
+    unsafe { libc::poll(&mut p, 1, timeout_ms) > 0 && p.revents != 0 }
+}
+
+/// Answers control connections until the guest ends.
+fn serve(running: &RunningVm, listener: &UnixListener) {
+    let controller = running.controller();
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: running.done_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: listener.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: two valid pollfds that outlive the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if n < 0 {
+            continue;
+        }
+        if fds[0].revents != 0 {
+            return;
+        }
+        if fds[1].revents != 0 {
+            if let Ok((conn, _)) = listener.accept() {
+                answer(&controller, conn);
+            }
+        }
+    }
+}
+
+/// One request line, one reply line.
+fn answer(c: &Controller, conn: UnixStream) {
+    let mut buf = Vec::with_capacity(64);
+    let mut chunk = [0u8; 256];
+    while !buf.contains(&b'\n') && buf.len() < 4096 {
+        if !readable(conn.as_raw_fd(), REQUEST_WAIT_MS) {
+            return;
+        }
+        // read(2), not the socket's recv: the Control filter allows read.
+        // SAFETY: reads into `chunk`, which we own, from an open socket.
+        let n = unsafe { libc::read(conn.as_raw_fd(), chunk.as_mut_ptr().cast(), chunk.len()) };
+        if n <= 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n as usize]);
+    }
+    let reply = match serde_json::from_slice::<ControlRequest>(buf.trim_ascii_end()) {
+        Err(e) => ControlReply::Failed {
+            error: format!("bad control request: {e}"),
+        },
+        Ok(req) => {
+            let r = match req {
+                ControlRequest::Pause => c.pause().map_err(|e| e.to_string()),
+                ControlRequest::Resume => c.resume().map_err(|e| e.to_string()),
+                ControlRequest::Stop => {
+                    c.stop(StopReason::Requested);
+                    Ok(())
+                }
+                ControlRequest::Stats => Ok(()),
+            };
+            match r {
+                Ok(()) => ControlReply::Ok(stats(c)),
+                Err(error) => ControlReply::Failed { error },
+            }
+        }
+    };
+    if let Ok(mut line) = serde_json::to_vec(&reply) {
+        line.push(b'\n');
+        // write(2), not std's send(2): the Control filter allows write.
+        let mut rest = &line[..];
+        while !rest.is_empty() {
+            // SAFETY: writes from `rest`, which we own, to an open socket.
+            let n = unsafe { libc::write(conn.as_raw_fd(), rest.as_ptr().cast(), rest.len()) };
+            if n <= 0 {
+                break;
+            }
+            rest = &rest[n as usize..];
+        }
+    }
+}
+
+fn stats(c: &Controller) -> GuestStats {
+    let v = c.counters();
+    GuestStats {
+        state: match c.state() {
+            wisp_monitor::VmState::Running => "running",
+            wisp_monitor::VmState::Paused => "paused",
+            wisp_monitor::VmState::Ended => "ended",
+        }
+        .into(),
+        exits: v.exits,
+        waits: v.waits,
+        wakeups: v.wakeups,
+        tx_frames: v.tx_frames,
+        rx_frames: v.rx_frames,
+        main_ns: c.main_reached_ns(),
+    }
+}
+
+/// Records how the guest ended and exits with its status, leaving the VM's
+/// teardown to the kernel.
+fn finish(running: RunningVm, exit: OwnedFd) -> i32 {
+    let (record, machine) = match running.wait(None) {
+        Ok(report) => {
+            let (how, detail) = match &report.outcome {
+                Outcome::Exited(_) => ("exited", None),
+                Outcome::Crashed(c) => ("crashed", Some(c.to_string())),
+                Outcome::TimedOut { rip } | Outcome::Stopped { rip } => {
+                    ("stopped", Some(format!("stopped at rip {rip:#x}")))
+                }
+            };
+            if let Some(d) = &detail {
+                wisp_monitor::report(format_args!("wisp: {how}: {d}"));
+            }
+            let record = ExitRecord {
+                status: report.outcome.status(),
+                how: how.into(),
+                detail,
+            };
+            (record, Some(report.machine))
+        }
+        Err(e) => {
+            wisp_monitor::report(format_args!("wisp: error: {e}"));
+            let record = ExitRecord {
+                status: wisp_abi::exit::MONITOR_ERROR,
+                how: "error".into(),
+                detail: Some(e.to_string()),
+            };
+            (record, None)
+        }
+    };
+    if let Ok(bytes) = serde_json::to_vec(&record) {
+        let _ = std::fs::File::from(exit).write_all(&bytes);
+    }
+    // The process ends now: the kernel tears the VM down.
+    std::mem::forget(machine);
+    let _ = std::io::stdout().flush();
+    // SAFETY: ends the process; the exit record and output are written.
+    unsafe { libc::_exit(record.status as i32) }
+}

@@ -1,0 +1,729 @@
+//! The VMs the daemon knows: their lifecycle, supervision and re-adoption.
+//!
+//! Each VM is one monitor process. The daemon learns of its end through a
+//! pidfd (and `waitpid` when it is the parent, which adds the signal), and
+//! of how its guest ended from the exit record the monitor writes. Every
+//! change of a VM is written to its `vm.json` before it is acknowledged,
+//! so a daemon started after a crash finds each guest again: a live
+//! monitor process (same pid, same start time) is adopted, and one that
+//! ended meanwhile is recorded from its exit record.
+//!
+//! Locks: the table lock is held only to find, add or remove a VM; a VM's
+//! `op` lock serialises its lifecycle operations (a stop and a pause do not
+//! interleave); its `record` lock only guards the fields.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use serde::Deserialize;
+use wisp_monitor::control::monotonic_ns;
+
+use crate::metrics::Histogram;
+use crate::pool::{Pool, PoolError};
+use crate::process;
+use crate::proto::{
+    self, ControlReply, ControlRequest, DiskMode, ExitRecord, GuestStats, Handoff, Started,
+};
+use crate::record::{self, Exit, Record, RestartPolicy, Spec, State};
+
+/// An API error: the HTTP status it maps to and a message for the user.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("no such VM: '{0}'")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl VmError {
+    pub fn status(&self) -> u16 {
+        match self {
+            VmError::BadRequest(_) => 400,
+            VmError::NotFound(_) => 404,
+            VmError::Conflict(_) => 409,
+            VmError::Unavailable(_) => 503,
+            VmError::Internal(_) => 500,
+        }
+    }
+}
+
+fn internal(what: &str) -> impl FnOnce(std::io::Error) -> VmError + '_ {
+    move |e| VmError::Internal(format!("{what}: {e}"))
+}
+
+/// `POST /v1/vms`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunRequest {
+    /// Absolute path of the image on the daemon's host.
+    pub image: String,
+    pub name: Option<String>,
+    /// Guest memory in bytes (default 64 MiB).
+    pub memory: Option<u64>,
+    #[serde(default)]
+    pub args: Vec<String>,
+    #[serde(default)]
+    pub publish: Vec<String>,
+    pub disk: Option<String>,
+    #[serde(default)]
+    pub disk_read_only: bool,
+    pub cpus: Option<f64>,
+    pub restart: Option<String>,
+}
+
+pub const DEFAULT_MEMORY: u64 = 64 << 20;
+/// How long `stop` waits by default before it kills.
+pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Backoff before a restart: doubles per restart up to the cap.
+const RESTART_BACKOFF: Duration = Duration::from_millis(100);
+const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// How long a control request to a monitor may take.
+const CONTROL_LIMIT: Duration = Duration::from_secs(10);
+
+/// One VM.
+pub struct Vm {
+    record: Mutex<Record>,
+    /// Signalled whenever the record's state changes.
+    changed: Condvar,
+    /// Serialises lifecycle operations on this VM.
+    op: Mutex<()>,
+    /// The monitor process, while it may be alive.
+    pidfd: Mutex<Option<Arc<OwnedFd>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Vm {
+    fn new(r: Record) -> Arc<Vm> {
+        Arc::new(Vm {
+            record: Mutex::new(r),
+            changed: Condvar::new(),
+            op: Mutex::new(()),
+            pidfd: Mutex::new(None),
+        })
+    }
+
+    pub fn snapshot(&self) -> Record {
+        lock(&self.record).clone()
+    }
+
+    /// Waits until the VM is no longer live, for at most `limit`.
+    fn wait_not_live(&self, limit: Duration) -> bool {
+        let g = lock(&self.record);
+        let (g, _) = self
+            .changed
+            .wait_timeout_while(g, limit, |r| r.state.is_live())
+            .unwrap_or_else(|p| p.into_inner());
+        !g.state.is_live()
+    }
+}
+
+/// The daemon's table of VMs.
+pub struct Vms {
+    state_dir: PathBuf,
+    pool: Arc<Pool>,
+    table: Mutex<HashMap<String, Arc<Vm>>>,
+    /// Start latencies: (warm, cold).
+    latency: Mutex<(Histogram, Histogram)>,
+}
+
+impl Vms {
+    pub fn new(state_dir: PathBuf, pool: Arc<Pool>) -> Arc<Vms> {
+        Arc::new(Vms {
+            state_dir,
+            pool,
+            table: Mutex::new(HashMap::new()),
+            latency: Mutex::new(Default::default()),
+        })
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    pub fn latency(&self) -> (Histogram, Histogram) {
+        lock(&self.latency).clone()
+    }
+
+    fn dir(&self, id: &str) -> PathBuf {
+        Record::dir(&self.state_dir, id)
+    }
+
+    /// Every VM, oldest first.
+    pub fn list(&self) -> Vec<(Arc<Vm>, Record)> {
+        let vms: Vec<Arc<Vm>> = lock(&self.table).values().cloned().collect();
+        let mut v: Vec<_> = vms
+            .into_iter()
+            .map(|vm| {
+                let r = vm.snapshot();
+                (vm, r)
+            })
+            .collect();
+        v.sort_by(|a, b| (a.1.created_unix_ms, &a.1.id).cmp(&(b.1.created_unix_ms, &b.1.id)));
+        v
+    }
+
+    /// Finds a VM by name, id, or unique id prefix.
+    pub fn find(&self, r: &str) -> Result<Arc<Vm>, VmError> {
+        let t = lock(&self.table);
+        if let Some(vm) = t.get(r) {
+            return Ok(vm.clone());
+        }
+        let mut by_name = t.values().filter(|v| lock(&v.record).name == r);
+        if let Some(vm) = by_name.next() {
+            return Ok(vm.clone());
+        }
+        let prefixed: Vec<_> = if r.len() >= 4 {
+            t.iter().filter(|(id, _)| id.starts_with(r)).collect()
+        } else {
+            vec![]
+        };
+        match prefixed.as_slice() {
+            [(_, vm)] => Ok((*vm).clone()),
+            [] => Err(VmError::NotFound(r.into())),
+            _ => Err(VmError::BadRequest(format!("'{r}' matches several VM ids"))),
+        }
+    }
+
+    // ---- create ----------------------------------------------------------
+
+    /// Checks a request; nothing is created.
+    fn validate(req: RunRequest) -> Result<(Option<String>, Spec), VmError> {
+        let bad = VmError::BadRequest;
+        let memory = req.memory.unwrap_or(DEFAULT_MEMORY);
+        wisp_monitor::layout::check_memory(memory).map_err(|e| bad(format!("memory: {e}")))?;
+        if !Path::new(&req.image).is_absolute() {
+            return Err(bad(format!(
+                "image '{}' is not an absolute path",
+                req.image
+            )));
+        }
+        wisp_monitor::Image::from_file(Path::new(&req.image))
+            .map_err(|e| bad(format!("{} is not a bootable Wisp image: {e}", req.image)))?;
+        for p in &req.publish {
+            p.parse::<wisp_monitor::net::user::PortForward>()
+                .map_err(|e| bad(format!("publish: {e}")))?;
+        }
+        if let Some(d) = &req.disk {
+            if !Path::new(d).is_absolute() {
+                return Err(bad(format!("disk '{d}' is not an absolute path")));
+            }
+            open_disk(d, req.disk_read_only).map_err(|e| bad(format!("disk {d}: {e}")))?;
+        }
+        if let Some(c) = req.cpus {
+            if !(c > 0.0 && c <= 1.0) {
+                return Err(bad(format!("cpus {c} is not in (0, 1]")));
+            }
+        }
+        let restart = match &req.restart {
+            Some(r) => r.parse::<RestartPolicy>().map_err(bad)?,
+            None => RestartPolicy::No,
+        };
+        if let Some(n) = &req.name {
+            record::check_name(n).map_err(bad)?;
+        }
+        Ok((
+            req.name,
+            Spec {
+                image: req.image,
+                memory,
+                args: req.args,
+                publish: req.publish,
+                disk: req.disk,
+                disk_read_only: req.disk_read_only,
+                cpus: req.cpus,
+                restart,
+            },
+        ))
+    }
+
+    /// Creates and starts a VM; `request_ns` is when the request arrived.
+    pub fn run(self: &Arc<Self>, req: RunRequest, request_ns: u64) -> Result<Record, VmError> {
+        let (name, spec) = Vms::validate(req)?;
+        let id = record::new_id();
+        let name = name.unwrap_or_else(|| format!("vm-{}", &id[..8]));
+        let rec = Record {
+            id: id.clone(),
+            name: name.clone(),
+            spec,
+            state: State::Creating,
+            pid: None,
+            pid_start: None,
+            created_unix_ms: record::unix_ms(),
+            started_unix_ms: None,
+            start_us: None,
+            launch_us: None,
+            from_pool: false,
+            ports: vec![],
+            restarts: 0,
+            stop_requested: false,
+            exit: None,
+        };
+        let vm = Vm::new(rec.clone());
+        {
+            let mut t = lock(&self.table);
+            if t.values().any(|v| lock(&v.record).name == name) {
+                return Err(VmError::Conflict(format!(
+                    "the name '{name}' is already in use (wisp rm it first)"
+                )));
+            }
+            t.insert(id.clone(), vm.clone());
+        }
+        let _op = lock(&vm.op);
+        let result = std::fs::create_dir_all(self.dir(&id))
+            .map_err(internal("creating the VM's directory"))
+            .and_then(|_| rec.save(&self.state_dir).map_err(internal("saving")))
+            .and_then(|_| self.launch(&vm, request_ns));
+        match result {
+            Ok(()) => Ok(vm.snapshot()),
+            Err(e) => {
+                // Nothing of a failed create is left behind.
+                lock(&self.table).remove(&id);
+                let _ = std::fs::remove_dir_all(self.dir(&id));
+                Err(e)
+            }
+        }
+    }
+
+    /// Hands the VM's spec to a shell and starts supervising it.
+    fn launch(self: &Arc<Self>, vm: &Arc<Vm>, request_ns: u64) -> Result<(), VmError> {
+        let (id, spec) = {
+            let r = lock(&vm.record);
+            (r.id.clone(), r.spec.clone())
+        };
+        let dir = self.dir(&id);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(crate::logs::CURRENT))
+            .map_err(internal("opening the log"))?;
+        let exit = std::fs::File::create(dir.join("exit.json"))
+            .map_err(internal("creating the exit record"))?;
+        let sock = dir.join("control.sock");
+        let _ = std::fs::remove_file(&sock);
+        let control = UnixListener::bind(&sock).map_err(internal("binding the control socket"))?;
+        let image = std::fs::File::open(&spec.image)
+            .map_err(|e| VmError::BadRequest(format!("image {}: {e}", spec.image)))?;
+        let disk = spec
+            .disk
+            .as_ref()
+            .map(|d| {
+                open_disk(d, spec.disk_read_only)
+                    .map_err(|e| VmError::BadRequest(format!("disk {d}: {e}")))
+            })
+            .transpose()?;
+        let (mut shell, warm) = self.pool.take(spec.memory).map_err(|e| match e {
+            PoolError::Spawn(..) | PoolError::NotReady(_) => VmError::Unavailable(e.to_string()),
+        })?;
+        let mut fds = vec![
+            image.as_raw_fd(),
+            log.as_raw_fd(),
+            exit.as_raw_fd(),
+            control.as_raw_fd(),
+        ];
+        if let Some(d) = &disk {
+            fds.push(d.as_raw_fd());
+        }
+        let handoff = Handoff {
+            args: spec.args.clone(),
+            publish: spec.publish.clone(),
+            disk: spec.disk.as_ref().map(|_| {
+                if spec.disk_read_only {
+                    DiskMode::ReadOnly
+                } else {
+                    DiskMode::ReadWrite
+                }
+            }),
+            cpus: spec.cpus,
+            request_ns,
+        };
+        let fail = |shell: &mut crate::pool::ReadyShell, e: VmError| {
+            let _ = shell.child.kill();
+            let _ = shell.child.wait();
+            e
+        };
+        if let Err(e) = proto::send(&shell.channel, &handoff, &fds) {
+            return Err(fail(
+                &mut shell,
+                VmError::Internal(format!("hand-off: {e}")),
+            ));
+        }
+        drop((image, log, exit, control, disk));
+        let started = match proto::recv::<Started>(&shell.channel) {
+            Ok((s, _)) => s,
+            Err(e) => {
+                let e = VmError::Internal(format!("the monitor process failed: {e}"));
+                return Err(fail(&mut shell, e));
+            }
+        };
+        let (published, started_ns, main_ns) = match started {
+            Started::Ok {
+                published,
+                started_ns,
+                main_ns,
+            } => (published, started_ns, main_ns),
+            Started::Failed { error } => {
+                return Err(fail(&mut shell, VmError::BadRequest(error)));
+            }
+        };
+        let pid = shell.child.id();
+        let pidfd = Arc::new(process::pidfd(pid).map_err(internal("pidfd"))?);
+        let us = |t: u64| t.saturating_sub(request_ns) / 1000;
+        let start_us = main_ns.map(us);
+        if let Some(s) = start_us {
+            let mut l = lock(&self.latency);
+            let h = if warm { &mut l.0 } else { &mut l.1 };
+            h.observe(s as f64 / 1e6);
+        }
+        {
+            let mut r = lock(&vm.record);
+            r.state = State::Running;
+            r.pid = Some(pid);
+            r.pid_start = process::start_time(pid);
+            r.started_unix_ms = Some(record::unix_ms());
+            r.start_us = start_us;
+            r.launch_us = Some(us(started_ns));
+            r.from_pool = warm;
+            r.ports = published;
+            r.exit = None;
+            r.save(&self.state_dir).map_err(internal("saving"))?;
+        }
+        *lock(&vm.pidfd) = Some(pidfd.clone());
+        vm.changed.notify_all();
+        let vms = self.clone();
+        let vm2 = vm.clone();
+        let child = shell.child;
+        spawn_small(move || {
+            let mut child = child;
+            let status = child.wait().ok();
+            vms.ended(&vm2, status);
+        });
+        Ok(())
+    }
+
+    /// Records a monitor's end (and restarts it if its policy says so).
+    fn ended(self: &Arc<Self>, vm: &Arc<Vm>, wait: Option<std::process::ExitStatus>) {
+        let id = lock(&vm.record).id.clone();
+        let exit_rec: Option<ExitRecord> = std::fs::read(self.dir(&id).join("exit.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        *lock(&vm.pidfd) = None;
+        let restart = {
+            let mut r = lock(&vm.record);
+            let exit = Exit::from_parts(exit_rec, wait, r.stop_requested);
+            let restart =
+                r.spec.restart == RestartPolicy::OnFailure && !r.stop_requested && exit.failed();
+            r.exit = Some(exit);
+            r.pid = None;
+            r.pid_start = None;
+            r.state = if restart {
+                State::Restarting
+            } else {
+                State::Exited
+            };
+            let _ = r.save(&self.state_dir);
+            restart.then_some(r.restarts)
+        };
+        vm.changed.notify_all();
+        if let Some(n) = restart {
+            let delay = RESTART_BACKOFF
+                .saturating_mul(1 << n.min(16))
+                .min(RESTART_BACKOFF_MAX);
+            let vms = self.clone();
+            let vm = vm.clone();
+            spawn_small(move || {
+                std::thread::sleep(delay);
+                vms.restart(&vm)
+            });
+        }
+    }
+
+    fn restart(self: &Arc<Self>, vm: &Arc<Vm>) {
+        let _op = lock(&vm.op);
+        {
+            let mut r = lock(&vm.record);
+            // Stopped, killed or removed meanwhile.
+            if r.state != State::Restarting || r.stop_requested {
+                return;
+            }
+            r.restarts += 1;
+        }
+        if let Err(e) = self.launch(vm, monotonic_ns()) {
+            let mut r = lock(&vm.record);
+            r.state = State::Exited;
+            if let Some(x) = r.exit.as_mut() {
+                x.detail = Some(format!("restart failed: {e}"));
+            }
+            let _ = r.save(&self.state_dir);
+            drop(r);
+            vm.changed.notify_all();
+        }
+    }
+
+    // ---- operations on a running VM -------------------------------------
+
+    /// Sends a control request to the VM's monitor.
+    fn control(&self, vm: &Vm, req: ControlRequest) -> Result<GuestStats, VmError> {
+        let id = lock(&vm.record).id.clone();
+        control(&self.dir(&id).join("control.sock"), req)
+    }
+
+    fn require_state(vm: &Vm, ok: &[State], what: &str) -> Result<Record, VmError> {
+        let r = vm.snapshot();
+        if ok.contains(&r.state) {
+            Ok(r)
+        } else {
+            Err(VmError::Conflict(format!(
+                "cannot {what} '{}': it is {}",
+                r.name,
+                r.state.as_str()
+            )))
+        }
+    }
+
+    fn set_state(&self, vm: &Vm, s: State) -> Result<Record, VmError> {
+        let mut r = lock(&vm.record);
+        if r.state.is_live() {
+            r.state = s;
+        }
+        r.save(&self.state_dir).map_err(internal("saving"))?;
+        let snap = r.clone();
+        drop(r);
+        vm.changed.notify_all();
+        Ok(snap)
+    }
+
+    pub fn pause(&self, vm: &Arc<Vm>) -> Result<Record, VmError> {
+        let _op = lock(&vm.op);
+        Vms::require_state(vm, &[State::Running, State::Paused], "pause")?;
+        self.control(vm, ControlRequest::Pause)?;
+        self.set_state(vm, State::Paused)
+    }
+
+    pub fn resume(&self, vm: &Arc<Vm>) -> Result<Record, VmError> {
+        let _op = lock(&vm.op);
+        Vms::require_state(vm, &[State::Running, State::Paused], "resume")?;
+        self.control(vm, ControlRequest::Resume)?;
+        self.set_state(vm, State::Running)
+    }
+
+    fn mark_stop_requested(&self, vm: &Vm) -> Result<(), VmError> {
+        let mut r = lock(&vm.record);
+        r.stop_requested = true;
+        if r.state == State::Restarting {
+            r.state = State::Exited;
+        }
+        r.save(&self.state_dir).map_err(internal("saving"))
+    }
+
+    /// Stops the guest through its monitor; kills the monitor if it has not
+    /// ended after `timeout`.
+    pub fn stop(&self, vm: &Arc<Vm>, timeout: Duration) -> Result<Record, VmError> {
+        let _op = lock(&vm.op);
+        let r = Vms::require_state(
+            vm,
+            &[State::Running, State::Paused, State::Restarting],
+            "stop",
+        )?;
+        self.mark_stop_requested(vm)?;
+        if r.state == State::Restarting {
+            vm.changed.notify_all();
+            return Ok(vm.snapshot());
+        }
+        // A monitor that does not answer is killed after the timeout too.
+        let _ = self.control(vm, ControlRequest::Stop);
+        if !vm.wait_not_live(timeout) {
+            self.kill_process(vm);
+        }
+        Ok(vm.snapshot())
+    }
+
+    /// Kills the monitor process (SIGKILL) and waits for its end.
+    pub fn kill(&self, vm: &Arc<Vm>) -> Result<Record, VmError> {
+        let _op = lock(&vm.op);
+        let r = Vms::require_state(
+            vm,
+            &[State::Running, State::Paused, State::Restarting],
+            "kill",
+        )?;
+        self.mark_stop_requested(vm)?;
+        if r.state != State::Restarting {
+            self.kill_process(vm);
+        }
+        vm.changed.notify_all();
+        Ok(vm.snapshot())
+    }
+
+    fn kill_process(&self, vm: &Vm) {
+        let fd = lock(&vm.pidfd).clone();
+        if let Some(fd) = fd {
+            let _ = process::signal(&fd, libc::SIGKILL);
+        }
+        vm.wait_not_live(Duration::from_secs(30));
+    }
+
+    /// Removes a VM that has ended (or, with `force`, kills it first).
+    pub fn remove(&self, vm: &Arc<Vm>, force: bool) -> Result<(), VmError> {
+        let _op = lock(&vm.op);
+        let r = vm.snapshot();
+        if r.state == State::Creating {
+            return Err(VmError::Conflict(format!("'{}' is being created", r.name)));
+        }
+        if r.state.is_live() || r.state == State::Restarting {
+            if !force {
+                return Err(VmError::Conflict(format!(
+                    "'{}' is {}: stop it first, or use force",
+                    r.name,
+                    r.state.as_str()
+                )));
+            }
+            self.mark_stop_requested(vm)?;
+            self.kill_process(vm);
+            if vm.snapshot().state.is_live() {
+                return Err(VmError::Internal(format!(
+                    "'{}' did not end after SIGKILL",
+                    r.name
+                )));
+            }
+        }
+        lock(&self.table).remove(&r.id);
+        std::fs::remove_dir_all(self.dir(&r.id)).map_err(internal("removing its directory"))
+    }
+
+    /// Engine counters of a live VM (`None` if it is not live or does not
+    /// answer).
+    pub fn guest_stats(&self, vm: &Vm) -> Option<GuestStats> {
+        if !vm.snapshot().state.is_live() {
+            return None;
+        }
+        self.control(vm, ControlRequest::Stats).ok()
+    }
+
+    pub fn is_live(&self, vm: &Vm) -> bool {
+        vm.snapshot().state.is_live()
+    }
+
+    pub fn log_dir(&self, vm: &Vm) -> PathBuf {
+        self.dir(&vm.snapshot().id)
+    }
+
+    // ---- daemon start ------------------------------------------------------
+
+    /// Finds the VMs of a previous daemon: adopts those whose monitor is
+    /// still running, records the end of the others.
+    pub fn adopt(self: &Arc<Self>) -> std::io::Result<(usize, usize)> {
+        let root = self.state_dir.join("vms");
+        std::fs::create_dir_all(&root)?;
+        let (mut adopted, mut ended) = (0, 0);
+        for entry in std::fs::read_dir(&root)? {
+            let dir = entry?.path();
+            let mut r = match Record::load(&dir) {
+                Ok(r) => r,
+                Err(e) => {
+                    crate::log(format_args!("skipping {}: {e}", dir.display()));
+                    continue;
+                }
+            };
+            let alive = r
+                .pid
+                .filter(|&p| r.state.is_live() && process::same_process(p, r.pid_start));
+            let fd = alive.and_then(|p| process::pidfd(p).ok());
+            let vm = Vm::new(r.clone());
+            match fd {
+                Some(fd) => {
+                    adopted += 1;
+                    if r.state == State::Creating {
+                        // Started but never confirmed: ask it.
+                        r.state = match self.control_at(&dir, ControlRequest::Stats) {
+                            Ok(s) if s.state == "paused" => State::Paused,
+                            _ => State::Running,
+                        };
+                        *lock(&vm.record) = r.clone();
+                        let _ = r.save(&self.state_dir);
+                    }
+                    let fd = Arc::new(fd);
+                    *lock(&vm.pidfd) = Some(fd.clone());
+                    let vms = self.clone();
+                    let vm2 = vm.clone();
+                    spawn_small(move || {
+                        process::wait_exit(&fd, -1);
+                        vms.ended(&vm2, None);
+                    });
+                }
+                None if r.state.is_live() || r.state == State::Restarting => {
+                    ended += 1;
+                    lock(&self.table).insert(r.id.clone(), vm.clone());
+                    // Records how it ended; a restart policy applies.
+                    self.ended(&vm, None);
+                    continue;
+                }
+                None => {}
+            }
+            lock(&self.table).insert(r.id.clone(), vm);
+        }
+        Ok((adopted, ended))
+    }
+
+    fn control_at(&self, dir: &Path, req: ControlRequest) -> Result<GuestStats, VmError> {
+        control(&dir.join("control.sock"), req)
+    }
+
+    /// Keeps each live VM's log within `limit` bytes.
+    pub fn bound_logs(&self, limit: u64) {
+        for (_, r) in self.list() {
+            if r.state.is_live() {
+                let _ = crate::logs::bound(&self.dir(&r.id), limit);
+            }
+        }
+    }
+}
+
+fn open_disk(path: &str, read_only: bool) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .open(path)
+}
+
+/// One request to a monitor's control socket.
+fn control(sock: &Path, req: ControlRequest) -> Result<GuestStats, VmError> {
+    let unavailable =
+        |e: std::io::Error| VmError::Unavailable(format!("the VM's monitor does not answer: {e}"));
+    let mut s = UnixStream::connect(sock).map_err(unavailable)?;
+    s.set_read_timeout(Some(CONTROL_LIMIT))
+        .map_err(unavailable)?;
+    let mut line = serde_json::to_vec(&req).map_err(|e| VmError::Internal(e.to_string()))?;
+    line.push(b'\n');
+    s.write_all(&line).map_err(unavailable)?;
+    let mut reply = String::new();
+    BufReader::new(&s)
+        .read_line(&mut reply)
+        .map_err(unavailable)?;
+    match serde_json::from_str::<ControlReply>(&reply) {
+        Ok(ControlReply::Ok(st)) => Ok(st),
+        Ok(ControlReply::Failed { error }) => Err(VmError::Conflict(error)),
+        Err(_) => Err(VmError::Unavailable(
+            "the VM's monitor ended or sent no reply".into(),
+        )),
+    }
+}
+
+/// A thread with a small stack (one per VM: thousands of them).
+fn spawn_small(f: impl FnOnce() + Send + 'static) {
+    if let Err(e) = std::thread::Builder::new().stack_size(128 << 10).spawn(f) {
+        crate::log(format_args!("cannot start a supervisor thread: {e}"));
+    }
+}
