@@ -27,11 +27,11 @@ pub enum SeccompError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ThreadKind {
     /// Runs `KVM_RUN` and answers hypercalls.
-    Vcpu,
+    Vcpu = 0,
     /// Owns the NICs' backends and polls the rings.
-    Io,
+    Io = 1,
     /// Starts, waits for and controls the guest (`wisp run`'s main thread).
-    Control,
+    Control = 2,
 }
 
 impl std::str::FromStr for ThreadKind {
@@ -140,8 +140,28 @@ pub struct Filter {
     allow: BpfProgram,
 }
 
-/// The filter for `kind`.
+/// The filter for `kind`, compiled once per process: a pooled shell calls
+/// [`precompile`] while it waits, so that starting a guest does not pay for
+/// it.
 pub fn program(kind: ThreadKind) -> Result<Filter, SeccompError> {
+    static CACHE: std::sync::OnceLock<Result<[Filter; 3], String>> = std::sync::OnceLock::new();
+    let all = CACHE.get_or_init(|| {
+        Ok([
+            compile(ThreadKind::Vcpu).map_err(|e| e.to_string())?,
+            compile(ThreadKind::Io).map_err(|e| e.to_string())?,
+            compile(ThreadKind::Control).map_err(|e| e.to_string())?,
+        ])
+    });
+    let all = all.as_ref().map_err(|e| SeccompError::Build(e.clone()))?;
+    Ok(all[kind as usize].clone())
+}
+
+/// Compiles every thread's filter now (see [`program`]).
+pub fn precompile() -> Result<(), SeccompError> {
+    program(ThreadKind::Vcpu).map(|_| ())
+}
+
+fn compile(kind: ThreadKind) -> Result<Filter, SeccompError> {
     let build = |e: seccompiler::BackendError| SeccompError::Build(e.to_string());
     let no_open = SeccompFilter::new(
         [(libc::SYS_openat, vec![]), (libc::SYS_open, vec![])]

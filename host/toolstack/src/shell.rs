@@ -75,6 +75,11 @@ pub fn run(memory: u64, channel: UnixStream) -> i32 {
             return wisp_abi::exit::MONITOR_ERROR as i32;
         }
     };
+    // Compiled while the shell waits in the pool, not on the start path.
+    if let Err(e) = seccomp::precompile() {
+        wisp_monitor::report(format_args!("wisp shell: {e}"));
+        return wisp_abi::exit::MONITOR_ERROR as i32;
+    }
     let ready = Hello::Ready {
         pid: std::process::id(),
     };
