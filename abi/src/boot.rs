@@ -84,15 +84,19 @@ pub struct BootPage {
     pub device_count: u32,
     pub _reserved: u32,
     pub devices: [Device; MAX_DEVICES],
-    /// The clock record: the monitor re-bases the wall clock here after a
+    /// The clock record: the monitor re-bases both clocks here after a
     /// restore (the page is read-only to the guest, which re-reads these
-    /// fields with volatile loads at every wall-clock read). Bumped with
-    /// each re-base; 0 on a monitor without snapshots.
+    /// fields with volatile loads at every clock read). Bumped with each
+    /// re-base; 0 on a monitor without snapshots (then the clocks run on
+    /// `boot_tsc` / `boot_unix_ns`).
     pub clock_generation: u64,
-    /// Guest TSC value at the instant `wall_unix_ns` was read. Wall time is
-    /// `wall_unix_ns + (rdtsc - wall_tsc) / tsc_khz`; the monotonic clock
-    /// stays on `boot_tsc` (the guest TSC is restored, so it never goes
-    /// back). Both 0: use `boot_tsc` / `boot_unix_ns`.
+    /// Monotonic time is `mono_base_ns + (rdtsc - mono_tsc) / tsc_khz`: a
+    /// restored guest continues from its value at the save (time spent in
+    /// the snapshot is not counted, as across a suspend), whatever the TSC
+    /// of the host it now runs on.
+    pub mono_tsc: u64,
+    pub mono_base_ns: u64,
+    /// Wall time is `wall_unix_ns + (rdtsc - wall_tsc) / tsc_khz`.
     pub wall_tsc: u64,
     pub wall_unix_ns: u64,
     /// Times this guest was restored from a snapshot (0 after a cold boot).
@@ -143,6 +147,8 @@ impl BootPage {
             _reserved: 0,
             devices: [Device::new(0); MAX_DEVICES],
             clock_generation: 0,
+            mono_tsc: 0,
+            mono_base_ns: 0,
             wall_tsc: 0,
             wall_unix_ns: 0,
             restore_count: 0,
@@ -200,6 +206,6 @@ const _: () = assert!(core::mem::size_of::<MemRegion>() == 16);
 const _: () = assert!(core::mem::size_of::<Device>() == 56);
 const _: () = assert!(
     core::mem::size_of::<BootPage>()
-        == 8 + 4 * 4 + 16 * MAX_MEM_REGIONS + 8 * 5 + 4 * 4 + 56 * MAX_DEVICES + 8 * 3 + 4 * 2 + 8
+        == 8 + 4 * 4 + 16 * MAX_MEM_REGIONS + 8 * 5 + 4 * 4 + 56 * MAX_DEVICES + 8 * 5 + 4 * 2 + 8
 );
 const _: () = assert!(core::mem::size_of::<BootPage>() <= 4096);

@@ -3,10 +3,11 @@
 //! blocks the vCPU in the monitor instead of spinning.
 //!
 //! Reading the clock is one `rdtsc` (native at CPL3) and a 128-bit multiply;
-//! no exit. The wall clock's reference is re-read from the boot page's clock
-//! record at every read (two volatile loads): the monitor re-bases it when it
-//! restores the guest from a snapshot, while the monotonic clock continues
-//! from the restored TSC and so never goes back.
+//! no exit. Both clocks' references are re-read from the boot page's clock
+//! record at every read (two volatile loads): the monitor re-bases them when
+//! it restores the guest from a snapshot, the monotonic clock to continue
+//! from its value at the save (it never goes back, whatever the new host's
+//! TSC), the wall clock to the right time.
 
 use crate::arch::x86_64::io::rdtsc;
 use core::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
@@ -51,9 +52,31 @@ fn ticks_to_ns(ticks: u64) -> u64 {
     ((ticks as u128 * NS_PER_TICK_FP.load(Ordering::Relaxed) as u128) >> 32) as u64
 }
 
-/// Nanoseconds since boot.
+/// Reads two fields of the clock record, or `None` without one.
+fn clock_record(field: fn(*const BootPage) -> (*const u64, *const u64)) -> Option<(u64, u64)> {
+    let p = CLOCK_RECORD.load(Ordering::Relaxed);
+    if p.is_null() {
+        return None;
+    }
+    let (a, b) = field(p);
+    // SAFETY: `a` and `b` point into the boot page, mapped read-only for the
+    // guest's whole life; the monitor rewrites the record only while the
+    // guest is not running, so volatile loads (which the compiler may not
+    // cache) see the current record.
+    unsafe { Some((core::ptr::read_volatile(a), core::ptr::read_volatile(b))) }
+}
+
+/// Nanoseconds since boot (not counting time spent saved in a snapshot).
 pub fn monotonic_ns() -> u64 {
-    ticks_to_ns(rdtsc().saturating_sub(BOOT_TSC.load(Ordering::Relaxed)))
+    // SAFETY (closure): only computes field addresses, reads nothing.
+    let rec = clock_record(|p| unsafe {
+        (
+            core::ptr::addr_of!((*p).mono_tsc),
+            core::ptr::addr_of!((*p).mono_base_ns),
+        )
+    });
+    let (tsc, base) = rec.unwrap_or((BOOT_TSC.load(Ordering::Relaxed), 0));
+    base.saturating_add(ticks_to_ns(rdtsc().saturating_sub(tsc)))
 }
 
 /// A point on the monotonic clock.
@@ -93,23 +116,17 @@ impl Instant {
 
 /// The wall clock's reference: (guest TSC, Unix ns at that TSC).
 fn wall_reference() -> (u64, u64) {
-    let p = CLOCK_RECORD.load(Ordering::Relaxed);
-    if p.is_null() {
-        return (
-            BOOT_TSC.load(Ordering::Relaxed),
-            BOOT_UNIX_NS.load(Ordering::Relaxed),
-        );
-    }
-    // SAFETY: `p` is the boot page, mapped read-only for the guest's whole
-    // life; the monitor rewrites the record only while the guest is not
-    // running, so volatile loads (which the compiler may not cache) see
-    // the current record.
-    unsafe {
+    // SAFETY (closure): only computes field addresses, reads nothing.
+    let rec = clock_record(|p| unsafe {
         (
-            core::ptr::read_volatile(core::ptr::addr_of!((*p).wall_tsc)),
-            core::ptr::read_volatile(core::ptr::addr_of!((*p).wall_unix_ns)),
+            core::ptr::addr_of!((*p).wall_tsc),
+            core::ptr::addr_of!((*p).wall_unix_ns),
         )
-    }
+    });
+    rec.unwrap_or((
+        BOOT_TSC.load(Ordering::Relaxed),
+        BOOT_UNIX_NS.load(Ordering::Relaxed),
+    ))
 }
 
 /// Wall-clock time since the Unix epoch (zero-based if the monitor gave no

@@ -142,6 +142,7 @@ pub fn write_boot_page(
     page.boot_unix_ns = clock.boot_unix_ns;
     // The clock record starts at the boot reference; a restore re-bases it.
     page.clock_generation = 1;
+    page.mono_tsc = clock.boot_tsc;
     page.wall_tsc = clock.boot_tsc;
     page.wall_unix_ns = clock.boot_unix_ns;
     page.seed = random_seed();
@@ -162,4 +163,12 @@ pub fn random_seed() -> u64 {
     } else {
         0
     }
+}
+
+/// Nanoseconds for `ticks` of a `tsc_khz` TSC, computed exactly as the
+/// guest computes them (32.32 fixed point), so that a value the monitor
+/// derives is never ahead of or behind the guest's own by rounding.
+pub fn ticks_to_ns(ticks: u64, tsc_khz: u64) -> u64 {
+    let fp = ((1_000_000u128 << 32) / tsc_khz.max(1) as u128) as u64;
+    ((ticks as u128 * fp as u128) >> 32) as u64
 }

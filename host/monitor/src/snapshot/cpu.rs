@@ -4,11 +4,13 @@
 //!
 //! Read on the paused vCPU thread (the only one that uses the `VcpuFd`
 //! while the guest lives); written on a fresh vCPU before it first runs.
-//! The TSC is written through `IA32_TSC` (KVM turns that into the vCPU's
-//! TSC offset; `KVM_CAP_TSC_CONTROL` is not available on this host), so a
-//! restored guest's TSC continues from its value at the save: its
-//! monotonic clock never goes back, and the boot page's clock record
-//! re-bases its wall clock.
+//! The TSC is saved but not written back: on KVM PVM the guest's `rdtsc`
+//! runs natively at CPL3 and reads the host's TSC, which no TSC offset
+//! (`IA32_TSC`, `KVM_CAP_TSC_CONTROL`: absent here) changes, and writing
+//! the MSR would only make KVM's view disagree with the guest's. The
+//! restore re-bases the guest's clocks in the boot page's clock record
+//! instead, from the saved TSC (the monotonic clock continues from its
+//! value at the save) and the new host's.
 
 use kvm_bindings::{
     kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
@@ -22,7 +24,6 @@ use super::SnapshotError;
 pub const MSR_IA32_TSC: u32 = 0x10;
 
 /// MSRs saved (those this host does not have are left out at the save).
-/// The TSC comes last so that it is written last on restore.
 const MSRS: &[u32] = &[
     0x174,       // SYSENTER_CS
     0x175,       // SYSENTER_ESP
@@ -129,18 +130,16 @@ impl VcpuState {
         // (as KVM_GET_XSAVE returns it), so KVM reads no byte beyond it.
         tag("set XSAVE state", unsafe { vcpu.set_xsave(&self.xsave) })?;
         tag("set vCPU events", vcpu.set_vcpu_events(&self.events))?;
-        let list = msrs_of(&[], Some(&self.msrs))?;
+        let msrs: Vec<(u32, u64)> = self
+            .msrs
+            .iter()
+            .copied()
+            .filter(|&(i, _)| i != MSR_IA32_TSC)
+            .collect();
+        let list = msrs_of(&[], Some(&msrs))?;
         let n = tag("set MSRs", vcpu.set_msrs(&list))?;
-        if n != self.msrs.len() {
-            let failed = self.msrs.get(n).map_or(0, |m| m.0);
-            return Err((
-                if failed == MSR_IA32_TSC {
-                    "set the guest TSC"
-                } else {
-                    "set MSRs"
-                },
-                kvm_ioctls::Error::new(libc::EINVAL),
-            ));
+        if n != msrs.len() {
+            return Err(("set MSRs", kvm_ioctls::Error::new(libc::EINVAL)));
         }
         Ok(())
     }

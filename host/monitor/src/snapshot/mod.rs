@@ -699,14 +699,28 @@ impl Snapshot {
             .map_err(SnapshotError::Mismatch)?;
 
         self.cpu.apply(&machine.vcpu).map_err(kvm)?;
-        // The guest's TSC now continues from its value at the save: the
-        // wall clock is re-based on it at this instant.
+        // Both clocks re-based at this instant: the monotonic one continues
+        // from the guest's value at the save (computed as the guest computes
+        // it, from the TSC read after it stopped, so never behind anything
+        // it saw), the wall clock from the host's.
+        let tsc_now =
+            crate::vcpu::guest_tsc(&machine.vcpu).map_err(vm::kvm_call("read guest TSC"))?;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
         let mut page = self.boot_page;
+        let (mono_tsc, mono_base) = if page.clock_generation == 0 {
+            (page.boot_tsc, 0)
+        } else {
+            (page.mono_tsc, page.mono_base_ns)
+        };
+        page.mono_base_ns = mono_base.saturating_add(crate::boot::ticks_to_ns(
+            self.cpu.tsc().saturating_sub(mono_tsc),
+            page.tsc_khz,
+        ));
+        page.mono_tsc = tsc_now;
         page.clock_generation = page.clock_generation.wrapping_add(1).max(1);
-        page.wall_tsc = self.cpu.tsc();
+        page.wall_tsc = tsc_now;
         page.wall_unix_ns = now;
         page.restore_count = page.restore_count.wrapping_add(1);
         page.clone_id = opts.clone_id;
