@@ -299,6 +299,17 @@ fn bad_snapshots_are_refused_and_a_failed_save_leaves_the_guest_running() {
     expect(&corrupt, "corrupted memory", |e| {
         matches!(e, SnapshotError::Corrupt("memory"))
     });
+    // A byte gained in a page the snapshot did not write is corruption too.
+    let hole = variant(&path, "corrupt-hole", |b| {
+        let last = b.len() - 100;
+        b[last] = 7;
+    });
+    expect(&hole, "data in a hole", |e| {
+        matches!(e, SnapshotError::Corrupt("memory"))
+    });
+    // A full (not sparse) copy of a good snapshot is still good.
+    let dense = variant(&path, "dense-copy", |_| {});
+    Snapshot::open(&dense).expect("a dense copy opens");
     let other = variant(&path, "version", |b| b[8] = 99);
     expect(&other, "another version", |e| {
         matches!(e, SnapshotError::Version { found: 99, .. })

@@ -132,12 +132,46 @@ pub fn checksum(file: &File, mem_offset: u64, ranges: &[(u64, u64)]) -> std::io:
     Ok(crc.finalize())
 }
 
-/// Whether every range of `inner` lies inside some range of `outer` (both
-/// merged).
-pub fn covered(inner: &[(u64, u64)], outer: &[(u64, u64)]) -> bool {
-    inner
-        .iter()
-        .all(|&(s, l)| outer.iter().any(|&(os, ol)| s >= os && s + l <= os + ol))
+/// The parts of `a` not in `b` (both merged).
+pub fn subtract(a: &[(u64, u64)], b: &[(u64, u64)]) -> Ranges {
+    let mut out = Vec::new();
+    for &(s, l) in a {
+        let mut at = s;
+        let end = s + l;
+        for &(bs, bl) in b {
+            let be = bs + bl;
+            if be <= at || bs >= end {
+                continue;
+            }
+            if bs > at {
+                out.push((at, bs - at));
+            }
+            at = at.max(be);
+        }
+        if at < end {
+            out.push((at, end - at));
+        }
+    }
+    out
+}
+
+/// Whether `ranges` of the memory region of `file` at `mem_offset` hold
+/// only zeros (pages a snapshot did not write, in a copy that filled its
+/// holes in).
+pub fn all_zero(file: &File, mem_offset: u64, ranges: &[(u64, u64)]) -> std::io::Result<bool> {
+    let mut buf = vec![0u8; 1 << 20];
+    for &(start, len) in ranges {
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(buf.len() as u64) as usize;
+            file.read_exact_at(&mut buf[..n], mem_offset + start + done)?;
+            if buf[..n].iter().any(|&b| b != 0) {
+                return Ok(false);
+            }
+            done += n as u64;
+        }
+    }
+    Ok(true)
 }
 
 #[cfg(test)]
@@ -150,8 +184,11 @@ mod tests {
             merge(vec![(8192, 4096), (0, 4096), (4096, 4096), (20480, 4096)]),
             vec![(0, 12288), (20480, 4096)]
         );
-        assert!(covered(&[(4096, 4096)], &[(0, 12288)]));
-        assert!(!covered(&[(8192, 8192)], &[(0, 12288)]));
+        assert_eq!(
+            subtract(&[(0, 20480)], &[(4096, 4096), (12288, 4096)]),
+            vec![(0, 4096), (8192, 4096), (16384, 4096)]
+        );
+        assert!(subtract(&[(4096, 4096)], &[(0, 12288)]).is_empty());
     }
 
     #[test]

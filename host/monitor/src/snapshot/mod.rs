@@ -549,10 +549,11 @@ impl Snapshot {
         if memory::checksum(&file, h.mem_offset, &ranges).map_err(io(path))? != crc {
             return Err(SnapshotError::Corrupt("memory"));
         }
-        // Bytes outside the written pages (a hole that gained data) are
-        // corruption too.
+        // Outside the written pages the memory must be zero: holes, or
+        // zeros in a copy that filled them in (anything else is corruption).
         let found = memory::data_ranges(&file, h.mem_offset, mem_size).map_err(io(path))?;
-        if !memory::covered(&found, &memory::merge(ranges.clone())) {
+        let extra = memory::subtract(&found, &memory::merge(ranges.clone()));
+        if !memory::all_zero(&file, h.mem_offset, &extra).map_err(io(path))? {
             return Err(SnapshotError::Corrupt("memory"));
         }
         Ok(Snapshot {
