@@ -402,3 +402,73 @@ fn kv_keys_in_memory_survive_save_and_restore() {
     assert_eq!(resp(port, "GET count\r\n"), "$2\r\n42\r\n");
     stop(vm);
 }
+
+/// Benchmark (run by hand, prints figures; asserts none):
+/// `cargo test --release -p wisp --test snapshot -- --ignored --nocapture bench`
+#[test]
+#[ignore]
+fn bench_save_restore_clone() {
+    const ROUNDS: usize = 10;
+    const CLONES: u32 = 50;
+    let cfg = config(&["counter", "10"], &[]);
+    let mut saves = Vec::new();
+    let mut restores = Vec::new();
+    let mut pages = 0;
+    let path = snap_path("bench");
+    for _ in 0..ROUNDS {
+        // A new file each round: replacing an existing one by rename makes
+        // ext4 (auto_da_alloc) flush the new one's data first, ~10 ms here.
+        let _ = std::fs::remove_file(&path);
+        let (vm, console) = boot(probe(), &cfg);
+        wait_ticks(&console, 3);
+        let r = snapshot::save(&vm, &path, SaveOptions::default()).expect("save");
+        vm.wait(Some(Duration::from_secs(10))).expect("wait");
+        pages = r.pages_written;
+        saves.push((r.pause, r.total));
+        // Request to guest running: open (checks every CRC), restore, start.
+        let t = Instant::now();
+        let snap = Snapshot::open(&path).expect("open");
+        let opened = t.elapsed();
+        let vm = snap
+            .restore(&config(&[], &[]), RestoreOptions::default())
+            .expect("restore");
+        let (vm, console) = run(vm);
+        let running = t.elapsed();
+        restores.push((opened, running));
+        wait_ticks(&console, 1);
+        stop(vm);
+    }
+    let med = |mut v: Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    println!(
+        "save   16 MiB guest, {pages} pages ({} KiB) written: pause {:?}, total {:?} (median of {ROUNDS})",
+        pages * 4,
+        med(saves.iter().map(|s| s.0).collect()),
+        med(saves.iter().map(|s| s.1).collect())
+    );
+    println!(
+        "restore 16 MiB guest, {pages} pages mapped copy-on-write: open+check {:?}, request to running {:?} (median of {ROUNDS})",
+        med(restores.iter().map(|s| s.0).collect()),
+        med(restores.iter().map(|s| s.1).collect())
+    );
+    let snap = Snapshot::open(&path).expect("open");
+    let t = Instant::now();
+    let clones: Vec<RunningVm> = (1..=CLONES)
+        .map(|id| {
+            run(snap
+                .restore(&config(&[], &[]), RestoreOptions { clone_id: id })
+                .expect("clone"))
+            .0
+        })
+        .collect();
+    let all = t.elapsed();
+    println!(
+        "clone  {CLONES} x 16 MiB from one snapshot ({pages} pages shared): {all:?}, {:?} per clone",
+        all / CLONES
+    );
+    for vm in clones {
+        stop(vm);
+    }
+}
