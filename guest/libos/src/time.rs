@@ -53,13 +53,15 @@ fn ticks_to_ns(ticks: u64) -> u64 {
 }
 
 /// Reads two fields of the clock record, or `None` without one.
-fn clock_record(field: fn(*const BootPage) -> (*const u64, *const u64)) -> Option<(u64, u64)> {
+fn clock_record(a: usize, b: usize) -> Option<(u64, u64)> {
     let p = CLOCK_RECORD.load(Ordering::Relaxed);
     if p.is_null() {
         return None;
     }
-    let (a, b) = field(p);
-    // SAFETY: `a` and `b` point into the boot page, mapped read-only for the
+    let a = p.cast::<u8>().wrapping_add(a).cast::<u64>();
+    let b = p.cast::<u8>().wrapping_add(b).cast::<u64>();
+    // SAFETY: `a` and `b` are two u64 fields of the boot page (offsets of
+    // its fields, so aligned), mapped read-only for the
     // guest's whole life; the monitor rewrites the record only while the
     // guest is not running, so volatile loads (which the compiler may not
     // cache) see the current record.
@@ -68,13 +70,10 @@ fn clock_record(field: fn(*const BootPage) -> (*const u64, *const u64)) -> Optio
 
 /// Nanoseconds since boot (not counting time spent saved in a snapshot).
 pub fn monotonic_ns() -> u64 {
-    // SAFETY (closure): only computes field addresses, reads nothing.
-    let rec = clock_record(|p| unsafe {
-        (
-            core::ptr::addr_of!((*p).mono_tsc),
-            core::ptr::addr_of!((*p).mono_base_ns),
-        )
-    });
+    let rec = clock_record(
+        core::mem::offset_of!(BootPage, mono_tsc),
+        core::mem::offset_of!(BootPage, mono_base_ns),
+    );
     let (tsc, base) = rec.unwrap_or((BOOT_TSC.load(Ordering::Relaxed), 0));
     base.saturating_add(ticks_to_ns(rdtsc().saturating_sub(tsc)))
 }
@@ -116,13 +115,10 @@ impl Instant {
 
 /// The wall clock's reference: (guest TSC, Unix ns at that TSC).
 fn wall_reference() -> (u64, u64) {
-    // SAFETY (closure): only computes field addresses, reads nothing.
-    let rec = clock_record(|p| unsafe {
-        (
-            core::ptr::addr_of!((*p).wall_tsc),
-            core::ptr::addr_of!((*p).wall_unix_ns),
-        )
-    });
+    let rec = clock_record(
+        core::mem::offset_of!(BootPage, wall_tsc),
+        core::mem::offset_of!(BootPage, wall_unix_ns),
+    );
     rec.unwrap_or((
         BOOT_TSC.load(Ordering::Relaxed),
         BOOT_UNIX_NS.load(Ordering::Relaxed),
