@@ -378,7 +378,10 @@ fn kv_keys_in_memory_survive_save_and_restore() {
         resp(port, "SET count 41\r\nINCR count\r\n").lines().count(),
         2
     );
-    // A client connected across the save sees its connection end.
+    // A client connected across the save sees its connection end (host
+    // connections of the user-mode network cannot move); new clients
+    // connect to the restored guest. The restored backend must not reuse
+    // the old connections' ports, which the guest still holds.
     let mut idle = TcpStream::connect(("127.0.0.1", port)).unwrap();
     let path = snap_path("kv");
     snapshot::save(&vm, &path, SaveOptions::default()).expect("save");
