@@ -84,6 +84,28 @@ pub struct BootPage {
     pub device_count: u32,
     pub _reserved: u32,
     pub devices: [Device; MAX_DEVICES],
+    /// The clock record: the monitor re-bases both clocks here after a
+    /// restore (the page is read-only to the guest, which re-reads these
+    /// fields with volatile loads at every clock read). Bumped with each
+    /// re-base; 0 on a monitor without snapshots (then the clocks run on
+    /// `boot_tsc` / `boot_unix_ns`).
+    pub clock_generation: u64,
+    /// Monotonic time is `mono_base_ns + (rdtsc - mono_tsc) / tsc_khz`: a
+    /// restored guest continues from its value at the save (time spent in
+    /// the snapshot is not counted, as across a suspend), whatever the TSC
+    /// of the host it now runs on.
+    pub mono_tsc: u64,
+    pub mono_base_ns: u64,
+    /// Wall time is `wall_unix_ns + (rdtsc - wall_tsc) / tsc_khz`.
+    pub wall_tsc: u64,
+    pub wall_unix_ns: u64,
+    /// Times this guest was restored from a snapshot (0 after a cold boot).
+    pub restore_count: u32,
+    /// Which clone of its snapshot this guest is (0 for a plain restore or
+    /// a cold boot): a guest that sees it change should reseed.
+    pub clone_id: u32,
+    /// Fresh random bits from the monitor at boot and at every restore.
+    pub seed: u64,
 }
 
 impl Device {
@@ -124,6 +146,14 @@ impl BootPage {
             device_count: 0,
             _reserved: 0,
             devices: [Device::new(0); MAX_DEVICES],
+            clock_generation: 0,
+            mono_tsc: 0,
+            mono_base_ns: 0,
+            wall_tsc: 0,
+            wall_unix_ns: 0,
+            restore_count: 0,
+            clone_id: 0,
+            seed: 0,
         }
     }
 
@@ -176,6 +206,6 @@ const _: () = assert!(core::mem::size_of::<MemRegion>() == 16);
 const _: () = assert!(core::mem::size_of::<Device>() == 56);
 const _: () = assert!(
     core::mem::size_of::<BootPage>()
-        == 8 + 4 * 4 + 16 * MAX_MEM_REGIONS + 8 * 5 + 4 * 4 + 56 * MAX_DEVICES
+        == 8 + 4 * 4 + 16 * MAX_MEM_REGIONS + 8 * 5 + 4 * 4 + 56 * MAX_DEVICES + 8 * 5 + 4 * 2 + 8
 );
 const _: () = assert!(core::mem::size_of::<BootPage>() <= 4096);

@@ -17,6 +17,34 @@ pub fn boot_page() -> &'static BootPage {
     unsafe { &*p }
 }
 
+/// What the monitor says about this guest's history, re-read at every call
+/// (it changes when the guest is restored from a snapshot).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Identity {
+    /// Times this guest was restored (0 after a cold boot).
+    pub restore_count: u32,
+    /// Which clone of its snapshot this is (0: not a clone).
+    pub clone_id: u32,
+    /// Fresh random bits from the monitor at boot and at each restore: a
+    /// guest that sees `restore_count` change should reseed from them.
+    pub seed: u64,
+}
+
+/// This guest's [`Identity`] now.
+pub fn identity() -> Identity {
+    let p = boot_page() as *const BootPage;
+    // SAFETY: the boot page stays mapped for the guest's life; the monitor
+    // rewrites these fields only while the guest is not running, and
+    // volatile loads are never cached across a restore.
+    unsafe {
+        Identity {
+            restore_count: core::ptr::read_volatile(core::ptr::addr_of!((*p).restore_count)),
+            clone_id: core::ptr::read_volatile(core::ptr::addr_of!((*p).clone_id)),
+            seed: core::ptr::read_volatile(core::ptr::addr_of!((*p).seed)),
+        }
+    }
+}
+
 /// The arguments given after `--` on the `wisp run` command line (or on the
 /// kernel command line under QEMU), as an iterator of `&'static str`.
 /// Arguments that are not UTF-8 are yielded as `"\u{FFFD}"`.

@@ -3,16 +3,22 @@
 //! blocks the vCPU in the monitor instead of spinning.
 //!
 //! Reading the clock is one `rdtsc` (native at CPL3) and a 128-bit multiply;
-//! no exit.
+//! no exit. Both clocks' references are re-read from the boot page's clock
+//! record at every read (two volatile loads): the monitor re-bases them when
+//! it restores the guest from a snapshot, the monotonic clock to continue
+//! from its value at the save (it never goes back, whatever the new host's
+//! TSC), the wall clock to the right time.
 
 use crate::arch::x86_64::io::rdtsc;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 use core::time::Duration;
 use wisp_abi::boot::BootPage;
 
 static TSC_KHZ: AtomicU64 = AtomicU64::new(1_000_000);
 static BOOT_TSC: AtomicU64 = AtomicU64::new(0);
 static BOOT_UNIX_NS: AtomicU64 = AtomicU64::new(0);
+/// The boot page, for its clock record (null: no record, e.g. under PVH).
+static CLOCK_RECORD: AtomicPtr<BootPage> = AtomicPtr::new(core::ptr::null_mut());
 /// Nanoseconds per tick as 32.32 fixed point.
 static NS_PER_TICK_FP: AtomicU64 = AtomicU64::new(1 << 32);
 
@@ -28,6 +34,9 @@ pub(crate) fn init(boot: &BootPage) {
     TSC_KHZ.store(khz, Ordering::Relaxed);
     BOOT_TSC.store(boot.boot_tsc, Ordering::Relaxed);
     BOOT_UNIX_NS.store(boot.boot_unix_ns, Ordering::Relaxed);
+    if boot.clock_generation != 0 {
+        CLOCK_RECORD.store(boot as *const BootPage as *mut BootPage, Ordering::Relaxed);
+    }
     NS_PER_TICK_FP.store(
         ((1_000_000u128 << 32) / khz as u128) as u64,
         Ordering::Relaxed,
@@ -43,9 +52,30 @@ fn ticks_to_ns(ticks: u64) -> u64 {
     ((ticks as u128 * NS_PER_TICK_FP.load(Ordering::Relaxed) as u128) >> 32) as u64
 }
 
-/// Nanoseconds since boot.
+/// Reads two fields of the clock record, or `None` without one.
+fn clock_record(a: usize, b: usize) -> Option<(u64, u64)> {
+    let p = CLOCK_RECORD.load(Ordering::Relaxed);
+    if p.is_null() {
+        return None;
+    }
+    let a = p.cast::<u8>().wrapping_add(a).cast::<u64>();
+    let b = p.cast::<u8>().wrapping_add(b).cast::<u64>();
+    // SAFETY: `a` and `b` are two u64 fields of the boot page (offsets of
+    // its fields, so aligned), mapped read-only for the
+    // guest's whole life; the monitor rewrites the record only while the
+    // guest is not running, so volatile loads (which the compiler may not
+    // cache) see the current record.
+    unsafe { Some((core::ptr::read_volatile(a), core::ptr::read_volatile(b))) }
+}
+
+/// Nanoseconds since boot (not counting time spent saved in a snapshot).
 pub fn monotonic_ns() -> u64 {
-    ticks_to_ns(rdtsc().saturating_sub(BOOT_TSC.load(Ordering::Relaxed)))
+    let rec = clock_record(
+        core::mem::offset_of!(BootPage, mono_tsc),
+        core::mem::offset_of!(BootPage, mono_base_ns),
+    );
+    let (tsc, base) = rec.unwrap_or((BOOT_TSC.load(Ordering::Relaxed), 0));
+    base.saturating_add(ticks_to_ns(rdtsc().saturating_sub(tsc)))
 }
 
 /// A point on the monotonic clock.
@@ -83,14 +113,23 @@ impl Instant {
     }
 }
 
+/// The wall clock's reference: (guest TSC, Unix ns at that TSC).
+fn wall_reference() -> (u64, u64) {
+    let rec = clock_record(
+        core::mem::offset_of!(BootPage, wall_tsc),
+        core::mem::offset_of!(BootPage, wall_unix_ns),
+    );
+    rec.unwrap_or((
+        BOOT_TSC.load(Ordering::Relaxed),
+        BOOT_UNIX_NS.load(Ordering::Relaxed),
+    ))
+}
+
 /// Wall-clock time since the Unix epoch (zero-based if the monitor gave no
 /// reference).
 pub fn unix_time() -> Duration {
-    Duration::from_nanos(
-        BOOT_UNIX_NS
-            .load(Ordering::Relaxed)
-            .saturating_add(monotonic_ns()),
-    )
+    let (tsc, unix_ns) = wall_reference();
+    Duration::from_nanos(unix_ns.saturating_add(ticks_to_ns(rdtsc().saturating_sub(tsc))))
 }
 
 /// Blocks for `d`. On the Wisp monitor the vCPU waits in the monitor (one

@@ -140,8 +140,35 @@ pub fn write_boot_page(
     page.tsc_khz = clock.tsc_khz;
     page.boot_tsc = clock.boot_tsc;
     page.boot_unix_ns = clock.boot_unix_ns;
+    // The clock record starts at the boot reference; a restore re-bases it.
+    page.clock_generation = 1;
+    page.mono_tsc = clock.boot_tsc;
+    page.wall_tsc = clock.boot_tsc;
+    page.wall_unix_ns = clock.boot_unix_ns;
+    page.seed = random_seed();
     page.args_addr = layout.args;
     page.args_len = args.len() as u32;
     page.argc = argc as u32;
     write(mem, layout.boot_page, page.as_bytes())
+}
+
+/// Random bits for the boot page's seed (0 if the kernel gives none, which
+/// a guest must treat as "no seed").
+pub fn random_seed() -> u64 {
+    let mut b = [0u8; 8];
+    // SAFETY: writes at most 8 bytes into `b`, which outlives the call.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), libc::GRND_NONBLOCK) };
+    if n == 8 {
+        u64::from_le_bytes(b)
+    } else {
+        0
+    }
+}
+
+/// Nanoseconds for `ticks` of a `tsc_khz` TSC, computed exactly as the
+/// guest computes them (32.32 fixed point), so that a value the monitor
+/// derives is never ahead of or behind the guest's own by rounding.
+pub fn ticks_to_ns(ticks: u64, tsc_khz: u64) -> u64 {
+    let fp = ((1_000_000u128 << 32) / tsc_khz.max(1) as u128) as u64;
+    ((ticks as u128 * fp as u128) >> 32) as u64
 }

@@ -51,8 +51,16 @@ pub(crate) enum ThreadState {
     Ended,
 }
 
+/// Work for a paused vCPU thread (the only thread that uses its `VcpuFd`
+/// while the guest lives): reading the vCPU's and the devices' state for a
+/// snapshot.
+pub(crate) type VcpuJob =
+    Box<dyn FnOnce(&mut crate::vm::Machine, &crate::device_manager::MmioBus) + Send>;
+
 pub(crate) struct ControlState {
     pub request: Request,
+    /// A job for the paused vCPU thread ([`Controller::on_paused_vcpu`]).
+    pub job: Option<VcpuJob>,
     pub vcpu: ThreadState,
     /// `None` when the guest has no I/O thread (no NIC).
     pub io: Option<ThreadState>,
@@ -123,6 +131,7 @@ impl Shared {
         Ok(Shared {
             control: Mutex::new(ControlState {
                 request: Request::Run,
+                job: None,
                 vcpu: ThreadState::Running,
                 io: has_io_thread.then_some(ThreadState::Running),
             }),
@@ -169,6 +178,30 @@ impl Shared {
         g.request
     }
 
+    /// As [`Shared::wait_while_paused`], for the vCPU thread: runs the jobs
+    /// handed to it while it waits ([`Controller::on_paused_vcpu`]).
+    pub fn wait_while_paused_serving(
+        &self,
+        machine: &mut crate::vm::Machine,
+        bus: &crate::device_manager::MmioBus,
+    ) -> Request {
+        loop {
+            let job = {
+                let mut g = self.lock();
+                loop {
+                    if g.request != Request::Pause {
+                        return g.request;
+                    }
+                    if let Some(j) = g.job.take() {
+                        break j;
+                    }
+                    g = self.changed.wait(g).unwrap_or_else(|p| p.into_inner());
+                }
+            };
+            job(machine, bus);
+        }
+    }
+
     /// Tells the guest, from the I/O thread, that its rings have news; wakes
     /// it only if it is blocked in its wait (one eventfd write), never while
     /// it runs: a running guest polls its rings itself.
@@ -210,6 +243,8 @@ pub enum ControlError {
     Ended,
     #[error("the guest did not reach the paused state within {0:?}")]
     PauseTimeout(Duration),
+    #[error("the guest is not paused")]
+    NotPaused,
 }
 
 /// Controls a running guest; cheap to clone, usable from any thread.
@@ -303,6 +338,54 @@ impl Controller {
         }
         s.changed.notify_all();
         s.deliver();
+    }
+
+    /// Runs `f` on the paused vCPU thread with the guest's KVM objects and
+    /// devices, and returns its result. The guest must be paused (by
+    /// [`Controller::pause`]); it stays paused.
+    pub(crate) fn on_paused_vcpu<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut crate::vm::Machine, &crate::device_manager::MmioBus) -> R + Send + 'static,
+    ) -> Result<R, ControlError> {
+        let s = &self.shared;
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        {
+            let mut g = s.lock();
+            if g.vcpu == ThreadState::Ended {
+                return Err(ControlError::Ended);
+            }
+            if g.request != Request::Pause || g.vcpu != ThreadState::Paused {
+                return Err(ControlError::NotPaused);
+            }
+            g.job = Some(Box::new(move |m, b| {
+                let _ = tx.send(f(m, b));
+            }));
+        }
+        s.changed.notify_all();
+        let start = std::time::Instant::now();
+        loop {
+            match rx.recv_timeout(Duration::from_millis(10)) {
+                Ok(r) => return Ok(r),
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(ControlError::Ended)
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            }
+            let mut g = s.lock();
+            let ended = g.vcpu == ThreadState::Ended || g.request != Request::Pause;
+            if ended || start.elapsed() > PAUSE_LIMIT {
+                // Not started: withdrawn. Started: its answer is the result.
+                if g.job.take().is_some() {
+                    return Err(if ended {
+                        ControlError::Ended
+                    } else {
+                        ControlError::PauseTimeout(PAUSE_LIMIT)
+                    });
+                }
+                drop(g);
+                return rx.recv().map_err(|_| ControlError::Ended);
+            }
+        }
     }
 
     /// Where the guest is, as its threads report it (not what was asked):

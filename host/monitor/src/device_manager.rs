@@ -20,7 +20,7 @@ use wisp_abi::manifest::{DEVICE_BLOCK, DEVICE_NET};
 
 use crate::devices::guest_access::GuestAccess;
 use crate::devices::virtio::block::Block;
-use crate::devices::virtio::mmio::VirtioMmio;
+use crate::devices::virtio::mmio::{TransportState, VirtioDevice, VirtioMmio};
 use crate::devices::virtio::net::Net;
 use crate::devices::{MmioDevice, MMIO_BASE, MMIO_WINDOW};
 use crate::net::{NetBackend, NicConfig};
@@ -136,6 +136,55 @@ impl DeviceManager {
         Ok(())
     }
 
+    /// Puts each device in its saved state, in bus order (see
+    /// [`MmioBus::save_states`]); `states` must match the bus one to one.
+    pub fn restore_states(&mut self, states: &[TransportState]) -> Result<(), String> {
+        if states.len() != self.bus.len() {
+            return Err(format!(
+                "{} devices saved, {} attached",
+                states.len(),
+                self.bus.len()
+            ));
+        }
+        for (i, ((_, dev), st)) in self.bus.iter().zip(states).enumerate() {
+            let r = match dev {
+                BusDevice::Net(n, _) => lock(n).restore_state(st),
+                BusDevice::Block(b) => lock(b).restore_state(st),
+            };
+            r.map_err(|e| format!("device {i}: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Gives NIC `index` another MAC address (a clone's own identity), in
+    /// its configuration space and its boot-page entry.
+    pub fn set_mac(&mut self, index: usize, mac: [u8; 6]) {
+        let Some(slot) = self.nics.get(index) else {
+            return;
+        };
+        lock(&slot.device).device.set_mac(mac);
+        if let Some(e) = self
+            .entries
+            .iter_mut()
+            .filter(|e| e.kind == DEVICE_NET)
+            .nth(index)
+        {
+            e.mac[..6].copy_from_slice(&mac);
+        }
+    }
+
+    /// Features each device offers, in bus order (a snapshot's devices
+    /// must offer the same: same kind, same read-only flag).
+    pub fn offered_features(&self) -> Vec<u64> {
+        self.bus
+            .iter()
+            .map(|(_, d)| match d {
+                BusDevice::Net(n, _) => lock(n).device.avail_features(),
+                BusDevice::Block(b) => lock(b).device.avail_features(),
+            })
+            .collect()
+    }
+
     /// The boot page's device entries, in bus order.
     pub fn entries(&self) -> &[Device] {
         &self.entries
@@ -192,6 +241,24 @@ impl MmioBus {
             BusDevice::Block(b) => f(&mut *lock(b), off),
         }
         true
+    }
+
+    /// Each device's transport state and offered features, in bus order,
+    /// for a snapshot (the guest must be paused: both threads quiet).
+    pub fn save_states(&self) -> Vec<(TransportState, u64)> {
+        self.devices
+            .iter()
+            .map(|(_, d)| match d {
+                BusDevice::Net(n, _) => {
+                    let n = lock(n);
+                    (n.save_state(), n.device.avail_features())
+                }
+                BusDevice::Block(b) => {
+                    let b = lock(b);
+                    (b.save_state(), b.device.avail_features())
+                }
+            })
+            .collect()
     }
 
     /// A backstop for a lost transmit notification, called when the guest

@@ -37,6 +37,7 @@ pub mod pvh_entry;
 pub mod quota;
 pub mod ratelimit;
 pub mod seccomp;
+pub mod snapshot;
 pub mod trace;
 pub mod vcpu;
 mod vcpu_thread;

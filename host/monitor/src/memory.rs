@@ -28,6 +28,12 @@ pub struct GuestRam {
     pub size: u64,
     /// Host address of guest-physical 0 (for the KVM memory slot).
     pub host_addr: u64,
+    /// Where guest-physical 0 is in `file`.
+    pub file_offset: u64,
+    /// The mapping is private (a restored guest: the snapshot's memory,
+    /// copy-on-write): what the guest wrote is in anonymous pages, not in
+    /// `file`.
+    pub private: bool,
 }
 
 impl GuestRam {
@@ -63,6 +69,43 @@ impl GuestRam {
             file,
             size,
             host_addr,
+            file_offset: 0,
+            private: false,
+        })
+    }
+
+    /// Maps `size` bytes of `file` from `offset` privately: the guest
+    /// reads the file's pages on demand and its writes go to its own
+    /// copies, so restoring (or cloning) costs no copy however large the
+    /// guest is.
+    pub fn map_private(file: File, offset: u64, size: u64) -> Result<GuestRam, MemoryError> {
+        use vm_memory::{GuestRegionMmap, MmapRegion};
+        let map_err = |e: &dyn std::fmt::Display| MemoryError::Map {
+            size,
+            reason: e.to_string(),
+        };
+        let len = usize::try_from(size).map_err(|e| map_err(&e))?;
+        let backing = file.try_clone().map_err(|e| map_err(&e))?;
+        let region = MmapRegion::<()>::build(
+            Some(FileOffset::new(backing, offset)),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+        )
+        .map_err(|e| map_err(&e))?;
+        let region = GuestRegionMmap::new(region, GuestAddress(0))
+            .ok_or_else(|| map_err(&"region does not fit the address space"))?;
+        let mem = GuestMemoryMmap::from_regions(vec![region]).map_err(|e| map_err(&e))?;
+        let host_addr = mem
+            .get_host_address(GuestAddress(0))
+            .map_err(|e| map_err(&e))? as u64;
+        Ok(GuestRam {
+            mem,
+            file,
+            size,
+            host_addr,
+            file_offset: offset,
+            private: true,
         })
     }
 }

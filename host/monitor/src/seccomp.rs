@@ -50,6 +50,11 @@ impl std::str::FromStr for ThreadKind {
 const KVM_RUN: u64 = 0xae80;
 const KVM_GET_REGS: u64 = 0x8090_ae81;
 const KVM_GET_SREGS: u64 = 0x8138_ae83;
+// Read by the paused vCPU thread for a snapshot (`snapshot::save`).
+const KVM_GET_MSRS: u64 = 0xc008_ae88;
+const KVM_GET_VCPU_EVENTS: u64 = 0x8040_ae9f;
+const KVM_GET_XSAVE: u64 = 0x9000_aea4;
+const KVM_GET_XCRS: u64 = 0x8188_aea6;
 const FIONBIO: u64 = 0x5421;
 
 /// What every thread needs: memory, locks, time, signals, ending.
@@ -117,7 +122,16 @@ fn syscalls(kind: ThreadKind) -> Vec<i64> {
 
 fn ioctls(kind: ThreadKind) -> &'static [u64] {
     match kind {
-        ThreadKind::Vcpu => &[KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS, FIONBIO],
+        ThreadKind::Vcpu => &[
+            KVM_RUN,
+            KVM_GET_REGS,
+            KVM_GET_SREGS,
+            KVM_GET_MSRS,
+            KVM_GET_VCPU_EVENTS,
+            KVM_GET_XSAVE,
+            KVM_GET_XCRS,
+            FIONBIO,
+        ],
         ThreadKind::Io => &[FIONBIO],
         ThreadKind::Control => &[],
     }

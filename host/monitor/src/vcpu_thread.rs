@@ -50,7 +50,9 @@ impl VcpuThread {
                 Request::Pause => {
                     self.complete_pending_exit()?;
                     self.shared.set_vcpu(ThreadState::Paused);
-                    let r = self.shared.wait_while_paused();
+                    let r = self
+                        .shared
+                        .wait_while_paused_serving(&mut self.machine, &self.bus);
                     self.shared.set_vcpu(ThreadState::Running);
                     if let Request::Stop(reason) = r {
                         return self.stopped(reason);

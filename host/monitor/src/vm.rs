@@ -154,13 +154,13 @@ pub enum VmError {
     VcpuThreadDied,
 }
 
-fn kvm_call(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+pub(crate) fn kvm_call(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::KvmCall { what, source }
 }
 
 /// `/dev/kvm`, opened once per process: a pool of shells or several
 /// guests share it.
-fn host_kvm() -> Result<&'static Kvm, KvmError> {
+pub(crate) fn host_kvm() -> Result<&'static Kvm, KvmError> {
     static KVM: std::sync::OnceLock<Kvm> = std::sync::OnceLock::new();
     if let Some(k) = KVM.get() {
         return Ok(k);
@@ -274,41 +274,62 @@ impl Shell {
         check(image, cfg)?;
         let devices = !cfg.nics.is_empty() || cfg.disk.is_some();
         let mut l = self.load(image, &cfg.args, devices, trace)?;
-        for nic in &cfg.nics {
-            let backend: Box<dyn NetBackend + Send> = match &nic.backend {
-                BackendKind::User => {
-                    let u = UserNet::new(&cfg.publish).map_err(VmError::Net)?;
-                    l.published.extend(
-                        u.local_addrs()
-                            .into_iter()
-                            .zip(cfg.publish.iter().filter(|p| !p.udp))
-                            .map(|(a, p)| (a, p.guest_port, false)),
-                    );
-                    l.published.extend(
-                        cfg.publish
-                            .iter()
-                            .filter(|p| p.udp)
-                            .map(|p| (p.host, p.guest_port, true)),
-                    );
-                    Box::new(u)
-                }
-                BackendKind::Tap(name) => Box::new(Tap::open(name).map_err(VmError::Net)?),
-            };
-            l.attach_net(backend, nic, cfg.net_limits)?;
-        }
-        if let Some(disk) = &cfg.disk {
-            let mut block = Block::open(
-                &disk.path,
-                disk.read_only,
-                l.machine.ram.mem.clone(),
-                l.access.clone(),
-            )
-            .map_err(|e| VmError::Disk(disk.path.display().to_string(), e))?;
-            block.limits = Limits::new(cfg.disk_limits.0, cfg.disk_limits.1);
-            l.attach_block(block)?;
-        }
+        attach_configured(&mut l.devices, &mut l.published, &l.machine, &l.access, cfg)?;
         l.finish(cfg.trace_boot)
     }
+}
+
+/// Opens the backends `cfg` names (user network or tap, disk file) and
+/// attaches their devices in order: NICs, then the disk. Shared by a cold
+/// boot and a restore, which must rebuild the same devices.
+pub(crate) fn attach_configured(
+    devices: &mut DeviceManager,
+    published: &mut Vec<(std::net::SocketAddr, u16, bool)>,
+    machine: &Machine,
+    access: &GuestAccess,
+    cfg: &VmConfig,
+) -> Result<(), VmError> {
+    for nic in &cfg.nics {
+        let backend: Box<dyn NetBackend + Send> = match &nic.backend {
+            BackendKind::User => {
+                let u = UserNet::new(&cfg.publish).map_err(VmError::Net)?;
+                published.extend(
+                    u.local_addrs()
+                        .into_iter()
+                        .zip(cfg.publish.iter().filter(|p| !p.udp))
+                        .map(|(a, p)| (a, p.guest_port, false)),
+                );
+                published.extend(
+                    cfg.publish
+                        .iter()
+                        .filter(|p| p.udp)
+                        .map(|p| (p.host, p.guest_port, true)),
+                );
+                Box::new(u)
+            }
+            BackendKind::Tap(name) => Box::new(Tap::open(name).map_err(VmError::Net)?),
+        };
+        devices.attach_net(
+            &machine.vm,
+            &machine.ram.mem,
+            access.clone(),
+            backend,
+            nic,
+            cfg.net_limits,
+        )?;
+    }
+    if let Some(disk) = &cfg.disk {
+        let mut block = Block::open(
+            &disk.path,
+            disk.read_only,
+            machine.ram.mem.clone(),
+            access.clone(),
+        )
+        .map_err(|e| VmError::Disk(disk.path.display().to_string(), e))?;
+        block.limits = Limits::new(cfg.disk_limits.0, cfg.disk_limits.1);
+        devices.attach_block(block)?;
+    }
+    Ok(())
 }
 
 /// Checks that `image` can run with `cfg`, before anything is created (a
@@ -421,8 +442,10 @@ impl Loaded {
         )?;
         vcpu_thread::mark(&mut self.trace, "vCPU ready");
         Ok(Vm {
+            boot_page: self.layout.boot_page,
+            pml4: self.layout.pml4,
             machine: self.machine,
-            layout: self.layout,
+            layout: Some(self.layout),
             devices: self.devices,
             published: self.published,
             trace: self.trace,
@@ -433,7 +456,11 @@ impl Loaded {
 /// A guest ready to start.
 pub struct Vm {
     machine: Machine,
-    layout: Layout,
+    /// `None` for a guest restored from a snapshot (which keeps only what
+    /// it needs of its layout: the boot page and the page tables).
+    layout: Option<Layout>,
+    boot_page: u64,
+    pml4: u64,
     devices: DeviceManager,
     published: Vec<(std::net::SocketAddr, u16, bool)>,
     trace: Option<BootTrace>,
@@ -466,6 +493,8 @@ type VcpuResult = (Result<Outcome, VmError>, Option<BootTrace>, Machine);
 /// A started guest.
 pub struct RunningVm {
     controller: Controller,
+    /// What a snapshot of this guest reads besides its threads' state.
+    pub(crate) source: crate::snapshot::Source,
     /// Written once the outcome is ready (for callers that wait in `poll`).
     done: Arc<vmm_sys_util::eventfd::EventFd>,
     results: std::sync::mpsc::Receiver<VcpuResult>,
@@ -474,9 +503,28 @@ pub struct RunningVm {
 }
 
 impl Vm {
-    /// The layout the guest was given.
-    pub fn layout(&self) -> &Layout {
-        &self.layout
+    /// The layout the guest was given (`None` for a restored guest).
+    pub fn layout(&self) -> Option<&Layout> {
+        self.layout.as_ref()
+    }
+
+    /// A guest rebuilt from a snapshot (see [`crate::snapshot`]).
+    pub(crate) fn restored(
+        machine: Machine,
+        boot_page: u64,
+        pml4: u64,
+        devices: DeviceManager,
+        published: Vec<(std::net::SocketAddr, u16, bool)>,
+    ) -> Vm {
+        Vm {
+            machine,
+            layout: None,
+            boot_page,
+            pml4,
+            devices,
+            published,
+            trace: None,
+        }
     }
 
     /// Host addresses published on the user network: (address, guest port,
@@ -494,6 +542,13 @@ impl Vm {
         opts: StartOptions,
     ) -> Result<RunningVm, VmError> {
         control::install_handlers().map_err(VmError::Thread)?;
+        let source = crate::snapshot::Source::new(
+            &self.machine.ram,
+            self.boot_page,
+            self.pml4,
+            self.devices.entries(),
+        )
+        .map_err(VmError::Thread)?;
         let (bus, nics) = self.devices.split();
         let shared = Arc::new(Shared::new(!nics.is_empty()).map_err(VmError::Thread)?);
         // Filters are built before any thread runs guest work.
@@ -604,6 +659,7 @@ impl Vm {
             })
             .map_err(VmError::Thread)?;
         Ok(RunningVm {
+            source,
             controller: Controller { shared },
             done,
             results,

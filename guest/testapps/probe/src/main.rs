@@ -209,6 +209,26 @@ fn main(args: wisp::Args) -> i32 {
                 wisp::mem::heap_size() / 1024
             );
         }
+        // A counter whose state lives in guest memory, for snapshots: one
+        // line per tick (every ARG ms) with the clocks and the identity the
+        // monitor gives (restores, clone, seed).
+        "counter" => {
+            let period = Duration::from_millis(num(1).max(1));
+            let mut n: u64 = 0;
+            loop {
+                n += 1;
+                let id = wisp::boot::identity();
+                println!(
+                    "tick {n} mono {} unix_ms {} restores {} clone {} seed {:x}",
+                    wisp::time::Instant::now().as_nanos(),
+                    wisp::time::unix_time().as_millis(),
+                    id.restore_count,
+                    id.clone_id,
+                    id.seed
+                );
+                wisp::time::sleep(period);
+            }
+        }
         "clock" => println!("unix {}", wisp::time::unix_time().as_secs()),
         "clock-source" => println!(
             "{:?} tsc {} kHz, halts when idle: {}",

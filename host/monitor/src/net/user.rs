@@ -273,7 +273,10 @@ impl UserNet {
             listeners,
             udp,
             connections: Vec::new(),
-            next_port: 49152,
+            // A random start: a guest restored from a snapshot still holds
+            // the connections of its old backend, and a new one that reused
+            // their ports would run into them.
+            next_port: 49152 + (crate::boot::random_seed() % 16384) as u16,
         })
     }
 

@@ -323,6 +323,10 @@ impl VirtioDevice for Block {
         self.broken.is_some()
     }
 
+    fn active_queues(&self) -> Vec<virtio_queue::QueueState> {
+        self.queue.iter().map(|q| q.state()).collect()
+    }
+
     fn reset(&mut self) {
         self.queue = None;
         self.broken = None;

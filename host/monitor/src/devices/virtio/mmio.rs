@@ -8,7 +8,7 @@
 
 use std::sync::atomic::Ordering;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueState, QueueT};
 
 use super::{status, F_RING_EVENT_IDX};
 use crate::devices::MmioDevice;
@@ -35,6 +35,32 @@ pub trait VirtioDevice {
     fn broken(&self) -> bool;
     /// The device was reset by the driver.
     fn reset(&mut self);
+    /// The queues the device runs (after activation), for a snapshot: where
+    /// each ring is and how far the device got in it.
+    fn active_queues(&self) -> Vec<QueueState> {
+        Vec::new()
+    }
+}
+
+/// Everything a snapshot keeps of a transport: its registers, the queues
+/// being configured and, once activated, the device's queues (the rings
+/// themselves are in guest memory).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TransportState {
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub acked_features: u64,
+    pub queue_sel: u32,
+    pub status: u32,
+    pub interrupt_status: u32,
+    pub config_generation: u32,
+    pub activated: bool,
+    /// The device had stopped after a driver error.
+    pub broken: bool,
+    /// The transport's queues (being configured; fresh once activated).
+    pub queues: Vec<QueueState>,
+    /// The device's queues, when activated.
+    pub active: Vec<QueueState>,
 }
 
 /// The transport state for one device.
@@ -74,6 +100,79 @@ impl<D: VirtioDevice> VirtioMmio<D> {
             config_generation: 0,
             activated: false,
         }
+    }
+
+    /// The transport's state for a snapshot (the device must be quiet: the
+    /// guest paused).
+    pub fn save_state(&self) -> TransportState {
+        TransportState {
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            acked_features: self.acked_features,
+            queue_sel: self.queue_sel,
+            status: self.status,
+            interrupt_status: self.interrupt_status,
+            config_generation: self.config_generation,
+            activated: self.activated,
+            broken: self.device.broken(),
+            queues: self.queues.iter().map(|q| q.state()).collect(),
+            active: if self.activated {
+                self.device.active_queues()
+            } else {
+                Vec::new()
+            },
+        }
+    }
+
+    /// Puts a fresh transport (and its device) in a saved state: the
+    /// device's queues continue where they were (`next_avail`, `next_used`).
+    /// A state this device cannot have (queue count or sizes) is refused
+    /// and leaves the transport as it was.
+    pub fn restore_state(&mut self, st: &TransportState) -> Result<(), String> {
+        let build = |qs: &[QueueState]| -> Result<Vec<Queue>, String> {
+            let max = self.device.queue_max_sizes();
+            if qs.len() != max.len() {
+                return Err(format!(
+                    "{} queues saved, the device has {}",
+                    qs.len(),
+                    max.len()
+                ));
+            }
+            qs.iter()
+                .zip(max)
+                .map(|(q, &m)| {
+                    if q.max_size != m {
+                        return Err(format!(
+                            "queue of {} entries, the device has {m}",
+                            q.max_size
+                        ));
+                    }
+                    Queue::try_from(*q).map_err(|e| format!("queue state: {e}"))
+                })
+                .collect()
+        };
+        let queues = build(&st.queues)?;
+        let active = if st.activated && !st.broken {
+            Some(build(&st.active)?)
+        } else {
+            None
+        };
+        self.device_features_sel = st.device_features_sel;
+        self.driver_features_sel = st.driver_features_sel;
+        self.acked_features = st.acked_features;
+        self.queue_sel = st.queue_sel;
+        self.status = st.status;
+        self.interrupt_status = st.interrupt_status;
+        self.config_generation = st.config_generation;
+        self.queues = queues;
+        self.activated = st.activated;
+        if let Some(active) = active {
+            self.device.activate(active, self.acked_features);
+        }
+        if st.broken {
+            self.set_needs_reset();
+        }
+        Ok(())
     }
 
     fn selected(&mut self) -> Option<&mut Queue> {

@@ -126,6 +126,11 @@ impl Net {
         }
     }
 
+    /// Changes the MAC address the device reports (a clone's identity).
+    pub fn set_mac(&mut self, mac: [u8; 6]) {
+        self.mac = mac;
+    }
+
     pub fn pending_len(&self) -> usize {
         self.pending_rx.len()
     }
@@ -472,6 +477,10 @@ impl VirtioDevice for Net {
 
     fn broken(&self) -> bool {
         self.broken.is_some()
+    }
+
+    fn active_queues(&self) -> Vec<virtio_queue::QueueState> {
+        self.queues.iter().map(|q| q.state()).collect()
     }
 
     fn reset(&mut self) {
