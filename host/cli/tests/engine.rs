@@ -7,32 +7,11 @@ mod common;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
 use wisp_monitor::net::user::PortForward;
 use wisp_monitor::{Image, Outcome, RunningVm, Shell, StartOptions, StopReason, VmConfig, VmState};
-
-/// A console that the test can read.
-#[derive(Clone, Default)]
-struct Console(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Console {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Console {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
 
 fn config(args: &[&str], publish: &[&str]) -> VmConfig {
     let publish: Vec<PortForward> = publish.iter().map(|p| p.parse().unwrap()).collect();

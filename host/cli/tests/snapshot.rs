@@ -7,33 +7,12 @@ mod common;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::*;
 use wisp_monitor::net::user::PortForward;
 use wisp_monitor::snapshot::{self, RestoreOptions, SaveOptions, Snapshot, SnapshotError};
 use wisp_monitor::{Image, Outcome, RunningVm, Shell, StartOptions, StopReason, Vm, VmConfig};
-
-/// A console that the test can read.
-#[derive(Clone, Default)]
-struct Console(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Console {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Console {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
 
 const MEMORY: u64 = 16 << 20;
 

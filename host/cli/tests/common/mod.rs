@@ -236,3 +236,24 @@ pub fn start_guest(
     }
     panic!("guest on port {port} never became ready");
 }
+
+/// A guest console that a test can read (for guests run in the test's own
+/// process through the monitor library).
+#[derive(Clone, Default)]
+pub struct Console(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Console {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Console {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
