@@ -158,21 +158,20 @@ pub struct Filter {
 /// [`precompile`] while it waits, so that starting a guest does not pay for
 /// it.
 pub fn program(kind: ThreadKind) -> Result<Filter, SeccompError> {
-    static CACHE: std::sync::OnceLock<Result<[Filter; 3], String>> = std::sync::OnceLock::new();
-    let all = CACHE.get_or_init(|| {
-        Ok([
-            compile(ThreadKind::Vcpu).map_err(|e| e.to_string())?,
-            compile(ThreadKind::Io).map_err(|e| e.to_string())?,
-            compile(ThreadKind::Control).map_err(|e| e.to_string())?,
-        ])
-    });
-    let all = all.as_ref().map_err(|e| SeccompError::Build(e.clone()))?;
-    Ok(all[kind as usize].clone())
+    type Cached = std::sync::OnceLock<Result<Filter, String>>;
+    static CACHE: [Cached; 3] = [Cached::new(), Cached::new(), Cached::new()];
+    CACHE[kind as usize]
+        .get_or_init(|| compile(kind).map_err(|e| e.to_string()))
+        .clone()
+        .map_err(SeccompError::Build)
 }
 
 /// Compiles every thread's filter now (see [`program`]).
 pub fn precompile() -> Result<(), SeccompError> {
-    program(ThreadKind::Vcpu).map(|_| ())
+    for kind in [ThreadKind::Vcpu, ThreadKind::Io, ThreadKind::Control] {
+        program(kind)?;
+    }
+    Ok(())
 }
 
 fn compile(kind: ThreadKind) -> Result<Filter, SeccompError> {
