@@ -1,7 +1,7 @@
 //! x86-64 boot structures shared by the Wisp monitor (which builds them in
 //! guest memory) and the guest's PVH stub (which builds them for QEMU).
 //!
-//! The guest's Rust code runs at CPL3 (see DESIGN.md: on KVM PVM CPL0 code is
+//! The guest's Rust code runs at CPL3 (see docs/design.md: on KVM PVM CPL0 code is
 //! emulated). The GDT uses Linux's layout so the user selectors are the
 //! familiar 0x33 (code) and 0x2b (data); the TSS carries the IST stack for
 //! exceptions and an I/O permission bitmap that lets CPL3 reach exactly the

@@ -1,7 +1,7 @@
 //! # Wisp library OS
 //!
 //! Links with one application into a bootable unikernel image whose Rust
-//! code runs at CPL3 in one identity-mapped address space (see DESIGN.md).
+//! code runs at CPL3 in one identity-mapped address space (see docs/design.md).
 //! The same image boots on the Wisp monitor (64-bit entry, boot page,
 //! hypercalls) and on QEMU microvm through its PVH entry.
 //!

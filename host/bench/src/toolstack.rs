@@ -185,7 +185,7 @@ fn main() -> anyhow::Result<()> {
             warm_reply,
             base,
         );
-        println!("goal (DESIGN.md): warm start median <= 0.5 ms; measured {m:.3} ms");
+        println!("goal (docs/design.md): warm start median <= 0.5 ms; measured {m:.3} ms");
         Ok(())
     })();
     let _ = daemon.kill();
