@@ -185,42 +185,5 @@ print(f"  wisp kv monitor: {ex['exits']} exits and {ex['kicks']} kicks in total 
 print(f"== Idle: the httpd monitor used {idle_ms} ms of host CPU in 2 s with no traffic")
 PY
 
-echo "== Start to first HTTP 200, median of $starts starts"
-python3 - "$starts" "$work" <<'PY'
-import os, socket, statistics, subprocess, sys, time
-starts, work = int(sys.argv[1]), sys.argv[2]
-def free():
-    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close(); return p
-def first_200(cmd, port):
-    t0 = time.perf_counter()
-    p = subprocess.Popen(cmd(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        while True:
-            if time.perf_counter() - t0 > 10:
-                raise SystemExit(f"no HTTP 200 within 10 s from {cmd(port)}")
-            try:
-                c = socket.create_connection(("127.0.0.1", port), timeout=5)
-                c.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                d = c.recv(16); c.close()
-                if d.startswith(b"HTTP/1.1 200"):
-                    return (time.perf_counter() - t0) * 1000
-            except OSError:
-                time.sleep(0.0002)
-    finally:
-        p.terminate(); p.wait()
-def nginx(port):
-    d = f"{work}/n{port}"; os.makedirs(d, exist_ok=True)
-    open(f"{d}/nginx.conf", "w").write(
-        f"worker_processes 1; daemon off; pid {d}/nginx.pid; error_log {d}/err;"
-        f"events {{}} http {{ access_log off; server {{ listen 127.0.0.1:{port}; root {work}/www; }} }}")
-    return ["nginx", "-c", f"{d}/nginx.conf"]
-wisp = lambda port: ["target/release/wisp", "run", "-q", "-p", f"127.0.0.1:{port}:80", "target/bench/httpd.wisp"]
-w, n = [], []
-for _ in range(starts):
-    w.append(first_200(wisp, free()))
-    n.append(first_200(nginx, free()))
-mw, mn = statistics.median(w), statistics.median(n)
-print(f"  wisp run -p httpd.wisp      {mw:7.2f} ms   (min {min(w):.2f}, max {max(w):.2f})")
-print(f"  nginx (native, 1 worker)    {mn:7.2f} ms   (min {min(n):.2f}, max {max(n):.2f})")
-print(f"  wisp / nginx                {mw / mn:.2f}x   goal: <= 5 ms")
-PY
+echo "== Start to first HTTP 200 (Rust harness: spawn, then connect and GET in a loop)"
+target/release/bench-first200 "$starts"
