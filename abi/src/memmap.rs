@@ -324,9 +324,12 @@ impl Map<'_> {
     /// The 2 MiB regions (by index) that need a table of 4 KiB pages, in
     /// address order.
     pub fn table_regions(&self) -> impl Iterator<Item = u64> + '_ {
+        // Nothing is mapped from `top` up: no region there needs a look.
+        let top = self.top();
         self.directory_gibs().flat_map(move |g| {
-            (g * 512..(g + 1) * 512)
-                .filter(move |&r| self.uniform(r * HUGE_PAGE, (r + 1) * HUGE_PAGE).is_none())
+            (g * 512..(g + 1) * 512).filter(move |&r| {
+                r * HUGE_PAGE < top && self.uniform(r * HUGE_PAGE, (r + 1) * HUGE_PAGE).is_none()
+            })
         })
     }
 
@@ -356,6 +359,7 @@ impl Map<'_> {
         }
         tables[0][0] = addr(1) | TABLE;
         let mask = self.directory_mask();
+        let top = self.top();
         let mut pd = 1;
         let mut next_pt = 2 + mask.count_ones() as usize;
         for g in 0..64u64 {
@@ -366,6 +370,9 @@ impl Map<'_> {
             tables[1][g as usize] = addr(pd) | TABLE;
             for slot in 0..512u64 {
                 let region = (g * 512 + slot) * HUGE_PAGE;
+                if region >= top {
+                    continue; // unmapped, and the directory was zeroed
+                }
                 tables[pd][slot as usize] = match self.uniform(region, region + HUGE_PAGE) {
                     Some(kind) if kind.pte_flags() == 0 => 0,
                     Some(kind) => region | kind.pte_flags() | pte::HUGE,
