@@ -242,11 +242,16 @@ fn save_restore_and_clone_through_the_daemon() {
     assert_eq!(clone_ids, [1, 2, 3]);
 
     // --leave-running: the guest goes on counting, and its snapshot restores.
+    // A restored guest saves too (its written pages are its own copies).
     let file2 = snap(&d, "r");
     d.ok(&["save", "r", file2.to_str().unwrap(), "--leave-running"]);
     let n = ticks(&logs(&d, "r")).len();
     wait_ticks(&d, "r", n + 2);
     assert_eq!(d.vm("r")["state"], "running");
+    d.ok(&["restore", file2.to_str().unwrap(), "--name", "r2"]);
+    let again = wait_ticks(&d, "r2", 2);
+    assert_eq!(again[0].1, 2, "second restore: {again:?}");
+    assert!(again[0].0 > after[0].0, "{again:?} after {after:?}");
 }
 
 #[test]
@@ -291,6 +296,21 @@ fn a_bad_save_or_restore_is_a_clear_error_and_changes_nothing() {
     let o = d.wisp(&["restore", img, "--name", "x"]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("not a Wisp snapshot"), "{}", stderr(&o));
+    assert_eq!(
+        d.json("/v1/vms?all=1").as_array().unwrap().len(),
+        vms_before
+    );
+    // Devices that do not fit the snapshot (it has no NIC).
+    let o = d.wisp(&[
+        "restore",
+        file.to_str().unwrap(),
+        "--name",
+        "x",
+        "-p",
+        "0:80",
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("does not fit"), "{}", stderr(&o));
     assert_eq!(
         d.json("/v1/vms?all=1").as_array().unwrap().len(),
         vms_before
