@@ -220,9 +220,9 @@ pub fn save(socket: &Path, name: &str, file: &Path, leave_running: bool) -> anyh
     let path = format!("{}/save", path_of(name));
     let v = ok(client(socket).request("POST", &path, Some(&body))?)?;
     println!(
-        "{name}: saved {} pages ({} of {} memory) in {:.2} ms, guest stopped {:.2} ms",
+        "{name}: saved {} pages ({} KiB file, of {} memory) in {:.2} ms, guest stopped {:.2} ms",
         v["pages_written"],
-        human_bytes(v["bytes_written"].as_u64().unwrap_or(0)),
+        v["bytes_written"].as_u64().unwrap_or(0).div_ceil(1024),
         human_bytes(v["memory"].as_u64().unwrap_or(0)),
         v["total_us"].as_u64().unwrap_or(0) as f64 / 1000.0,
         v["downtime_us"].as_u64().unwrap_or(0) as f64 / 1000.0,
