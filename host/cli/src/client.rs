@@ -258,7 +258,7 @@ pub fn restore(
 
 /// `wisp clone FILE --count N`: N restores with clone ids 1..N; prints
 /// each id, its clone id and the time its request took.
-pub fn clone(socket: &Path, file: &Path, count: u32) -> anyhow::Result<u8> {
+pub fn clone(socket: &Path, file: &Path, count: u32, publish: &[String]) -> anyhow::Result<u8> {
     if count == 0 {
         bail!("--count must be at least 1");
     }
@@ -267,7 +267,7 @@ pub fn clone(socket: &Path, file: &Path, count: u32) -> anyhow::Result<u8> {
     let all = std::time::Instant::now();
     for id in 1..=count {
         let t = std::time::Instant::now();
-        let v = restore_one(&c, &file, None, &[], id)
+        let v = restore_one(&c, &file, None, publish, id)
             .with_context(|| format!("clone {id} of {count}"))?;
         println!(
             "{} clone {id} {:.2} ms",

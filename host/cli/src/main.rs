@@ -209,6 +209,10 @@ enum Command {
         file: PathBuf,
         #[arg(long, default_value = "1")]
         count: u32,
+        /// Publish a port on each clone, as `run -p` (host port 0: each
+        /// gets a free one).
+        #[arg(short = 'p', long = "publish", value_name = "[ADDR:]HOST:GUEST[/udp]")]
+        publish: Vec<String>,
     },
     /// Per-VM and host figures from the daemon.
     Stats {
@@ -357,7 +361,11 @@ fn main() -> ExitCode {
             name,
             publish,
         } => client::restore(&socket, &file, name, &publish),
-        Command::Clone { file, count } => client::clone(&socket, &file, count),
+        Command::Clone {
+            file,
+            count,
+            publish,
+        } => client::clone(&socket, &file, count, &publish),
         Command::Stats { format } => client::stats(&socket, format == "json"),
         Command::Shell { memory } => return ExitCode::from(daemon::shell(memory)),
         Command::Inspect { image } => inspect::inspect(&image).map(|_| 0),

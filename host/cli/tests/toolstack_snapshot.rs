@@ -312,7 +312,7 @@ fn a_bad_save_or_restore_is_a_clear_error_and_changes_nothing() {
         "0:80",
     ]);
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("does not fit"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("has 0 NIC(s)"), "{}", stderr(&o));
     assert_eq!(
         d.json("/v1/vms?all=1").as_array().unwrap().len(),
         vms_before
@@ -322,4 +322,54 @@ fn a_bad_save_or_restore_is_a_clear_error_and_changes_nothing() {
     // The good snapshot still restores.
     d.ok(&["restore", file.to_str().unwrap(), "--name", "ok"]);
     wait_ticks(&d, "ok", 1);
+}
+
+#[test]
+fn a_guest_with_a_nic_is_cloned_with_its_ports_published() {
+    let d = Daemon::start("snapnic", "16M:1");
+    let img = probe().to_str().unwrap();
+    let publish = format!("{}:80", free_port());
+    d.ok(&[
+        "run", "-d", "--name", "n", "-m", "16M", "-p", &publish, img, "--", "counter", "10",
+    ]);
+    wait_ticks(&d, "n", 2);
+    let file = snap(&d, "n");
+    d.ok(&["save", "n", file.to_str().unwrap(), "--leave-running"]);
+    // Without ports the restore would lack the NIC: refused up front.
+    let vms_before = d.json("/v1/vms?all=1").as_array().unwrap().len();
+    let o = d.wisp(&["restore", file.to_str().unwrap(), "--name", "x"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("has 1 NIC(s)"), "{}", stderr(&o));
+    assert_eq!(
+        d.json("/v1/vms?all=1").as_array().unwrap().len(),
+        vms_before
+    );
+    // Two clones, each with its own free host port.
+    let out = d.ok(&[
+        "clone",
+        file.to_str().unwrap(),
+        "--count",
+        "2",
+        "-p",
+        "0:80",
+    ]);
+    let ids: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains(" clone "))
+        .map(|l| l.split_whitespace().next().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 2, "{out}");
+    let mut hosts = Vec::new();
+    for id in &ids {
+        let rec = d.wait_state(id, "running");
+        let host = rec["ports"][0]["host"]
+            .as_str()
+            .expect("a published port")
+            .to_string();
+        assert!(!host.ends_with(":0"), "{rec}");
+        hosts.push(host);
+        let t = wait_ticks(&d, id, 2);
+        assert!(t[1].2 >= 1, "{t:?}");
+    }
+    assert_ne!(hosts[0], hosts[1]);
 }

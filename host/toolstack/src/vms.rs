@@ -293,6 +293,28 @@ impl Vms {
             p.parse::<wisp_monitor::net::user::PortForward>()
                 .map_err(|e| bad(format!("publish: {e}")))?;
         }
+        // What the restore can give: one user-mode NIC (with -p), no disk.
+        let kinds = || snap.devices().iter().map(|d| d.entry.kind);
+        if kinds().any(|k| k == wisp_abi::manifest::DEVICE_BLOCK) {
+            return Err(bad(format!(
+                "{} has a disk: the daemon cannot restore a guest with a disk yet",
+                req.snapshot
+            )));
+        }
+        let nics = kinds()
+            .filter(|&k| k == wisp_abi::manifest::DEVICE_NET)
+            .count();
+        if nics != usize::from(!req.publish.is_empty()) {
+            return Err(bad(format!(
+                "{}'s guest has {nics} NIC(s): restore it with {} (-p)",
+                req.snapshot,
+                if nics == 0 {
+                    "no published ports"
+                } else {
+                    "its ports published"
+                }
+            )));
+        }
         if let Some(c) = req.cpus {
             if !(c > 0.0 && c <= 1.0) {
                 return Err(bad(format!("cpus {c} is not in (0, 1]")));
