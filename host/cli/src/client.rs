@@ -214,6 +214,75 @@ pub fn action(socket: &Path, action: &str, names: &[String], query: &str) -> any
     Ok(if failed { 1 } else { 0 })
 }
 
+/// `wisp save NAME FILE [--leave-running]`: prints what was written.
+pub fn save(socket: &Path, name: &str, file: &Path, leave_running: bool) -> anyhow::Result<u8> {
+    let body = json!({ "path": absolute(file)?, "leave_running": leave_running });
+    let path = format!("{}/save", path_of(name));
+    let v = ok(client(socket).request("POST", &path, Some(&body))?)?;
+    println!(
+        "{name}: saved {} pages ({} KiB file, of {} memory) in {:.2} ms, guest stopped {:.2} ms",
+        v["pages_written"],
+        v["bytes_written"].as_u64().unwrap_or(0).div_ceil(1024),
+        human_bytes(v["memory"].as_u64().unwrap_or(0)),
+        v["total_us"].as_u64().unwrap_or(0) as f64 / 1000.0,
+        v["downtime_us"].as_u64().unwrap_or(0) as f64 / 1000.0,
+    );
+    Ok(0)
+}
+
+fn restore_one(
+    c: &Client,
+    file: &str,
+    name: Option<String>,
+    publish: &[String],
+    clone_id: u32,
+) -> anyhow::Result<Value> {
+    let mut body = json!({ "snapshot": file, "publish": publish, "clone_id": clone_id });
+    if let Some(n) = name {
+        body["name"] = json!(n);
+    }
+    ok(c.request("POST", "/v1/restore", Some(&body))?)
+}
+
+/// `wisp restore FILE [--name N] [-p ...]`: prints the new VM's id.
+pub fn restore(
+    socket: &Path,
+    file: &Path,
+    name: Option<String>,
+    publish: &[String],
+) -> anyhow::Result<u8> {
+    let v = restore_one(&client(socket), &absolute(file)?, name, publish, 0)?;
+    println!("{}", v["id"].as_str().unwrap_or_default());
+    Ok(0)
+}
+
+/// `wisp clone FILE --count N`: N restores with clone ids 1..N; prints
+/// each id, its clone id and the time its request took.
+pub fn clone(socket: &Path, file: &Path, count: u32, publish: &[String]) -> anyhow::Result<u8> {
+    if count == 0 {
+        bail!("--count must be at least 1");
+    }
+    let c = client(socket);
+    let file = absolute(file)?;
+    let all = std::time::Instant::now();
+    for id in 1..=count {
+        let t = std::time::Instant::now();
+        let v = restore_one(&c, &file, None, publish, id)
+            .with_context(|| format!("clone {id} of {count}"))?;
+        println!(
+            "{} clone {id} {:.2} ms",
+            v["id"].as_str().unwrap_or_default(),
+            t.elapsed().as_secs_f64() * 1000.0
+        );
+    }
+    let total = all.elapsed().as_secs_f64() * 1000.0;
+    println!(
+        "{count} clones in {total:.1} ms ({:.2} ms per clone)",
+        total / count as f64
+    );
+    Ok(0)
+}
+
 /// `wisp rm [-f] NAME...`.
 pub fn rm(socket: &Path, names: &[String], force: bool) -> anyhow::Result<u8> {
     let c = client(socket);

@@ -187,6 +187,33 @@ enum Command {
         #[arg(required = true)]
         names: Vec<String>,
     },
+    /// Save a VM to a snapshot file (it then stops, unless --leave-running).
+    Save {
+        name: String,
+        file: PathBuf,
+        /// Resume the guest after the save instead of stopping it.
+        #[arg(long)]
+        leave_running: bool,
+    },
+    /// Start a VM from a snapshot under the daemon; prints its id.
+    Restore {
+        file: PathBuf,
+        #[arg(long)]
+        name: Option<String>,
+        /// Publish a port, as `run -p`.
+        #[arg(short = 'p', long = "publish", value_name = "[ADDR:]HOST:GUEST[/udp]")]
+        publish: Vec<String>,
+    },
+    /// Start N clones of a snapshot (clone ids 1..N); prints each id and time.
+    Clone {
+        file: PathBuf,
+        #[arg(long, default_value = "1")]
+        count: u32,
+        /// Publish a port on each clone, as `run -p` (host port 0: each
+        /// gets a free one).
+        #[arg(short = 'p', long = "publish", value_name = "[ADDR:]HOST:GUEST[/udp]")]
+        publish: Vec<String>,
+    },
     /// Per-VM and host figures from the daemon.
     Stats {
         #[arg(long, default_value = "table", value_parser = ["table", "json"])]
@@ -330,6 +357,21 @@ fn main() -> ExitCode {
         }
         Command::Kill { names } => client::action(&socket, "kill", &names, ""),
         Command::Rm { force, names } => client::rm(&socket, &names, force),
+        Command::Save {
+            name,
+            file,
+            leave_running,
+        } => client::save(&socket, &name, &file, leave_running),
+        Command::Restore {
+            file,
+            name,
+            publish,
+        } => client::restore(&socket, &file, name, &publish),
+        Command::Clone {
+            file,
+            count,
+            publish,
+        } => client::clone(&socket, &file, count, &publish),
         Command::Stats { format } => client::stats(&socket, format == "json"),
         Command::Shell { memory } => return ExitCode::from(daemon::shell(memory)),
         Command::Inspect { image } => inspect::inspect(&image).map(|_| 0),

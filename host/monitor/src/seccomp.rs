@@ -115,6 +115,14 @@ fn syscalls(kind: ThreadKind) -> Vec<i64> {
             libc::SYS_getpid,
             libc::SYS_writev,
             libc::SYS_accept4,
+            // A save: the request's file arrives with it (recvmsg); the
+            // snapshot is written into it (lseek over the memory's holes,
+            // ftruncate, pwrite, pread of the pagemap opened at start).
+            libc::SYS_recvmsg,
+            libc::SYS_lseek,
+            libc::SYS_ftruncate,
+            libc::SYS_pwrite64,
+            libc::SYS_pread64,
         ],
     });
     v

@@ -12,7 +12,7 @@ use crate::http::{self, Request, Response};
 use crate::metrics::{self, label};
 use crate::process;
 use crate::record::{Record, State};
-use crate::vms::{RunRequest, VmError, Vms, DEFAULT_STOP_TIMEOUT};
+use crate::vms::{RestoreRequest, RunRequest, SaveRequest, VmError, Vms, DEFAULT_STOP_TIMEOUT};
 
 /// Serves one connection.
 pub fn serve(vms: &Arc<Vms>, mut conn: UnixStream) {
@@ -56,6 +56,19 @@ fn route(vms: &Arc<Vms>, req: &Request, arrived: u64) -> Result<Response, VmErro
                 .map_err(|e| VmError::BadRequest(format!("malformed request body: {e}")))?;
             let r = vms.run(run, arrived)?;
             Ok(Response::json(201, &r))
+        }
+        ("POST", ["v1", "restore"]) => {
+            let req: RestoreRequest = serde_json::from_slice(&req.body)
+                .map_err(|e| VmError::BadRequest(format!("malformed request body: {e}")))?;
+            let r = vms.restore(req, arrived)?;
+            Ok(Response::json(201, &r))
+        }
+        ("POST", ["v1", "vms", r, "save"]) => {
+            let vm = vms.find(r)?;
+            let save: SaveRequest = serde_json::from_slice(&req.body)
+                .map_err(|e| VmError::BadRequest(format!("malformed request body: {e}")))?;
+            let figures = vms.save(&vm, &save)?;
+            Ok(Response::json(200, &figures))
         }
         ("GET", ["v1", "vms", r]) => Ok(Response::json(200, &vms.find(r)?.snapshot())),
         ("DELETE", ["v1", "vms", r]) => {

@@ -55,6 +55,10 @@ pub struct Handoff {
     pub cpus: Option<f64>,
     /// `CLOCK_MONOTONIC` ns when the request reached the daemon.
     pub request_ns: u64,
+    /// Restore instead of boot: the first file is a snapshot, not an
+    /// image, and this is the clone id (0: a plain restore).
+    #[serde(default)]
+    pub snapshot: Option<u32>,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -94,6 +98,23 @@ pub enum ControlRequest {
     /// Stops the guest through its controller (the monitor then exits).
     Stop,
     Stats,
+    /// Saves the guest into the file that comes with the request
+    /// (`SCM_RIGHTS`), then stops it unless `leave_running`.
+    Save {
+        leave_running: bool,
+    },
+}
+
+/// What a save did.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SaveFigures {
+    pub pages_written: u64,
+    pub bytes_written: u64,
+    pub memory: u64,
+    /// Request to the file complete, in µs.
+    pub total_us: u64,
+    /// How long the guest did not run, in µs.
+    pub downtime_us: u64,
 }
 
 /// Engine counters and state of a running guest.
@@ -112,6 +133,7 @@ pub struct GuestStats {
 #[derive(Debug, Serialize, Deserialize)]
 pub enum ControlReply {
     Ok(GuestStats),
+    Saved(SaveFigures),
     Failed { error: String },
 }
 
@@ -212,6 +234,7 @@ mod tests {
             disk: Some(DiskMode::ReadOnly),
             cpus: None,
             request_ns: 7,
+            snapshot: None,
         };
         let t = std::thread::spawn(move || send(&a, &msg, &[file.as_raw_fd()]).unwrap());
         let (got, fds): (Handoff, _) = recv(&b).unwrap();

@@ -79,6 +79,16 @@ pub struct Spec {
     pub disk_read_only: bool,
     pub cpus: Option<f64>,
     pub restart: RestartPolicy,
+    /// Restored from a snapshot (`image` is then the snapshot's path).
+    #[serde(default)]
+    pub snapshot: Option<FromSnapshot>,
+}
+
+/// A VM restored from a snapshot.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FromSnapshot {
+    /// 0 for a plain restore, else the clone's number.
+    pub clone_id: u32,
 }
 
 /// How a VM's monitor process ended.
@@ -88,7 +98,8 @@ pub struct Exit {
     pub status: Option<i32>,
     /// The signal that ended the monitor process, if one did.
     pub signal: Option<i32>,
-    /// `exited`, `crashed`, `stopped`, `killed`, `error` or `lost`.
+    /// `exited`, `crashed`, `stopped`, `saved` (stopped by a save),
+    /// `killed`, `error` or `lost`.
     pub how: String,
     pub detail: Option<String>,
     pub at_unix_ms: u64,
@@ -138,7 +149,7 @@ impl Exit {
 
     /// A failure, for `--restart on-failure`.
     pub fn failed(&self) -> bool {
-        self.how != "stopped" && self.status != Some(0)
+        self.how != "stopped" && self.how != "saved" && self.status != Some(0)
     }
 }
 

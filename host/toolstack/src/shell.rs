@@ -10,7 +10,7 @@
 //! opens a path after the hand-off: everything it reaches was handed over.
 
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::Duration;
 
@@ -21,9 +21,15 @@ use wisp_monitor::net::NetBackend;
 use wisp_monitor::seccomp::{self, ThreadKind};
 use wisp_monitor::{Controller, Image, Outcome, RunningVm, Shell, StartOptions, StopReason};
 
+use std::cell::Cell;
+
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+use wisp_monitor::snapshot::{self, RestoreOptions, SaveOptions, Snapshot};
+use wisp_monitor::VmConfig;
+
 use crate::proto::{
     self, ControlReply, ControlRequest, DiskMode, ExitRecord, GuestStats, Handoff, Hello,
-    Published, Started,
+    Published, SaveFigures, Started,
 };
 
 /// How long the hand-off reply waits for the guest to reach `main` (the
@@ -101,7 +107,15 @@ pub fn run(memory: u64, channel: UnixStream) -> i32 {
     // From here on the monitor's own messages (and crash reports) go to the
     // guest's log, as the guest's console does.
     redirect_stdio(files.log.as_raw_fd());
-    let running = match start(shell, &handoff, &files) {
+    let started = match handoff.snapshot {
+        // The pre-created VM is not used: the snapshot makes its own.
+        Some(clone_id) => {
+            drop(shell);
+            restore(&handoff, &files, clone_id)
+        }
+        None => start(shell, &handoff, &files),
+    };
+    let running = match started {
         Ok(r) => r,
         Err(error) => {
             let _ = proto::send(&channel, &Started::Failed { error }, &[]);
@@ -109,7 +123,11 @@ pub fn run(memory: u64, channel: UnixStream) -> i32 {
         }
     };
     let (running, published, started_ns) = running;
-    let main_ns = wait_for_main(&running);
+    // A restored guest is past `main`: it runs from the moment it started.
+    let main_ns = match handoff.snapshot {
+        Some(_) => Some(started_ns),
+        None => wait_for_main(&running),
+    };
     let _ = proto::send(
         &channel,
         &Started::Ok {
@@ -127,8 +145,69 @@ pub fn run(memory: u64, channel: UnixStream) -> i32 {
         running.controller().stop(StopReason::Requested);
     }
     let listener = UnixListener::from(files.control);
-    serve(&running, &listener);
-    finish(running, files.exit)
+    let saved = Cell::new(false);
+    serve(&running, &listener, &saved);
+    finish(running, files.exit, saved.get())
+}
+
+/// Restores the guest from the snapshot handed over in the image's place;
+/// returns it as [`start`] does. Only published ports are configured: a
+/// disk cannot be given to a restore yet.
+fn restore(
+    h: &Handoff,
+    files: &Files,
+    clone_id: u32,
+) -> Result<(RunningVm, Vec<Published>, u64), String> {
+    if h.disk.is_some() {
+        return Err("a restore cannot attach a disk".into());
+    }
+    // Opened through /proc: the snapshot module checks it from a path.
+    let path = format!("/proc/self/fd/{}", files.image.as_raw_fd());
+    let snap = Snapshot::open(std::path::Path::new(&path)).map_err(|e| e.to_string())?;
+    let publish = h
+        .publish
+        .iter()
+        .map(|p| p.parse::<PortForward>())
+        .collect::<Result<Vec<_>, _>>()?;
+    let nics = if publish.is_empty() {
+        vec![]
+    } else {
+        vec!["user".parse().map_err(|e: String| e)?]
+    };
+    let cfg = VmConfig {
+        memory: snap.memory(),
+        args: vec![],
+        trace_boot: false,
+        nics,
+        publish,
+        net_limits: (0, 0),
+        disk_limits: (0, 0),
+        disk: None,
+    };
+    let vm = snap
+        .restore(&cfg, RestoreOptions { clone_id })
+        .map_err(|e| e.to_string())?;
+    let published = vm
+        .published()
+        .iter()
+        .map(|(addr, guest_port, udp)| Published {
+            host: addr.to_string(),
+            guest_port: *guest_port,
+            udp: *udp,
+        })
+        .collect();
+    let console = std::fs::File::from(files.log.try_clone().map_err(|e| e.to_string())?);
+    let running = vm
+        .start(
+            Box::new(console),
+            StartOptions {
+                cpu_quota: h.cpus,
+                no_seccomp: false,
+                seccomp_selftest: None,
+            },
+        )
+        .map_err(|e| e.to_string())?;
+    Ok((running, published, monotonic_ns()))
 }
 
 /// Loads and starts the guest; returns it, its published addresses and
@@ -243,8 +322,7 @@ fn readable(fd: RawFd, timeout_ms: i32) -> bool {
 }
 
 /// Answers control connections until the guest ends.
-fn serve(running: &RunningVm, listener: &UnixListener) {
-    let controller = running.controller();
+fn serve(running: &RunningVm, listener: &UnixListener, saved: &Cell<bool>) {
     loop {
         let mut fds = [
             libc::pollfd {
@@ -268,27 +346,46 @@ fn serve(running: &RunningVm, listener: &UnixListener) {
         }
         if fds[1].revents != 0 {
             if let Ok((conn, _)) = listener.accept() {
-                answer(&controller, conn);
+                answer(running, conn, saved);
             }
         }
     }
 }
 
-/// One request line, one reply line.
-fn answer(c: &Controller, conn: UnixStream) {
+/// One request line (a save's file comes with it), one reply line.
+fn answer(running: &RunningVm, conn: UnixStream, saved: &Cell<bool>) {
+    let c = &running.controller();
     let mut buf = Vec::with_capacity(64);
     let mut chunk = [0u8; 256];
+    let mut files: Vec<OwnedFd> = Vec::new();
     while !buf.contains(&b'\n') && buf.len() < 4096 {
         if !readable(conn.as_raw_fd(), REQUEST_WAIT_MS) {
             return;
         }
-        // read(2), not the socket's recv: the Control filter allows read.
-        // SAFETY: reads into `chunk`, which we own, from an open socket.
-        let n = unsafe { libc::read(conn.as_raw_fd(), chunk.as_mut_ptr().cast(), chunk.len()) };
-        if n <= 0 {
+        let mut fds = [-1; 1];
+        let mut iov = [libc::iovec {
+            iov_base: chunk.as_mut_ptr().cast(),
+            iov_len: chunk.len(),
+        }];
+        // recvmsg(2) (allowed by the Control filter): a save's file
+        // arrives with the request's bytes.
+        // SAFETY: the iovec points at `chunk`, which we own and may hold
+        // any bytes; a received descriptor is wrapped in `OwnedFd` at once.
+        let (n, nfds) = match unsafe { conn.recv_with_fds(&mut iov, &mut fds) } {
+            Ok(r) => r,
+            Err(_) => break,
+        };
+        // SAFETY: the first `nfds` entries are new descriptors the kernel
+        // installed for us.
+        files.extend(
+            fds[..nfds]
+                .iter()
+                .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+        );
+        if n == 0 {
             break;
         }
-        buf.extend_from_slice(&chunk[..n as usize]);
+        buf.extend_from_slice(&chunk[..n]);
     }
     let reply = match serde_json::from_slice::<ControlRequest>(buf.trim_ascii_end()) {
         Err(e) => ControlReply::Failed {
@@ -303,6 +400,15 @@ fn answer(c: &Controller, conn: UnixStream) {
                     Ok(())
                 }
                 ControlRequest::Stats => Ok(()),
+                ControlRequest::Save { leave_running } => {
+                    match save(running, files.pop(), leave_running) {
+                        Ok(figures) => {
+                            saved.set(saved.get() || !leave_running);
+                            return send_reply(&conn, &ControlReply::Saved(figures));
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
             };
             match r {
                 Ok(()) => ControlReply::Ok(stats(c)),
@@ -310,7 +416,30 @@ fn answer(c: &Controller, conn: UnixStream) {
             }
         }
     };
-    if let Ok(mut line) = serde_json::to_vec(&reply) {
+    send_reply(&conn, &reply)
+}
+
+/// Saves the guest into `file` (handed over by the daemon, which renames
+/// it into place).
+fn save(
+    running: &RunningVm,
+    file: Option<OwnedFd>,
+    leave_running: bool,
+) -> Result<SaveFigures, String> {
+    let file = std::fs::File::from(file.ok_or("a save request came without its file")?);
+    let r = snapshot::save_to(running, &file, SaveOptions { leave_running })
+        .map_err(|e| format!("save: {e}"))?;
+    Ok(SaveFigures {
+        pages_written: r.pages_written,
+        bytes_written: r.bytes_written,
+        memory: r.memory_size,
+        total_us: r.total.as_micros() as u64,
+        downtime_us: r.downtime.as_micros() as u64,
+    })
+}
+
+fn send_reply(conn: &UnixStream, reply: &ControlReply) {
+    if let Ok(mut line) = serde_json::to_vec(reply) {
         line.push(b'\n');
         // write(2), not std's send(2): the Control filter allows write.
         let mut rest = &line[..];
@@ -345,12 +474,16 @@ fn stats(c: &Controller) -> GuestStats {
 
 /// Records how the guest ended and exits with its status, leaving the VM's
 /// teardown to the kernel.
-fn finish(running: RunningVm, exit: OwnedFd) -> i32 {
+fn finish(running: RunningVm, exit: OwnedFd, saved: bool) -> i32 {
     let (record, machine) = match running.wait(None) {
         Ok(report) => {
             let (how, detail) = match &report.outcome {
                 Outcome::Exited(_) => ("exited", None),
                 Outcome::Crashed(c) => ("crashed", Some(c.to_string())),
+                Outcome::Stopped { rip } if saved => (
+                    "saved",
+                    Some(format!("saved to a snapshot at rip {rip:#x}")),
+                ),
                 Outcome::TimedOut { rip } | Outcome::Stopped { rip } => {
                     ("stopped", Some(format!("stopped at rip {rip:#x}")))
                 }

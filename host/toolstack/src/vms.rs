@@ -27,9 +27,10 @@ use crate::metrics::Histogram;
 use crate::pool::{Pool, PoolError};
 use crate::process;
 use crate::proto::{
-    self, ControlReply, ControlRequest, DiskMode, ExitRecord, GuestStats, Handoff, Started,
+    self, ControlReply, ControlRequest, DiskMode, ExitRecord, GuestStats, Handoff, SaveFigures,
+    Started,
 };
-use crate::record::{self, Exit, Record, RestartPolicy, Spec, State};
+use crate::record::{self, Exit, FromSnapshot, Record, RestartPolicy, Spec, State};
 
 /// An API error: the HTTP status it maps to and a message for the user.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +81,31 @@ pub struct RunRequest {
     pub disk_read_only: bool,
     pub cpus: Option<f64>,
     pub restart: Option<String>,
+}
+
+/// `POST /v1/restore`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreRequest {
+    /// Absolute path of the snapshot on the daemon's host.
+    pub snapshot: String,
+    pub name: Option<String>,
+    #[serde(default)]
+    pub publish: Vec<String>,
+    /// 0 (default): a plain restore; N: clone number N (own MAC, reseeds).
+    #[serde(default)]
+    pub clone_id: u32,
+    pub cpus: Option<f64>,
+}
+
+/// `POST /v1/vms/{ref}/save`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SaveRequest {
+    /// Absolute path of the snapshot to write (replaced if it exists).
+    pub path: String,
+    #[serde(default)]
+    pub leave_running: bool,
 }
 
 pub const DEFAULT_MEMORY: u64 = 64 << 20;
@@ -246,6 +272,71 @@ impl Vms {
                 disk_read_only: req.disk_read_only,
                 cpus: req.cpus,
                 restart,
+                snapshot: None,
+            },
+        ))
+    }
+
+    /// Checks a restore request (the snapshot is opened and checked
+    /// whole); nothing is created.
+    fn validate_restore(req: RestoreRequest) -> Result<(Option<String>, Spec), VmError> {
+        let bad = VmError::BadRequest;
+        if !Path::new(&req.snapshot).is_absolute() {
+            return Err(bad(format!(
+                "snapshot '{}' is not an absolute path",
+                req.snapshot
+            )));
+        }
+        let snap = wisp_monitor::snapshot::Snapshot::open(Path::new(&req.snapshot))
+            .map_err(|e| bad(format!("cannot restore {}: {e}", req.snapshot)))?;
+        for p in &req.publish {
+            p.parse::<wisp_monitor::net::user::PortForward>()
+                .map_err(|e| bad(format!("publish: {e}")))?;
+        }
+        // What the restore can give: one user-mode NIC (with -p), no disk.
+        let kinds = || snap.devices().iter().map(|d| d.entry.kind);
+        if kinds().any(|k| k == wisp_abi::manifest::DEVICE_BLOCK) {
+            return Err(bad(format!(
+                "{} has a disk: the daemon cannot restore a guest with a disk yet",
+                req.snapshot
+            )));
+        }
+        let nics = kinds()
+            .filter(|&k| k == wisp_abi::manifest::DEVICE_NET)
+            .count();
+        if nics != usize::from(!req.publish.is_empty()) {
+            return Err(bad(format!(
+                "{}'s guest has {nics} NIC(s): restore it with {} (-p)",
+                req.snapshot,
+                if nics == 0 {
+                    "no published ports"
+                } else {
+                    "its ports published"
+                }
+            )));
+        }
+        if let Some(c) = req.cpus {
+            if !(c > 0.0 && c <= 1.0) {
+                return Err(bad(format!("cpus {c} is not in (0, 1]")));
+            }
+        }
+        if let Some(n) = &req.name {
+            record::check_name(n).map_err(bad)?;
+        }
+        Ok((
+            req.name,
+            Spec {
+                image: req.snapshot,
+                memory: snap.memory(),
+                args: vec![],
+                publish: req.publish,
+                disk: None,
+                disk_read_only: false,
+                cpus: req.cpus,
+                restart: RestartPolicy::No,
+                snapshot: Some(FromSnapshot {
+                    clone_id: req.clone_id,
+                }),
             },
         ))
     }
@@ -253,6 +344,25 @@ impl Vms {
     /// Creates and starts a VM; `request_ns` is when the request arrived.
     pub fn run(self: &Arc<Self>, req: RunRequest, request_ns: u64) -> Result<Record, VmError> {
         let (name, spec) = Vms::validate(req)?;
+        self.create(name, spec, request_ns)
+    }
+
+    /// Creates and starts a VM from a snapshot.
+    pub fn restore(
+        self: &Arc<Self>,
+        req: RestoreRequest,
+        request_ns: u64,
+    ) -> Result<Record, VmError> {
+        let (name, spec) = Vms::validate_restore(req)?;
+        self.create(name, spec, request_ns)
+    }
+
+    fn create(
+        self: &Arc<Self>,
+        name: Option<String>,
+        spec: Spec,
+        request_ns: u64,
+    ) -> Result<Record, VmError> {
         let id = record::new_id();
         let name = name.unwrap_or_else(|| format!("vm-{}", &id[..8]));
         let rec = Record {
@@ -315,6 +425,7 @@ impl Vms {
         let sock = dir.join("control.sock");
         let _ = std::fs::remove_file(&sock);
         let control = UnixListener::bind(&sock).map_err(internal("binding the control socket"))?;
+        // For a restore, the snapshot goes in the image's place.
         let image = std::fs::File::open(&spec.image)
             .map_err(|e| VmError::BadRequest(format!("image {}: {e}", spec.image)))?;
         let disk = spec
@@ -349,6 +460,7 @@ impl Vms {
             }),
             cpus: spec.cpus,
             request_ns,
+            snapshot: spec.snapshot.as_ref().map(|s| s.clone_id),
         };
         let fail = |shell: &mut crate::pool::ReadyShell, e: VmError| {
             let _ = shell.child.kill();
@@ -518,6 +630,60 @@ impl Vms {
         Vms::require_state(vm, &[State::Running, State::Paused], "resume")?;
         self.control(vm, ControlRequest::Resume)?;
         self.set_state(vm, State::Running)
+    }
+
+    /// Saves the guest to `req.path`: the daemon creates `PATH.tmp`, hands
+    /// it to the monitor with the request, and renames it into place once
+    /// the monitor has written it (its filter does not let it open files).
+    /// Without `leave_running` the guest then stops (`exited`, how
+    /// `saved`). On any error no file is left and the guest runs on.
+    pub fn save(&self, vm: &Arc<Vm>, req: &SaveRequest) -> Result<SaveFigures, VmError> {
+        let _op = lock(&vm.op);
+        Vms::require_state(vm, &[State::Running, State::Paused], "save")?;
+        let path = Path::new(&req.path);
+        if !path.is_absolute() {
+            return Err(VmError::BadRequest(format!(
+                "snapshot '{}' is not an absolute path",
+                req.path
+            )));
+        }
+        let tmp = PathBuf::from(format!("{}.tmp", req.path));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(|e| VmError::BadRequest(format!("{}: {e}", tmp.display())))?;
+        if !req.leave_running {
+            self.mark_stop_requested(vm)?;
+        }
+        let id = lock(&vm.record).id.clone();
+        let sock = self.dir(&id).join("control.sock");
+        let req_msg = ControlRequest::Save {
+            leave_running: req.leave_running,
+        };
+        let result = request(&sock, req_msg, Some(file.as_raw_fd())).and_then(|r| match r {
+            ControlReply::Saved(f) => Ok(f),
+            ControlReply::Failed { error } => Err(VmError::Conflict(error)),
+            ControlReply::Ok(_) => Err(VmError::Internal("the monitor did not save".into())),
+        });
+        drop(file);
+        let result = result.and_then(|f| {
+            std::fs::rename(&tmp, path)
+                .map_err(|e| VmError::BadRequest(format!("{}: {e}", path.display())))?;
+            Ok(f)
+        });
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+            if !req.leave_running {
+                // The monitor resumed the guest: it is not being stopped.
+                let mut r = lock(&vm.record);
+                r.stop_requested = false;
+                let _ = r.save(&self.state_dir);
+            }
+        }
+        result
     }
 
     fn mark_stop_requested(&self, vm: &Vm) -> Result<(), VmError> {
@@ -700,6 +866,20 @@ fn open_disk(path: &str, read_only: bool) -> std::io::Result<std::fs::File> {
 
 /// One request to a monitor's control socket.
 fn control(sock: &Path, req: ControlRequest) -> Result<GuestStats, VmError> {
+    match request(sock, req, None)? {
+        ControlReply::Ok(st) => Ok(st),
+        ControlReply::Failed { error } => Err(VmError::Conflict(error)),
+        ControlReply::Saved(_) => Err(VmError::Internal("unexpected reply".into())),
+    }
+}
+
+/// One request (with `file`, sent with its bytes) and its reply.
+fn request(
+    sock: &Path,
+    req: ControlRequest,
+    file: Option<std::os::fd::RawFd>,
+) -> Result<ControlReply, VmError> {
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
     let unavailable =
         |e: std::io::Error| VmError::Unavailable(format!("the VM's monitor does not answer: {e}"));
     let mut s = UnixStream::connect(sock).map_err(unavailable)?;
@@ -707,18 +887,21 @@ fn control(sock: &Path, req: ControlRequest) -> Result<GuestStats, VmError> {
         .map_err(unavailable)?;
     let mut line = serde_json::to_vec(&req).map_err(|e| VmError::Internal(e.to_string()))?;
     line.push(b'\n');
-    s.write_all(&line).map_err(unavailable)?;
+    match file {
+        Some(fd) => {
+            let n = s
+                .send_with_fds(&[&line[..]], &[fd])
+                .map_err(|e| unavailable(std::io::Error::from_raw_os_error(e.errno())))?;
+            s.write_all(&line[n..]).map_err(unavailable)?;
+        }
+        None => s.write_all(&line).map_err(unavailable)?,
+    }
     let mut reply = String::new();
     BufReader::new(&s)
         .read_line(&mut reply)
         .map_err(unavailable)?;
-    match serde_json::from_str::<ControlReply>(&reply) {
-        Ok(ControlReply::Ok(st)) => Ok(st),
-        Ok(ControlReply::Failed { error }) => Err(VmError::Conflict(error)),
-        Err(_) => Err(VmError::Unavailable(
-            "the VM's monitor ended or sent no reply".into(),
-        )),
-    }
+    serde_json::from_str::<ControlReply>(&reply)
+        .map_err(|_| VmError::Unavailable("the VM's monitor ended or sent no reply".into()))
 }
 
 /// A thread with a small stack (one per VM: thousands of them).

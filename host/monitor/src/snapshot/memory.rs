@@ -54,9 +54,10 @@ pub fn data_ranges(file: &File, offset: u64, size: u64) -> std::io::Result<Range
 
 /// Pages of this process's mapping at `host_addr` (`size` bytes) that are
 /// private anonymous copies: what a restored guest wrote since its restore.
-pub fn anonymous_pages(host_addr: u64, size: u64) -> std::io::Result<Ranges> {
+/// `pagemap` is this process's `/proc/self/pagemap`.
+pub fn anonymous_pages(pagemap: &File, host_addr: u64, size: u64) -> std::io::Result<Ranges> {
     let pages = size / PAGE;
-    let f = File::open("/proc/self/pagemap")?;
+    let f = pagemap;
     let mut raw = vec![0u8; (pages * 8) as usize];
     let first = host_addr / PAGE;
     let mut done = 0usize;

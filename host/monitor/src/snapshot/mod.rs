@@ -102,6 +102,9 @@ pub(crate) struct Source {
     boot_page: u64,
     pml4: u64,
     devices: Vec<Device>,
+    /// `/proc/self/pagemap`, opened now for a private (restored) mapping:
+    /// a save may run later under a seccomp filter that forbids opening.
+    pagemap: Option<File>,
 }
 
 impl Source {
@@ -121,6 +124,11 @@ impl Source {
             boot_page,
             pml4,
             devices: devices.to_vec(),
+            pagemap: if ram.private {
+                Some(File::open("/proc/self/pagemap")?)
+            } else {
+                None
+            },
         })
     }
 }
@@ -153,6 +161,33 @@ pub struct SaveReport {
 /// it (or resumes it with [`SaveOptions::leave_running`]). On any error the
 /// guest is resumed and no file is left at `path`.
 pub fn save(vm: &RunningVm, path: &Path, opts: SaveOptions) -> Result<SaveReport, SnapshotError> {
+    save_with(vm, opts, |src, cpu, devices| {
+        write_snapshot(path, src, cpu, devices)
+    })
+}
+
+/// Saves a running guest into `out`, an open, empty, writable file (the
+/// caller created it and renames it into place once this succeeds): for a
+/// monitor whose thread may no longer open or rename files. As [`save`]
+/// otherwise; on error `out` holds no valid snapshot.
+pub fn save_to(vm: &RunningVm, out: &File, opts: SaveOptions) -> Result<SaveReport, SnapshotError> {
+    let label = Path::new("<snapshot file>");
+    save_with(vm, opts, |src, cpu, devices| {
+        write_into(out, label, src, cpu, devices).inspect_err(|_| {
+            let _ = out.set_len(0);
+        })
+    })
+}
+
+fn save_with(
+    vm: &RunningVm,
+    opts: SaveOptions,
+    write: impl FnOnce(
+        &Source,
+        &VcpuState,
+        &[(TransportState, u64)],
+    ) -> Result<(u64, u64), SnapshotError>,
+) -> Result<SaveReport, SnapshotError> {
     let t0 = Instant::now();
     let ctl = vm.controller();
     let was_paused = ctl.state() == VmState::Paused;
@@ -163,7 +198,7 @@ pub fn save(vm: &RunningVm, path: &Path, opts: SaveOptions) -> Result<SaveReport
             (VcpuState::capture(&m.vcpu), bus.save_states())
         })?;
         let cpu = cpu.map_err(kvm)?;
-        write_snapshot(path, &vm.source, &cpu, &devices)
+        write(&vm.source, &cpu, &devices)
     })();
     let total = t0.elapsed();
     match &result {
@@ -326,6 +361,28 @@ fn write_snapshot(
     cpu: &VcpuState,
     devices: &[(TransportState, u64)],
 ) -> Result<(u64, u64), SnapshotError> {
+    let tmp = path.with_extension("tmp");
+    let out = File::create(&tmp).map_err(io(&tmp))?;
+    let written = write_into(&out, &tmp, src, cpu, devices);
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    let written = written?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        io(path)(e)
+    })?;
+    Ok(written)
+}
+
+/// Writes a whole snapshot into `out` (`tmp` names it in errors).
+fn write_into(
+    out: &File,
+    tmp: &Path,
+    src: &Source,
+    cpu: &VcpuState,
+    devices: &[(TransportState, u64)],
+) -> Result<(u64, u64), SnapshotError> {
     if devices.len() != src.devices.len() {
         return Err(SnapshotError::Mismatch(format!(
             "{} devices on the bus, {} in the boot page",
@@ -352,10 +409,9 @@ fn write_snapshot(
 
     // Touched pages: the backing file's data (for a restored guest, its
     // snapshot's pages) and, for a private mapping, the guest's own copies.
-    let tmp = path.with_extension("tmp");
-    let mut ranges = memory::data_ranges(&src.file, src.file_offset, src.size).map_err(io(&tmp))?;
-    if src.private {
-        ranges.extend(memory::anonymous_pages(src.host_addr, src.size).map_err(io(&tmp))?);
+    let mut ranges = memory::data_ranges(&src.file, src.file_offset, src.size).map_err(io(tmp))?;
+    if let Some(pagemap) = src.pagemap.as_ref().filter(|_| src.private) {
+        ranges.extend(memory::anonymous_pages(pagemap, src.host_addr, src.size).map_err(io(tmp))?);
         ranges = memory::merge(ranges);
     }
 
@@ -389,14 +445,13 @@ fn write_snapshot(
     let mem_offset = format::round_up(index_offset + index_len, PAGE);
     let file_len = mem_offset + src.size;
 
-    let out = File::create(&tmp).map_err(io(&tmp))?;
     let written = (|| {
         out.set_len(file_len)?;
         // SAFETY: `host_addr` maps `size` bytes, kept alive by `src.mem`;
         // the guest is paused and its I/O thread quiet, so nothing writes
         // them; every range lies within `size` (clipped when found).
         let mem_crc =
-            unsafe { memory::write_ranges(src.host_addr as *const u8, &ranges, &out, mem_offset)? };
+            unsafe { memory::write_ranges(src.host_addr as *const u8, &ranges, out, mem_offset)? };
         index.u32(mem_crc);
         sections.push((Kind::MemoryIndex, std::mem::take(&mut index.buf)));
         table.push(SectionEntry {
@@ -420,14 +475,7 @@ fn write_snapshot(
         out.write_all_at(&header.encode(), 0)?;
         Ok(())
     })();
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(io(&tmp)(e));
-    }
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        io(path)(e)
-    })?;
+    written.map_err(io(tmp))?;
     let pages: u64 = ranges.iter().map(|r| r.1 / PAGE).sum();
     Ok((pages, mem_offset + pages * PAGE))
 }
