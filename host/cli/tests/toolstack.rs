@@ -481,3 +481,155 @@ fn starts_take_pooled_shells_and_the_pool_refills() {
     assert_eq!(vm["from_pool"], false);
     assert_eq!(vm["exit"]["status"], 0);
 }
+
+/// One POST /v1/vms that may fail in any way: Ok((status, body)) for an
+/// answer, Err for no answer within the limit (a hang) or a broken socket.
+fn try_post(socket: &Path, body: &str, limit: Duration) -> Result<(u16, String), String> {
+    let mut s = UnixStream::connect(socket).map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(limit)).map_err(|e| e.to_string())?;
+    write!(
+        s,
+        "POST /v1/vms HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .map_err(|e| format!("write: {e}"))?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)
+        .map_err(|e| format!("no answer: {e}"))?;
+    let status = raw
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("not an HTTP answer: {raw:?}"))?;
+    let body = raw.split_once("\r\n\r\n").map_or("", |x| x.1).to_string();
+    Ok((status, body))
+}
+
+/// Live (not zombie) `wisp shell` processes whose parent is `parent`.
+fn shells_of(parent: u32) -> Vec<i64> {
+    let mut out = vec![];
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i64>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        // pid (comm) S ppid ...: the fields after the last ')'.
+        let rest: Vec<&str> = stat
+            .rsplit_once(')')
+            .map_or("", |x| x.1)
+            .split_whitespace()
+            .collect();
+        let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let is_shell = cmdline.split(|&b| b == 0).nth(1) == Some(b"shell".as_slice());
+        if rest.len() > 1 && rest[0] != "Z" && rest[1] == parent.to_string() && is_shell {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Every socket file under `dir`.
+fn sockets_under(dir: &Path) -> Vec<PathBuf> {
+    use std::os::unix::fs::FileTypeExt;
+    let mut out = vec![];
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let Ok(t) = e.file_type() else { continue };
+        if t.is_dir() {
+            out.extend(sockets_under(&e.path()));
+        } else if t.is_socket() {
+            out.push(e.path());
+        }
+    }
+    out
+}
+
+#[test]
+fn two_hundred_concurrent_runs_succeed_or_fail_cleanly_and_rm_leaves_nothing() {
+    const N: usize = 200;
+    let mut d = Daemon::start("many", "2M:4");
+    let idle = example("idle");
+    let socket = d.socket();
+    let threads: Vec<_> = (0..N)
+        .map(|i| {
+            let socket = socket.clone();
+            let body = serde_json::json!({
+                "image": idle.to_str().unwrap(),
+                "name": format!("idle{i}"),
+                "memory": 2 << 20,
+            })
+            .to_string();
+            std::thread::spawn(move || try_post(&socket, &body, Duration::from_secs(120)))
+        })
+        .collect();
+    let answers: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let mut started = vec![];
+    for (i, a) in answers.iter().enumerate() {
+        let (status, body) = a
+            .as_ref()
+            .unwrap_or_else(|e| panic!("request {i} got no clean answer: {e}"));
+        let v: Value = serde_json::from_str(body)
+            .unwrap_or_else(|_| panic!("request {i}: not JSON ({status}): {body}"));
+        if *status == 201 {
+            started.push(v["id"].as_str().expect("an id").to_string());
+        } else {
+            assert!(
+                (400..600).contains(status) && v["error"].as_str().is_some_and(|m| !m.is_empty()),
+                "request {i}: an unclean failure {status}: {body}"
+            );
+            eprintln!("request {i} refused: {status} {body}");
+        }
+    }
+    let daemon_pid = d.child.as_ref().unwrap().id();
+    assert!(
+        d.child.as_mut().unwrap().try_wait().unwrap().is_none(),
+        "the daemon survived"
+    );
+    assert!(!started.is_empty(), "none of {N} runs succeeded");
+    eprintln!("{} of {N} concurrent runs started", started.len());
+
+    // Every started guest is listed, running, with its own monitor.
+    let ps: Value = serde_json::from_str(&d.ok(&["ps", "--format", "json"])).unwrap();
+    let listed = ps.as_array().unwrap();
+    let mut pids = vec![];
+    for id in &started {
+        let vm = listed
+            .iter()
+            .find(|v| v["id"] == id.as_str())
+            .unwrap_or_else(|| panic!("{id} is not in ps"));
+        assert_eq!(vm["state"], "running", "{vm}");
+        pids.push(vm["pid"].as_i64().expect("a pid"));
+    }
+    pids.sort_unstable();
+    pids.dedup();
+    assert_eq!(pids.len(), started.len(), "one monitor process per guest");
+    assert!(pids.iter().all(|&p| alive(p)));
+
+    // rm -f of all: no monitor, directory or socket is left.
+    let mut args = vec!["rm", "-f"];
+    args.extend(started.iter().map(String::as_str));
+    d.ok(&args);
+    for &p in &pids {
+        until(&format!("monitor {p} is gone"), || !alive(p));
+    }
+    let left: Vec<_> = std::fs::read_dir(d.state().join("vms"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(
+        left.is_empty(),
+        "{} VM directories left, e.g. {:?}",
+        left.len(),
+        left.first()
+    );
+    let socks = sockets_under(&d.state());
+    assert!(socks.is_empty(), "sockets left: {socks:?}");
+    // The only shells the daemon still has are its pool's, once refilled.
+    until("only the pool's shells are left", || {
+        let pool = d.json("/v1/pool");
+        let ready = pool["shells"][0]["ready"].as_u64().unwrap() as usize;
+        let shells = shells_of(daemon_pid);
+        ready == 4 && shells.len() == 4 && shells.iter().all(|p| !pids.contains(p))
+    });
+    assert_eq!(d.json("/v1/vms?all=1").as_array().unwrap().len(), 0);
+    assert!(d.child.as_mut().unwrap().try_wait().unwrap().is_none());
+}
