@@ -62,14 +62,21 @@ fn first_200(mut cmd: Command, port: u16) -> anyhow::Result<f64> {
             bail!("{cmd:?} exited before serving: {status}");
         }
         if start.elapsed() > Duration::from_secs(10) {
-            let _ = child.kill();
+            stop(&mut child);
             bail!("no HTTP 200 within 10 s from {cmd:?}");
         }
         std::thread::sleep(Duration::from_micros(50));
     };
-    let _ = child.kill();
-    let _ = child.wait();
+    stop(&mut child);
     Ok(took.as_secs_f64() * 1e3)
+}
+
+/// Ends a server the way its users do: SIGTERM (nginx's master then ends
+/// its worker; SIGKILL would leave the worker running), then reaps it.
+fn stop(child: &mut Child) {
+    // SAFETY: a signal to our own child process.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let _ = child.wait();
 }
 
 fn median(v: &mut [f64]) -> f64 {
