@@ -3,6 +3,8 @@
 //! guests on the Wisp monitor and on QEMU with a time limit.
 #![allow(dead_code)]
 
+pub mod daemon;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
