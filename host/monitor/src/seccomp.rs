@@ -275,4 +275,19 @@ mod tests {
         assert_ne!(v.allow, i.allow);
         assert_eq!(v.no_open, c.no_open);
     }
+
+    /// A filtered thread that opens a file (glibc does, the first time a
+    /// thread arena shrinks) gets EACCES instead of killing the process.
+    #[test]
+    fn opening_a_file_is_refused_not_fatal() {
+        let filter = program(ThreadKind::Io).expect("io filter");
+        let r = std::thread::spawn(move || {
+            apply(&filter).expect("install");
+            std::fs::File::open("/proc/sys/vm/overcommit_memory").map(|_| ())
+        })
+        .join()
+        .expect("the filtered thread ran to its end");
+        let e = r.expect_err("a filtered thread opened a file");
+        assert_eq!(e.raw_os_error(), Some(libc::EACCES), "{e}");
+    }
 }
