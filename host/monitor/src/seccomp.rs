@@ -56,6 +56,10 @@ const KVM_GET_VCPU_EVENTS: u64 = 0x8040_ae9f;
 const KVM_GET_XSAVE: u64 = 0x9000_aea4;
 const KVM_GET_XCRS: u64 = 0x8188_aea6;
 const FIONBIO: u64 = 0x5421;
+// A live migration, from the control thread: dirty logging switched on and
+// off on the RAM slot, and the dirty log read each round.
+const KVM_SET_USER_MEMORY_REGION: u64 = 0x4020_ae46;
+const KVM_GET_DIRTY_LOG: u64 = 0x4010_ae42;
 
 /// What every thread needs: memory, locks, time, signals, ending.
 const COMMON: &[i64] = &[
@@ -141,7 +145,7 @@ fn ioctls(kind: ThreadKind) -> &'static [u64] {
             FIONBIO,
         ],
         ThreadKind::Io => &[FIONBIO],
-        ThreadKind::Control => &[],
+        ThreadKind::Control => &[KVM_SET_USER_MEMORY_REGION, KVM_GET_DIRTY_LOG],
     }
 }
 

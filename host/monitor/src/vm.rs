@@ -249,7 +249,7 @@ impl Shell {
         )
         .map_err(kvm_call("set registers"))?;
         // The device access map follows the page tables just written.
-        let access = GuestAccess::for_guest(mem, &layout);
+        let access = GuestAccess::for_guest(mem, &layout).tracking(machine.ram.dirty.clone());
         Ok(Loaded {
             access,
             machine,
@@ -495,6 +495,8 @@ pub struct RunningVm {
     controller: Controller,
     /// What a snapshot of this guest reads besides its threads' state.
     pub(crate) source: crate::snapshot::Source,
+    /// What a live migration of this guest tracks its memory with.
+    pub(crate) tracker: crate::migration::Tracker,
     /// Written once the outcome is ready (for callers that wait in `poll`).
     done: Arc<vmm_sys_util::eventfd::EventFd>,
     results: std::sync::mpsc::Receiver<VcpuResult>,
@@ -549,6 +551,7 @@ impl Vm {
             self.devices.entries(),
         )
         .map_err(VmError::Thread)?;
+        let tracker = crate::migration::Tracker::new(&self.machine)?;
         let (bus, nics) = self.devices.split();
         let shared = Arc::new(Shared::new(!nics.is_empty()).map_err(VmError::Thread)?);
         // Filters are built before any thread runs guest work.
@@ -660,6 +663,7 @@ impl Vm {
             .map_err(VmError::Thread)?;
         Ok(RunningVm {
             source,
+            tracker,
             controller: Controller { shared },
             done,
             results,
