@@ -140,6 +140,10 @@ enum Command {
         /// Bound of each VM's log (it keeps at most twice this).
         #[arg(long, default_value = "1M", value_parser = units::parse_memory)]
         log_size: u64,
+        /// Accept live migrations from other daemons on this TCP address
+        /// (e.g. 127.0.0.1:7070).
+        #[arg(long, value_name = "ADDR:PORT")]
+        migration_listen: Option<std::net::SocketAddr>,
     },
     /// List VMs started with `run -d` (NAME ID STATE IMAGE MEMORY UPTIME PORTS).
     Ps {
@@ -194,6 +198,20 @@ enum Command {
         /// Resume the guest after the save instead of stopping it.
         #[arg(long)]
         leave_running: bool,
+    },
+    /// Move a running VM live to the daemon listening at HOST:PORT
+    /// (`wisp daemon --migration-listen`); it keeps running during the copy.
+    Migrate {
+        name: String,
+        #[arg(value_name = "HOST:PORT")]
+        to: String,
+        /// Its name on the destination [default: the same].
+        #[arg(long)]
+        name_there: Option<String>,
+        /// Ports it publishes on the destination, as `run -p` [default: the
+        /// same as here; on one host they move over at the pause].
+        #[arg(short = 'p', long = "publish", value_name = "[ADDR:]HOST:GUEST[/udp]")]
+        publish: Vec<String>,
     },
     /// Start a VM from a snapshot under the daemon; prints its id.
     Restore {
@@ -342,11 +360,13 @@ fn main() -> ExitCode {
             state_dir,
             pool,
             log_size,
+            migration_listen,
         } => daemon::daemon(daemon::DaemonArgs {
             socket,
             state_dir,
             pool,
             log_size,
+            migration_listen,
         }),
         Command::Ps { all, format } => client::ps(&socket, all, format == "json"),
         Command::Logs { name, follow } => client::logs(&socket, &name, follow),
@@ -362,6 +382,12 @@ fn main() -> ExitCode {
             file,
             leave_running,
         } => client::save(&socket, &name, &file, leave_running),
+        Command::Migrate {
+            name,
+            to,
+            name_there,
+            publish,
+        } => client::migrate(&socket, &name, &to, name_there, &publish),
         Command::Restore {
             file,
             name,

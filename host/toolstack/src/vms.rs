@@ -32,6 +32,9 @@ use crate::proto::{
 };
 use crate::record::{self, Exit, FromSnapshot, Record, RestartPolicy, Spec, State};
 
+#[path = "migration_vms.rs"]
+mod migration_vms;
+
 /// An API error: the HTTP status it maps to and a message for the user.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -410,10 +413,13 @@ impl Vms {
 
     /// Hands the VM's spec to a shell and starts supervising it.
     fn launch(self: &Arc<Self>, vm: &Arc<Vm>, request_ns: u64) -> Result<(), VmError> {
-        let (id, spec) = {
+        let (id, spec, name) = {
             let r = lock(&vm.record);
-            (r.id.clone(), r.spec.clone())
+            (r.id.clone(), r.spec.clone(), r.name.clone())
         };
+        // A VM a migration brings in: its connection goes in the image's
+        // place.
+        let incoming = migration_vms::take_incoming(&name);
         let dir = self.dir(&id);
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -426,8 +432,12 @@ impl Vms {
         let _ = std::fs::remove_file(&sock);
         let control = UnixListener::bind(&sock).map_err(internal("binding the control socket"))?;
         // For a restore, the snapshot goes in the image's place.
-        let image = std::fs::File::open(&spec.image)
-            .map_err(|e| VmError::BadRequest(format!("image {}: {e}", spec.image)))?;
+        let migration = incoming.as_ref().map(|(_, size)| *size);
+        let image = match incoming {
+            Some((conn, _)) => std::fs::File::from(conn),
+            None => std::fs::File::open(&spec.image)
+                .map_err(|e| VmError::BadRequest(format!("image {}: {e}", spec.image)))?,
+        };
         let disk = spec
             .disk
             .as_ref()
@@ -461,6 +471,7 @@ impl Vms {
             cpus: spec.cpus,
             request_ns,
             snapshot: spec.snapshot.as_ref().map(|s| s.clone_id),
+            migration,
         };
         let fail = |shell: &mut crate::pool::ReadyShell, e: VmError| {
             let _ = shell.child.kill();
@@ -666,7 +677,9 @@ impl Vms {
         let result = request(&sock, req_msg, Some(file.as_raw_fd())).and_then(|r| match r {
             ControlReply::Saved(f) => Ok(f),
             ControlReply::Failed { error } => Err(VmError::Conflict(error)),
-            ControlReply::Ok(_) => Err(VmError::Internal("the monitor did not save".into())),
+            ControlReply::Ok(_) | ControlReply::Migrated(_) => {
+                Err(VmError::Internal("the monitor did not save".into()))
+            }
         });
         drop(file);
         let result = result.and_then(|f| {
@@ -869,7 +882,9 @@ fn control(sock: &Path, req: ControlRequest) -> Result<GuestStats, VmError> {
     match request(sock, req, None)? {
         ControlReply::Ok(st) => Ok(st),
         ControlReply::Failed { error } => Err(VmError::Conflict(error)),
-        ControlReply::Saved(_) => Err(VmError::Internal("unexpected reply".into())),
+        ControlReply::Saved(_) | ControlReply::Migrated(_) => {
+            Err(VmError::Internal("unexpected reply".into()))
+        }
     }
 }
 
