@@ -53,8 +53,10 @@ impl Vms {
         let conn = TcpStream::connect_timeout(&addr, migration::STEP_LIMIT).map_err(|e| {
             VmError::Unavailable(format!("cannot reach a migration listener at {addr}: {e}"))
         })?;
-        // The monitor waits in poll(2) with its own timeouts.
+        // The monitor waits in poll(2) with its own timeouts; small
+        // messages (SYNC, STATE) must not wait for ACKs (Nagle).
         conn.set_nonblocking(true)
+            .and_then(|_| conn.set_nodelay(true))
             .map_err(|e| VmError::Internal(format!("migration socket: {e}")))?;
         let meta = Meta {
             name: req.name.clone().unwrap_or(r.name.clone()),
@@ -108,6 +110,7 @@ impl Vms {
             let (size, meta) = migration::read_meta(&conn)?;
             let (name, spec) = check_meta(meta)?;
             conn.set_nonblocking(true)
+                .and_then(|_| conn.set_nodelay(true))
                 .map_err(|e| format!("migration socket: {e}"))?;
             let fd = OwnedFd::from(conn.try_clone().map_err(|e| e.to_string())?);
             {

@@ -224,6 +224,7 @@ pub fn send(
             .flat_map(|&(s, l)| (s / PAGE as u64)..((s + l) / PAGE as u64))
             .collect();
         send_pages(vm, &mut c, &first)?;
+        sync(&mut c)?;
         report.rounds.push(first.len() as u64);
         let words = (report.memory_size / PAGE as u64).div_ceil(64) as usize;
         let mut pending;
@@ -239,6 +240,7 @@ pub fn send(
                 break;
             }
             send_pages(vm, &mut c, &pages_of(&pending))?;
+            sync(&mut c)?;
             report.rounds.push(n);
         }
         // Stop and copy.
@@ -282,21 +284,41 @@ pub fn send(
             ))),
         }
     })();
-    vm.tracker.stop();
     report.bytes_sent = c.sent;
     match result {
         Ok(()) => {
-            ctl.stop(StopReason::Requested);
+            // The guest runs there: measured now, before the slot update
+            // that switches logging off (KVM waits for its readers).
             report.total = t0.elapsed();
             report.downtime = paused_at.map_or(report.total, |p| p.elapsed());
+            ctl.stop(StopReason::Requested);
+            vm.tracker.stop();
             Ok(report)
         }
         Err(e) => {
+            vm.tracker.stop();
             if !was_paused && paused_at.is_some() {
                 let _ = ctl.resume();
             }
             Err(e)
         }
+    }
+}
+
+/// Waits until the receiver has taken in everything sent so far: the
+/// next round's dirty set is then measured over a round that includes
+/// the receiver's work, and the pause does not wait for a receiver still
+/// behind (or still setting itself up).
+fn sync(c: &mut Conn<'_>) -> Result<(), MigrationError> {
+    c.send(Kind::Sync, &[])?;
+    match c.recv()? {
+        (Kind::Synced, _) => Ok(()),
+        (Kind::Failed, msg) => Err(MigrationError::Refused(
+            String::from_utf8_lossy(&msg).into_owned(),
+        )),
+        (k, _) => Err(MigrationError::Protocol(format!(
+            "the destination answered {k:?} to SYNC"
+        ))),
     }
 }
 
@@ -413,6 +435,7 @@ pub fn receive(
                     }
                 }
             }
+            (Kind::Sync, _) => c.send(Kind::Synced, &[])?,
             (Kind::State, payload) => {
                 let sections = stream::decode_state(&payload)?;
                 let snap = Snapshot::from_parts(file, mem_size, report.pages, &sections)?;

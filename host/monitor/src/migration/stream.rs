@@ -6,6 +6,8 @@
 //! message  kind u32, length u32, CRC-32 (kind, length, payload) u32, payload
 //!   META    the toolstack's description of the guest (opaque here)
 //!   PAGES   count u32, count page numbers u64, count pages of 4096 bytes
+//!   SYNC    (empty) after each pre-copy round: the receiver answers
+//!           SYNCED once it has taken in everything before it
 //!   STATE   the snapshot's four state sections, each a u32-length blob
 //! reply    RUNNING (empty) or FAILED (a UTF-8 message)
 //! ```
@@ -42,8 +44,10 @@ pub enum Kind {
     Meta = 1,
     Pages = 2,
     State = 3,
+    Sync = 4,
     Running = 16,
     Failed = 17,
+    Synced = 18,
 }
 
 impl Kind {
@@ -52,8 +56,10 @@ impl Kind {
             1 => Kind::Meta,
             2 => Kind::Pages,
             3 => Kind::State,
+            4 => Kind::Sync,
             16 => Kind::Running,
             17 => Kind::Failed,
+            18 => Kind::Synced,
             _ => return None,
         })
     }
@@ -63,7 +69,7 @@ impl Kind {
             Kind::Meta => MAX_META,
             Kind::Pages => 4 + BATCH * (8 + PAGE),
             Kind::State => MAX_STATE,
-            Kind::Running => 0,
+            Kind::Running | Kind::Sync | Kind::Synced => 0,
             Kind::Failed => MAX_FAILED,
         }
     }
@@ -205,6 +211,14 @@ impl<'a> Conn<'a> {
             crc.update(p);
         }
         frame.extend_from_slice(&crc.finalize().to_le_bytes());
+        // One write for a small message: a frame and its payload in two
+        // would wait for an ACK under Nagle's algorithm.
+        if len <= 64 << 10 {
+            for p in parts {
+                frame.extend_from_slice(p);
+            }
+            return self.write_all(&frame);
+        }
         self.write_all(&frame)?;
         for p in parts {
             self.write_all(p)?;
