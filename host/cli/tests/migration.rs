@@ -130,9 +130,10 @@ fn kv_keys_survive_migration_and_a_client_reconnects() {
     let mut pong = [0u8; 7];
     idle.read_exact(&mut pong).unwrap();
 
-    // Other ports on this host (the source's are still bound).
-    let pb = free_port();
-    let o = migrate(&a, "kv", &to, &["-p", &format!("127.0.0.1:{pb}:6379")]);
+    // The same port on this host: the source lets go of it at the pause,
+    // the destination binds it.
+    let pb = pa;
+    let o = migrate(&a, "kv", &to, &[]);
     assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
     a.wait_state("kv", "exited");
     idle.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -141,7 +142,8 @@ fn kv_keys_survive_migration_and_a_client_reconnects() {
         matches!(idle.read(&mut b1), Ok(0) | Err(_)),
         "the old connection is still open"
     );
-    // A client that reconnects (to the destination) finds every key.
+    // A client that reconnects (to the same address, now the
+    // destination's) finds every key.
     b.wait_state("kv", "running");
     let mut got = None;
     until("the client reconnects", || {
@@ -152,6 +154,58 @@ fn kv_keys_survive_migration_and_a_client_reconnects() {
     assert_eq!(kv_cmd(pb, "INCR n\r\n"), ":43\r\n");
     let rec = b.vm("kv");
     assert_eq!(rec["ports"][0]["host"], format!("127.0.0.1:{pb}"), "{rec}");
+}
+
+#[test]
+fn a_refusal_after_the_pause_gives_the_ports_back_and_the_guest_runs_on() {
+    let a = Daemon::start("refusea", "64M:1");
+    let kv = example("kv");
+    let pa = free_port();
+    a.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "kv",
+        "-p",
+        &format!("127.0.0.1:{pa}:6379"),
+        kv.to_str().unwrap(),
+    ]);
+    until("kv serves", || kv_get(pa, "x").is_some());
+    assert_eq!(kv_cmd(pa, "SET fruit apple\r\n"), "+OK\r\n");
+
+    // A receiver that takes everything, then refuses at the end; while it
+    // holds the state, the source has let go of its port.
+    let fake = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let to = fake.local_addr().unwrap().to_string();
+    let other = free_port();
+    let receiver = std::thread::spawn(move || {
+        let (s, _) = fake.accept().unwrap();
+        let mut c = Conn::new(&s, Duration::from_secs(10));
+        c.read_header().unwrap();
+        let (k, meta) = c.recv().unwrap();
+        assert_eq!(k, Kind::Meta);
+        let meta: Value = serde_json::from_slice(&meta).unwrap();
+        loop {
+            match c.recv().unwrap().0 {
+                Kind::Sync => c.send(Kind::Synced, &[]).unwrap(),
+                Kind::State => break,
+                _ => {}
+            }
+        }
+        let free = std::net::TcpListener::bind(("127.0.0.1", pa)).is_ok();
+        c.send(Kind::Failed, &[b"refused by the test"]).unwrap();
+        (meta, free)
+    });
+    let o = migrate(&a, "kv", &to, &["-p", &format!("127.0.0.1:{other}:6379")]);
+    let (meta, released) = receiver.join().unwrap();
+    assert!(!o.status.success(), "{}", stdout(&o));
+    assert!(stderr(&o).contains("refused by the test"), "{}", stderr(&o));
+    assert_eq!(meta["publish"][0], format!("127.0.0.1:{other}:6379"), "{meta}");
+    assert_eq!(meta["name"], "kv", "{meta}");
+    assert!(released, "the source kept listening through the pause");
+    // The source listens again on its port and serves its keys.
+    assert_eq!(a.vm("kv")["state"], "running");
+    assert_eq!(kv_get(pa, "fruit").as_deref(), Some("$5\r\napple\r\n"));
 }
 
 /// The pids of `parent`'s children.

@@ -127,6 +127,11 @@ fn syscalls(kind: ThreadKind) -> Vec<i64> {
             libc::SYS_ftruncate,
             libc::SYS_pwrite64,
             libc::SYS_pread64,
+            // A live migration on one host: the published listeners stop
+            // listening at its pause (shutdown) and listen again if it
+            // fails (listen).
+            libc::SYS_shutdown,
+            libc::SYS_listen,
         ],
     });
     v

@@ -551,8 +551,9 @@ impl Vm {
             self.devices.entries(),
         )
         .map_err(VmError::Thread)?;
-        let tracker = crate::migration::Tracker::new(&self.machine)?;
-        let (bus, nics) = self.devices.split();
+        let mut devices = self.devices;
+        let tracker = crate::migration::Tracker::new(&self.machine, devices.take_listeners())?;
+        let (bus, nics) = devices.split();
         let shared = Arc::new(Shared::new(!nics.is_empty()).map_err(VmError::Thread)?);
         // Filters are built before any thread runs guest work.
         let vcpu_filter = (!opts.no_seccomp)

@@ -28,7 +28,7 @@
 
 pub mod stream;
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -83,10 +83,13 @@ pub(crate) struct Tracker {
     dirty: Arc<DirtyPages>,
     host_addr: u64,
     size: u64,
+    /// The published TCP listeners: released at the pause so that a
+    /// destination on the same host can bind their ports.
+    listeners: Vec<OwnedFd>,
 }
 
 impl Tracker {
-    pub(crate) fn new(m: &Machine) -> Result<Tracker, VmError> {
+    pub(crate) fn new(m: &Machine, listeners: Vec<OwnedFd>) -> Result<Tracker, VmError> {
         // SAFETY: dup of the VM descriptor we own; the result is checked.
         let fd = unsafe { libc::dup(m.vm.as_raw_fd()) };
         if fd < 0 {
@@ -107,7 +110,32 @@ impl Tracker {
             dirty: m.ram.dirty.clone(),
             host_addr: m.ram.host_addr,
             size: m.ram.size,
+            listeners,
         })
+    }
+
+    /// Stops the published listeners listening (their ports stay bound,
+    /// but a socket with `SO_REUSEADDR` may bind them now); connections
+    /// not yet accepted are reset.
+    fn release_ports(&self) {
+        for l in &self.listeners {
+            // SAFETY: shutdown of a socket we hold a handle on.
+            unsafe { libc::shutdown(l.as_raw_fd(), libc::SHUT_RD) };
+        }
+    }
+
+    /// Makes the published listeners listen again (a failed migration);
+    /// the first port that cannot be taken back is named.
+    fn rebind_ports(&self) -> Result<(), String> {
+        let mut failed = None;
+        for l in &self.listeners {
+            // SAFETY: listen on a bound socket we hold a handle on.
+            let rc = unsafe { libc::listen(l.as_raw_fd(), crate::net::user::HOST_BACKLOG) };
+            if rc != 0 && failed.is_none() {
+                failed = Some(std::io::Error::last_os_error().to_string());
+            }
+        }
+        failed.map_or(Ok(()), Err)
     }
 
     fn set_logging(&self, on: bool) -> Result<(), MigrationError> {
@@ -246,6 +274,7 @@ pub fn send(
         // Stop and copy.
         ctl.pause()?;
         paused_at = Some(Instant::now());
+        vm.tracker.release_ports();
         let (cpu, devices) = ctl.on_paused_vcpu(|m: &mut Machine, bus| {
             (VcpuState::capture(&m.vcpu), bus.save_states())
         })?;
@@ -297,8 +326,15 @@ pub fn send(
         }
         Err(e) => {
             vm.tracker.stop();
-            if !was_paused && paused_at.is_some() {
-                let _ = ctl.resume();
+            if paused_at.is_some() {
+                if let Err(why) = vm.tracker.rebind_ports() {
+                    crate::report(format_args!(
+                        "wisp: migration failed, and a published port could not be taken back: {why}"
+                    ));
+                }
+                if !was_paused {
+                    let _ = ctl.resume();
+                }
             }
             Err(e)
         }
