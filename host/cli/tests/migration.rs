@@ -29,7 +29,13 @@ fn pair(tag: &str, pool: &str) -> (Daemon, Daemon, String) {
 fn passes(log: &str) -> (Vec<u64>, bool) {
     let n = log
         .lines()
-        .filter_map(|l| l.strip_prefix("pass ")?.split_whitespace().next()?.parse().ok())
+        .filter_map(|l| {
+            l.strip_prefix("pass ")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
         .collect();
     (n, log.contains("CORRUPT"))
 }
@@ -200,7 +206,11 @@ fn a_refusal_after_the_pause_gives_the_ports_back_and_the_guest_runs_on() {
     let (meta, released) = receiver.join().unwrap();
     assert!(!o.status.success(), "{}", stdout(&o));
     assert!(stderr(&o).contains("refused by the test"), "{}", stderr(&o));
-    assert_eq!(meta["publish"][0], format!("127.0.0.1:{other}:6379"), "{meta}");
+    assert_eq!(
+        meta["publish"][0],
+        format!("127.0.0.1:{other}:6379"),
+        "{meta}"
+    );
     assert_eq!(meta["name"], "kv", "{meta}");
     assert!(released, "the source kept listening through the pause");
     // The source listens again on its port and serves its keys.
@@ -255,7 +265,11 @@ fn a_receiver_killed_mid_migration_leaves_the_source_running() {
         }
         h.join().unwrap()
     });
-    assert!(!mig.status.success(), "migration succeeded: {}", stdout(&mig));
+    assert!(
+        !mig.status.success(),
+        "migration succeeded: {}",
+        stdout(&mig)
+    );
     let err = stderr(&mig);
     assert!(err.contains("migration to"), "{err}");
     // The source guest runs on, every page intact, and keeps counting.
@@ -370,7 +384,10 @@ fn bench_migration() {
     let img = probe().to_str().unwrap();
     for (label, args) in [
         ("idle 64 MiB", vec!["counter", "1000"]),
-        ("busy 64 MiB (8 MiB rewritten every 10 ms)", vec!["dirty", "8", "10"]),
+        (
+            "busy 64 MiB (8 MiB rewritten every 10 ms)",
+            vec!["dirty", "8", "10"],
+        ),
     ] {
         let name = if args[0] == "counter" { "idle" } else { "busy" };
         let mut run = vec!["run", "-d", "--name", name, "-m", "64M", img, "--"];
@@ -380,7 +397,7 @@ fn bench_migration() {
         let (mut downs, mut totals) = (Vec::new(), Vec::new());
         println!("{label}:");
         for i in 0..ROUNDS {
-            let (from, to) = if i % 2 == 0 { (&a, &tb) } else { (&b, &ta) };
+            let (from, to) = if i.is_multiple_of(2) { (&a, &tb) } else { (&b, &ta) };
             from.wait_state(name, "running");
             std::thread::sleep(Duration::from_millis(200));
             let body = format!("{{\"to\":\"{to}\"}}");
@@ -409,7 +426,7 @@ fn bench_migration() {
             downs[ROUNDS / 2],
             downs[ROUNDS - 1]
         );
-        let last = if ROUNDS % 2 == 0 { &a } else { &b };
+        let last = if ROUNDS.is_multiple_of(2) { &a } else { &b };
         last.wait_state(name, "running");
         if args[0] == "dirty" {
             let (p, bad) = passes(&last.ok(&["logs", name]));

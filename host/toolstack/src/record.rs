@@ -150,7 +150,10 @@ impl Exit {
 
     /// A failure, for `--restart on-failure`.
     pub fn failed(&self) -> bool {
-        self.how != "stopped" && self.how != "saved" && self.how != "migrated" && self.status != Some(0)
+        self.how != "stopped"
+            && self.how != "saved"
+            && self.how != "migrated"
+            && self.status != Some(0)
     }
 }
 

@@ -238,12 +238,7 @@ fn start_received(
         crate::migration::refuse(&files.image, &e);
         e
     };
-    let console = std::fs::File::from(
-        files
-            .log
-            .try_clone()
-            .map_err(|e| refuse(e.to_string()))?,
-    );
+    let console = std::fs::File::from(files.log.try_clone().map_err(|e| refuse(e.to_string()))?);
     let running = vm
         .start(
             Box::new(console),

@@ -418,10 +418,7 @@ pub struct ReceiveReport {
 
 /// The start of an incoming stream: the header and the META message.
 /// Returns the guest's memory size and the sender's meta bytes.
-pub fn read_start(
-    conn: &dyn AsRawFd,
-    timeout: Duration,
-) -> Result<(u64, Vec<u8>), MigrationError> {
+pub fn read_start(conn: &dyn AsRawFd, timeout: Duration) -> Result<(u64, Vec<u8>), MigrationError> {
     let mut c = Conn::new(conn, timeout);
     let size = c.read_header()?;
     crate::layout::check_memory(size)

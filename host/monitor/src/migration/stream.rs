@@ -230,7 +230,8 @@ impl<'a> Conn<'a> {
     pub fn recv(&mut self) -> Result<(Kind, Vec<u8>), MigrationError> {
         let mut frame = [0u8; FRAME_LEN];
         self.read_exact(&mut frame)?;
-        let word = |i: usize| u32::from_le_bytes([frame[i], frame[i + 1], frame[i + 2], frame[i + 3]]);
+        let word =
+            |i: usize| u32::from_le_bytes([frame[i], frame[i + 1], frame[i + 2], frame[i + 3]]);
         let (raw_kind, len, crc) = (word(0), word(4) as usize, word(8));
         let kind = Kind::from_u32(raw_kind)
             .ok_or_else(|| MigrationError::Protocol(format!("unknown message kind {raw_kind}")))?;
