@@ -163,6 +163,61 @@ fn kv_keys_survive_migration_and_a_client_reconnects() {
 }
 
 #[test]
+fn a_guest_with_a_disk_migrates_and_the_destination_writes_it() {
+    let (a, b, to) = pair("disk", "64M:1");
+    let kv = example("kv");
+    let disk = a.dir.join("kv.disk");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    let disk = disk.to_str().unwrap().to_string();
+    let port = free_port();
+    let publish = format!("127.0.0.1:{port}:6379");
+    a.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "kv",
+        "-p",
+        &publish,
+        "--disk",
+        &disk,
+        kv.to_str().unwrap(),
+    ]);
+    until("kv serves", || kv_get(port, "x").is_some());
+    assert_eq!(kv_cmd(port, "SET before 1\r\n"), "+OK\r\n");
+    let o = migrate(&a, "kv", &to, &[]);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    assert_eq!(b.wait_state("kv", "running")["spec"]["disk"], disk.as_str());
+    let mut got = None;
+    until("the destination serves", || {
+        got = kv_get(port, "before");
+        got.is_some()
+    });
+    assert_eq!(got.unwrap(), "$1\r\n1\r\n");
+    // The destination's disk device works: its log gets the new key...
+    assert_eq!(kv_cmd(port, "SET after 2\r\n"), "+OK\r\n");
+    b.ok(&["stop", "kv"]);
+    b.wait_state("kv", "exited");
+    // ...which a fresh guest on the same disk replays.
+    a.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "kv2",
+        "-p",
+        &publish,
+        "--disk",
+        &disk,
+        kv.to_str().unwrap(),
+    ]);
+    until("kv2 serves", || kv_get(port, "x").is_some());
+    assert_eq!(kv_get(port, "before").as_deref(), Some("$1\r\n1\r\n"));
+    assert_eq!(kv_get(port, "after").as_deref(), Some("$1\r\n2\r\n"));
+}
+
+#[test]
 fn a_refusal_after_the_pause_gives_the_ports_back_and_the_guest_runs_on() {
     let a = Daemon::start("refusea", "64M:1");
     let kv = example("kv");
@@ -397,7 +452,11 @@ fn bench_migration() {
         let (mut downs, mut totals) = (Vec::new(), Vec::new());
         println!("{label}:");
         for i in 0..ROUNDS {
-            let (from, to) = if i.is_multiple_of(2) { (&a, &tb) } else { (&b, &ta) };
+            let (from, to) = if i.is_multiple_of(2) {
+                (&a, &tb)
+            } else {
+                (&b, &ta)
+            };
             from.wait_state(name, "running");
             std::thread::sleep(Duration::from_millis(200));
             let body = format!("{{\"to\":\"{to}\"}}");
