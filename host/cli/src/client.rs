@@ -288,6 +288,34 @@ pub fn restore(
     Ok(0)
 }
 
+/// `wisp restore FILE --disk FILE[,ro] [--name N] [-p ...]`: a guest
+/// saved with a disk; prints the new VM's id.
+pub fn restore_with_disk(
+    socket: &Path,
+    file: &Path,
+    name: Option<String>,
+    publish: &[String],
+    disk: &str,
+) -> anyhow::Result<u8> {
+    let (path, read_only) = match disk.rsplit_once(',') {
+        Some((p, "ro")) => (p, true),
+        Some((p, "rw")) => (p, false),
+        _ => (disk, false),
+    };
+    let mut body = json!({
+        "snapshot": absolute(file)?,
+        "publish": publish,
+        "disk": absolute(Path::new(path))?,
+        "disk_read_only": read_only,
+    });
+    if let Some(n) = name {
+        body["name"] = json!(n);
+    }
+    let v = ok(client(socket).request("POST", "/v1/restore", Some(&body))?)?;
+    println!("{}", v["id"].as_str().unwrap_or_default());
+    Ok(0)
+}
+
 /// `wisp clone FILE --count N`: N restores with clone ids 1..N; prints
 /// each id, its clone id and the time its request took.
 pub fn clone(socket: &Path, file: &Path, count: u32, publish: &[String]) -> anyhow::Result<u8> {

@@ -218,6 +218,9 @@ enum Command {
         file: PathBuf,
         #[arg(long)]
         name: Option<String>,
+        /// The disk of a guest saved with one (the same size), as `run --disk`.
+        #[arg(long, value_name = "FILE[,ro]")]
+        disk: Option<String>,
         /// Publish a port, as `run -p`.
         #[arg(short = 'p', long = "publish", value_name = "[ADDR:]HOST:GUEST[/udp]")]
         publish: Vec<String>,
@@ -392,7 +395,14 @@ fn main() -> ExitCode {
             file,
             name,
             publish,
+            disk: None,
         } => client::restore(&socket, &file, name, &publish),
+        Command::Restore {
+            file,
+            name,
+            publish,
+            disk: Some(disk),
+        } => client::restore_with_disk(&socket, &file, name, &publish, &disk),
         Command::Clone {
             file,
             count,

@@ -217,6 +217,73 @@ fn a_guest_with_a_disk_migrates_and_the_destination_writes_it() {
     assert_eq!(kv_get(port, "after").as_deref(), Some("$1\r\n2\r\n"));
 }
 
+/// Not a migration, but the same re-attachment of a disk: a guest saved
+/// with a disk restores through the daemon when given it (and only then).
+#[test]
+fn a_guest_saved_with_a_disk_restores_with_it() {
+    let a = Daemon::start("diskrestore", "64M:1");
+    let kv = example("kv");
+    let disk = a.dir.join("kv.disk");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    let disk = disk.to_str().unwrap().to_string();
+    let port = free_port();
+    let publish = format!("127.0.0.1:{port}:6379");
+    a.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "kv",
+        "-p",
+        &publish,
+        "--disk",
+        &disk,
+        kv.to_str().unwrap(),
+    ]);
+    until("kv serves", || kv_get(port, "x").is_some());
+    assert_eq!(kv_cmd(port, "SET k v\r\n"), "+OK\r\n");
+    let snap = a.dir.join("kv.snap");
+    let snap = snap.to_str().unwrap();
+    a.ok(&["save", "kv", snap]);
+    a.wait_state("kv", "exited");
+
+    let o = a.wisp(&["restore", snap, "--name", "r", "-p", &publish]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--disk"), "{}", stderr(&o));
+    let small = a.dir.join("small.disk");
+    std::fs::File::create(&small)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let o = a.wisp(&[
+        "restore",
+        snap,
+        "--name",
+        "r",
+        "-p",
+        &publish,
+        "--disk",
+        small.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("bytes"), "{}", stderr(&o));
+
+    a.ok(&[
+        "restore", snap, "--name", "r", "-p", &publish, "--disk", &disk,
+    ]);
+    a.wait_state("r", "running");
+    let mut got = None;
+    until("the restored guest serves", || {
+        got = kv_get(port, "k");
+        got.is_some()
+    });
+    assert_eq!(got.unwrap(), "$1\r\nv\r\n");
+    assert_eq!(kv_cmd(port, "SET k2 w\r\n"), "+OK\r\n");
+    assert_eq!(a.vm("r")["spec"]["disk"], disk.as_str());
+}
+
 #[test]
 fn a_refusal_after_the_pause_gives_the_ports_back_and_the_guest_runs_on() {
     let a = Daemon::start("refusea", "64M:1");

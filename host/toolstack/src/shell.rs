@@ -159,16 +159,13 @@ pub fn run(memory: u64, channel: UnixStream) -> i32 {
 }
 
 /// Restores the guest from the snapshot handed over in the image's place;
-/// returns it as [`start`] does. Only published ports are configured: a
-/// disk cannot be given to a restore yet.
+/// returns it as [`start`] does. Published ports and the disk (handed
+/// over, reopened through /proc) are configured.
 fn restore(
     h: &Handoff,
     files: &Files,
     clone_id: u32,
 ) -> Result<(RunningVm, Vec<Published>, u64), String> {
-    if h.disk.is_some() {
-        return Err("a restore cannot attach a disk".into());
-    }
     // Opened through /proc: the snapshot module checks it from a path.
     let path = format!("/proc/self/fd/{}", files.image.as_raw_fd());
     let snap = Snapshot::open(std::path::Path::new(&path)).map_err(|e| e.to_string())?;
@@ -190,7 +187,13 @@ fn restore(
         publish,
         net_limits: (0, 0),
         disk_limits: (0, 0),
-        disk: None,
+        disk: match (h.disk, &files.disk) {
+            (Some(mode), Some(fd)) => Some(wisp_monitor::DiskConfig {
+                path: format!("/proc/self/fd/{}", fd.as_raw_fd()).into(),
+                read_only: mode == DiskMode::ReadOnly,
+            }),
+            _ => None,
+        },
     };
     let vm = snap
         .restore(&cfg, RestoreOptions { clone_id })

@@ -99,6 +99,10 @@ pub struct RestoreRequest {
     #[serde(default)]
     pub clone_id: u32,
     pub cpus: Option<f64>,
+    /// The disk of a guest saved with one (absolute path; the same size).
+    pub disk: Option<String>,
+    #[serde(default)]
+    pub disk_read_only: bool,
 }
 
 /// `POST /v1/vms/{ref}/save`.
@@ -296,13 +300,40 @@ impl Vms {
             p.parse::<wisp_monitor::net::user::PortForward>()
                 .map_err(|e| bad(format!("publish: {e}")))?;
         }
-        // What the restore can give: one user-mode NIC (with -p), no disk.
+        // What the restore can give: one user-mode NIC (with -p), and the
+        // disk the request names if the guest had one.
         let kinds = || snap.devices().iter().map(|d| d.entry.kind);
-        if kinds().any(|k| k == wisp_abi::manifest::DEVICE_BLOCK) {
-            return Err(bad(format!(
-                "{} has a disk: the daemon cannot restore a guest with a disk yet",
-                req.snapshot
-            )));
+        let had_disk = kinds().any(|k| k == wisp_abi::manifest::DEVICE_BLOCK);
+        match (&req.disk, had_disk) {
+            (None, true) => {
+                return Err(bad(format!(
+                    "{}'s guest had a disk: restore it with its disk (--disk)",
+                    req.snapshot
+                )))
+            }
+            (Some(_), false) => return Err(bad(format!("{}'s guest had no disk", req.snapshot))),
+            (Some(d), true) => {
+                if !Path::new(d).is_absolute() {
+                    return Err(bad(format!("disk '{d}' is not an absolute path")));
+                }
+                let f =
+                    open_disk(d, req.disk_read_only).map_err(|e| bad(format!("disk {d}: {e}")))?;
+                let len = f
+                    .metadata()
+                    .map_err(|e| bad(format!("disk {d}: {e}")))?
+                    .len();
+                let saved = snap
+                    .devices()
+                    .iter()
+                    .find(|x| x.entry.kind == wisp_abi::manifest::DEVICE_BLOCK)
+                    .map_or(0, |x| x.entry.capacity);
+                if len / 512 * 512 != saved {
+                    return Err(bad(format!(
+                        "the snapshot's disk has {saved} bytes, {d} has {len}"
+                    )));
+                }
+            }
+            (None, false) => {}
         }
         let nics = kinds()
             .filter(|&k| k == wisp_abi::manifest::DEVICE_NET)
@@ -333,8 +364,8 @@ impl Vms {
                 memory: snap.memory(),
                 args: vec![],
                 publish: req.publish,
-                disk: None,
-                disk_read_only: false,
+                disk: req.disk,
+                disk_read_only: req.disk_read_only,
                 cpus: req.cpus,
                 restart: RestartPolicy::No,
                 snapshot: Some(FromSnapshot {
