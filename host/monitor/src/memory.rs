@@ -202,3 +202,33 @@ impl GuestRam {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dirty_pages_mark_only_while_on_and_keep_every_page_marked() {
+        let d = DirtyPages::new(256 * PAGE);
+        d.mark(0, 1);
+        let mut b = vec![0u64; 4];
+        d.take_into(&mut b);
+        assert_eq!(b, [0; 4], "marked while off");
+        d.start();
+        d.mark(PAGE - 1, 2); // pages 0 and 1
+        d.mark(200 * PAGE, 10 << 20); // clipped at the end of memory
+        d.take_into(&mut b);
+        assert_eq!(b[0], 0b11);
+        assert_eq!(b[3], !0u64 << 8, "pages 200..255");
+        let mut again = vec![0u64; 4];
+        d.take_into(&mut again);
+        assert_eq!(again, [0; 4], "taken once");
+        d.ever_into(&mut again);
+        assert_eq!(again, b, "ever keeps them");
+        d.stop();
+        d.mark(64 * PAGE, 1);
+        let mut ever = vec![0u64; 4];
+        d.ever_into(&mut ever);
+        assert_eq!(ever[1], 0);
+    }
+}

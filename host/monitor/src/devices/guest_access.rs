@@ -414,6 +414,20 @@ mod tests {
     }
 
     #[test]
+    fn granted_writes_are_recorded_while_tracking() {
+        let dirty = Arc::new(crate::memory::DirtyPages::new(16 * 4096));
+        let a = GuestAccess::from_ranges([(0, 8 * 4096, false), (8 * 4096, 16 * 4096, true)])
+            .tracking(dirty.clone());
+        dirty.start();
+        a.check_write(9 * 4096 + 100, 4096).unwrap();
+        a.check_read(1000, 10).unwrap();
+        assert!(a.check_write(100, 1).is_err());
+        let mut b = [0u64; 1];
+        dirty.take_into(&mut b);
+        assert_eq!(b[0], 0b11 << 9, "only the granted write's pages");
+    }
+
+    #[test]
     fn devices_holding_the_map_stay_send() {
         fn send_sync<T: Send + Sync>() {}
         fn send<T: Send>() {}
