@@ -471,7 +471,8 @@ pub fn receive(
             (Kind::Sync, _) => c.send(Kind::Synced, &[])?,
             (Kind::State, payload) => {
                 let sections = stream::decode_state(&payload)?;
-                let snap = Snapshot::from_parts(file, mem_size, report.pages, &sections)?;
+                let state = crate::snapshot::parts::decode_state(&sections, mem_size)?;
+                let snap = Snapshot::from_parts(file, mem_size, report.pages, state);
                 let vm = snap.restore(cfg, RestoreOptions::default())?;
                 return Ok((vm, report));
             }

@@ -27,7 +27,7 @@
 mod cpu;
 pub mod format;
 pub(crate) mod memory;
-pub(crate) mod parts;
+pub mod parts;
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;

@@ -77,54 +77,79 @@ pub(crate) fn encode_state(
     ])
 }
 
+/// The state of a guest as a migration stream's STATE carries it, decoded
+/// and checked.
+pub(crate) struct State {
+    boot_page_addr: u64,
+    pml4: u64,
+    cpu: VcpuState,
+    devices: Vec<DeviceRecord>,
+    boot_page: BootPage,
+}
+
+/// Decodes and checks the four state sections (from an untrusted peer:
+/// every field is checked as [`Snapshot::open`] checks a file's) for a
+/// guest of `mem_size` bytes.
+pub(crate) fn decode_state(
+    sections: &[Vec<u8>; 4],
+    mem_size: u64,
+) -> Result<State, SnapshotError> {
+    let [machine, vcpu, devices, boot] = sections;
+    let mut r = Reader::new(machine, "machine");
+    let size = r.u64()?;
+    let boot_page_addr = r.u64()?;
+    let pml4 = r.u64()?;
+    let abi = r.u32()?;
+    r.end()?;
+    if size != mem_size
+        || !boot_page_addr.is_multiple_of(PAGE)
+        || !pml4.is_multiple_of(PAGE)
+        || boot_page_addr.saturating_add(PAGE) > mem_size
+        || pml4.saturating_add(PAGE) > mem_size
+    {
+        return Err(SnapshotError::Corrupt("machine"));
+    }
+    if abi != wisp_abi::ABI_VERSION {
+        return Err(SnapshotError::Mismatch(format!(
+            "the guest was built for ABI {abi}, this monitor speaks {}",
+            wisp_abi::ABI_VERSION
+        )));
+    }
+    let mut r = Reader::new(vcpu, "vCPU");
+    let cpu = VcpuState::decode(&mut r)?;
+    r.end()?;
+    let devices = decode_devices(devices)?;
+    let boot_page = boot_page_from_bytes(boot).ok_or(SnapshotError::Corrupt("boot page"))?;
+    Ok(State {
+        boot_page_addr,
+        pml4,
+        cpu,
+        devices,
+        boot_page,
+    })
+}
+
+/// Checks state sections as a receiver does before it builds anything
+/// (for fuzzing the receiver's decoding).
+pub fn check_state(sections: &[Vec<u8>; 4], mem_size: u64) -> Result<(), SnapshotError> {
+    decode_state(sections, mem_size).map(|_| ())
+}
+
 impl Snapshot {
     /// A snapshot whose memory is `file` (from offset 0, `mem_size` bytes,
-    /// `pages` of them written) and whose state is `sections` (as
-    /// [`encode_state`] makes them, from an untrusted peer: every field is
-    /// checked as [`Snapshot::open`] checks a file's).
-    pub(crate) fn from_parts(
-        file: File,
-        mem_size: u64,
-        pages: u64,
-        sections: &[Vec<u8>; 4],
-    ) -> Result<Snapshot, SnapshotError> {
-        let [machine, vcpu, devices, boot] = sections;
-        let mut r = Reader::new(machine, "machine");
-        let size = r.u64()?;
-        let boot_page_addr = r.u64()?;
-        let pml4 = r.u64()?;
-        let abi = r.u32()?;
-        r.end()?;
-        if size != mem_size
-            || !boot_page_addr.is_multiple_of(PAGE)
-            || !pml4.is_multiple_of(PAGE)
-            || boot_page_addr.saturating_add(PAGE) > mem_size
-            || pml4.saturating_add(PAGE) > mem_size
-        {
-            return Err(SnapshotError::Corrupt("machine"));
-        }
-        if abi != wisp_abi::ABI_VERSION {
-            return Err(SnapshotError::Mismatch(format!(
-                "the guest was built for ABI {abi}, this monitor speaks {}",
-                wisp_abi::ABI_VERSION
-            )));
-        }
-        let mut r = Reader::new(vcpu, "vCPU");
-        let cpu = VcpuState::decode(&mut r)?;
-        r.end()?;
-        let devices = decode_devices(devices)?;
-        let boot_page = boot_page_from_bytes(boot).ok_or(SnapshotError::Corrupt("boot page"))?;
-        Ok(Snapshot {
+    /// `pages` of them written) and whose state is `state`.
+    pub(crate) fn from_parts(file: File, mem_size: u64, pages: u64, state: State) -> Snapshot {
+        Snapshot {
             file,
             path: PathBuf::from("<migration stream>"),
             mem_size,
             mem_offset: 0,
-            boot_page_addr,
-            pml4,
-            cpu,
-            devices,
-            boot_page,
+            boot_page_addr: state.boot_page_addr,
+            pml4: state.pml4,
+            cpu: state.cpu,
+            devices: state.devices,
+            boot_page: state.boot_page,
             pages,
-        })
+        }
     }
 }
