@@ -90,10 +90,7 @@ pub(crate) struct State {
 /// Decodes and checks the four state sections (from an untrusted peer:
 /// every field is checked as [`Snapshot::open`] checks a file's) for a
 /// guest of `mem_size` bytes.
-pub(crate) fn decode_state(
-    sections: &[Vec<u8>; 4],
-    mem_size: u64,
-) -> Result<State, SnapshotError> {
+pub(crate) fn decode_state(sections: &[Vec<u8>; 4], mem_size: u64) -> Result<State, SnapshotError> {
     let [machine, vcpu, devices, boot] = sections;
     let mut r = Reader::new(machine, "machine");
     let size = r.u64()?;
