@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use wisp_monitor::control::monotonic_ns;
 
-use super::{lock, open_disk, request, Vm, VmError, Vms};
+use super::{lock, open_disk, Vm, VmError, Vms};
 use crate::migration::{self, Meta, MigrateRequest};
 use crate::proto::{ControlReply, ControlRequest, MigrateFigures};
 use crate::record::{self, RestartPolicy, Spec, State};
@@ -74,7 +74,7 @@ impl Vms {
             meta,
             to: addr.to_string(),
         };
-        let result = request(&sock, msg, Some(conn.as_raw_fd())).and_then(|reply| match reply {
+        let result = request_migrate(&sock, msg, &conn).and_then(|reply| match reply {
             ControlReply::Migrated(f) => Ok(f),
             ControlReply::Failed { error } => Err(VmError::Conflict(error)),
             _ => Err(VmError::Internal("the monitor did not migrate".into())),
@@ -136,6 +136,39 @@ impl Vms {
             }
         }
     }
+}
+
+/// How long the daemon waits for a monitor's migration: the monitor's own
+/// limit is per step (no progress for [`migration::STEP_LIMIT`]), and its
+/// rounds are bounded, so this only bounds a monitor that hangs.
+const MIGRATE_LIMIT: Duration = Duration::from_secs(600);
+
+/// The migrate request to a monitor, with the connection, and its reply
+/// (as `vms::request`, with a limit for a whole migration).
+fn request_migrate(
+    sock: &Path,
+    req: ControlRequest,
+    conn: &TcpStream,
+) -> Result<ControlReply, VmError> {
+    use std::io::{BufRead, BufReader, Write};
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    let unavailable =
+        |e: std::io::Error| VmError::Unavailable(format!("the VM's monitor does not answer: {e}"));
+    let mut s = std::os::unix::net::UnixStream::connect(sock).map_err(unavailable)?;
+    s.set_read_timeout(Some(MIGRATE_LIMIT))
+        .map_err(unavailable)?;
+    let mut line = serde_json::to_vec(&req).map_err(|e| VmError::Internal(e.to_string()))?;
+    line.push(b'\n');
+    let n = s
+        .send_with_fds(&[&line[..]], &[conn.as_raw_fd()])
+        .map_err(|e| unavailable(std::io::Error::from_raw_os_error(e.errno())))?;
+    s.write_all(&line[n..]).map_err(unavailable)?;
+    let mut reply = String::new();
+    BufReader::new(&s)
+        .read_line(&mut reply)
+        .map_err(unavailable)?;
+    serde_json::from_str::<ControlReply>(&reply)
+        .map_err(|_| VmError::Unavailable("the VM's monitor ended or sent no reply".into()))
 }
 
 /// Checks a META as a run request is checked; returns the VM's name and
