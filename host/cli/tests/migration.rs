@@ -555,6 +555,7 @@ fn bench_migration() {
         let last = if ROUNDS.is_multiple_of(2) { &a } else { &b };
         last.wait_state(name, "running");
         if args[0] == "dirty" {
+            wait_passes(last, name, 10);
             let (p, bad) = passes(&last.ok(&["logs", name]));
             println!("  {} passes on the last host, corrupt: {bad}", p.len());
         }
