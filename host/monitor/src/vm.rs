@@ -549,7 +549,7 @@ impl Vm {
             self.devices.entries(),
         )
         .map_err(VmError::Thread)?;
-        let (bus, nics) = self.devices.split();
+        let (bus, nics) = self.devices.split(&self.machine.vm, &self.machine.vcpu);
         let shared = Arc::new(Shared::new(!nics.is_empty()).map_err(VmError::Thread)?);
         // Filters are built before any thread runs guest work.
         let vcpu_filter = (!opts.no_seccomp)
