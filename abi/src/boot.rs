@@ -52,6 +52,10 @@ pub struct Device {
     pub prefix_len: u32,
     /// Network devices: a DNS server (0 = none).
     pub dns: [u8; 4],
+    /// Network devices: the MAC address (6 bytes used) of `gateway`, when
+    /// the monitor knows it (its own user-mode network), so that the guest
+    /// sends its first frame without an ARP round first; 0 = unknown (ARP).
+    pub gateway_mac: [u8; 8],
 }
 
 /// The boot page itself. Its guest-physical address is passed in `rdi` at
@@ -122,6 +126,7 @@ impl Device {
             gateway: [0; 4],
             prefix_len: 0,
             dns: [0; 4],
+            gateway_mac: [0; 8],
         }
     }
 }
@@ -203,9 +208,9 @@ unsafe impl Pod for MemRegion {}
 unsafe impl Pod for Device {}
 
 const _: () = assert!(core::mem::size_of::<MemRegion>() == 16);
-const _: () = assert!(core::mem::size_of::<Device>() == 56);
+const _: () = assert!(core::mem::size_of::<Device>() == 64);
 const _: () = assert!(
     core::mem::size_of::<BootPage>()
-        == 8 + 4 * 4 + 16 * MAX_MEM_REGIONS + 8 * 5 + 4 * 4 + 56 * MAX_DEVICES + 8 * 5 + 4 * 2 + 8
+        == 8 + 4 * 4 + 16 * MAX_MEM_REGIONS + 8 * 5 + 4 * 4 + 64 * MAX_DEVICES + 8 * 5 + 4 * 2 + 8
 );
 const _: () = assert!(core::mem::size_of::<BootPage>() <= 4096);

@@ -104,6 +104,9 @@ impl DeviceManager {
         d.gateway = nic.gateway.octets();
         d.prefix_len = nic.prefix_len as u32;
         d.dns = nic.dns.map_or([0; 4], |a| a.octets());
+        if let Some(gw) = backend.gateway_mac() {
+            d.gateway_mac[..6].copy_from_slice(&gw);
+        }
         let mut net = Net::new(mac, mem.clone(), access, backend);
         net.tx_limits = Limits::new(limits.0, limits.1);
         net.rx_limits = Limits::new(limits.0, limits.1);
