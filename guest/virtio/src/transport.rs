@@ -7,7 +7,9 @@
 //! NIC never comes up). [`SpecOrder`] wraps any transport and passes every
 //! call through unchanged except `set_status`, which it splits into the
 //! specification's steps; it keeps the status it last wrote, so this costs
-//! no extra register read (each is an exit to the monitor).
+//! no extra register read (each is an exit to the monitor). For the same
+//! reason it answers "is this queue in use?" itself once it has reset the
+//! device, since it set up every queue in use after that.
 
 use virtio_drivers::transport::{DeviceStatus, DeviceType, InterruptStatus, Transport};
 use virtio_drivers::{PhysAddr, Result};
@@ -26,7 +28,8 @@ const MAX_QUEUES: usize = 4;
 /// `VIRTIO_F_RING_EVENT_IDX`.
 const F_RING_EVENT_IDX: u64 = 1 << 29;
 
-/// Where a queue's rings are, for the notification check.
+/// Where a queue's rings are, for the notification check, and whether
+/// the queue is in use.
 #[derive(Clone, Copy, Default)]
 struct Rings {
     /// Guest-physical (= virtual: identity-mapped) address of the
@@ -36,6 +39,9 @@ struct Rings {
     size: u32,
     /// The available index when this queue's notification was last decided.
     decided: u16,
+    /// This driver set the queue up (and has not unset it) since its last
+    /// reset of the device.
+    set: bool,
 }
 
 /// A transport whose status writes follow the specification's order, and
@@ -53,6 +59,9 @@ pub struct SpecOrder<T: Transport> {
     inner: T,
     /// The status this driver last wrote (a reset writes 0).
     written: DeviceStatus,
+    /// This driver has reset the device: from then on it knows which
+    /// queues are in use without reading `QueueReady` (an exit each).
+    reset: bool,
     event_idx: bool,
     rings: [Rings; MAX_QUEUES],
 }
@@ -62,6 +71,7 @@ impl<T: Transport> SpecOrder<T> {
         SpecOrder {
             inner,
             written: DeviceStatus::empty(),
+            reset: false,
             event_idx: false,
             rings: [Rings::default(); MAX_QUEUES],
         }
@@ -122,6 +132,9 @@ impl<T: Transport> Transport for SpecOrder<T> {
     fn set_status(&mut self, status: DeviceStatus) {
         if status.is_empty() {
             self.inner.set_status(status);
+            // A reset clears every queue's `QueueReady` (virtio 1.2, 4.2.2.1).
+            self.reset = true;
+            self.rings = [Rings::default(); MAX_QUEUES];
         } else {
             for step in Self::steps(self.written, status) {
                 self.inner.set_status(step);
@@ -179,6 +192,7 @@ impl<T: Transport> Transport for SpecOrder<T> {
                 used: device_area,
                 size,
                 decided: 0,
+                set: true,
             };
         }
         self.inner
@@ -192,8 +206,13 @@ impl<T: Transport> Transport for SpecOrder<T> {
         self.inner.queue_unset(queue)
     }
 
+    /// After its own reset, a queue is in use exactly when this driver set
+    /// it up since: answered without reading the register.
     fn queue_used(&mut self, queue: u16) -> bool {
-        self.inner.queue_used(queue)
+        match self.rings.get(queue as usize) {
+            Some(r) if self.reset => r.set,
+            _ => self.inner.queue_used(queue),
+        }
     }
 
     fn ack_interrupt(&mut self) -> InterruptStatus {
