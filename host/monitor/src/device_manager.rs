@@ -67,6 +67,18 @@ pub enum DeviceError {
     IoEvent(kvm_ioctls::Error),
 }
 
+/// Copies into a boot-page entry what the driver would read from the
+/// device's read-only registers (features, queue sizes, configuration):
+/// the guest reads them there instead of taking an exit for each.
+fn describe(entry: &mut Device, dev: &impl VirtioDevice) {
+    entry.features = dev.avail_features();
+    entry.queue_max = [0; wisp_abi::boot::MAX_QUEUES];
+    for (slot, &max) in entry.queue_max.iter_mut().zip(dev.queue_max_sizes()) {
+        *slot = max;
+    }
+    dev.read_config(0, &mut entry.config);
+}
+
 /// The MMIO bus and the boot page's device table.
 #[derive(Default)]
 pub struct DeviceManager {
@@ -108,6 +120,7 @@ impl DeviceManager {
             d.gateway_mac[..6].copy_from_slice(&gw);
         }
         let mut net = Net::new(mac, mem.clone(), access, backend);
+        describe(&mut d, &net);
         net.tx_limits = Limits::new(limits.0, limits.1);
         net.rx_limits = Limits::new(limits.0, limits.1);
         let notify = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
@@ -132,6 +145,7 @@ impl DeviceManager {
         d.mmio_base = base;
         d.mmio_len = MMIO_WINDOW;
         d.capacity = block.capacity_bytes();
+        describe(&mut d, &block);
         self.bus.push((
             base,
             BusDevice::Block(Arc::new(Mutex::new(VirtioMmio::new(block)))),
@@ -166,7 +180,8 @@ impl DeviceManager {
         let Some(slot) = self.nics.get(index) else {
             return;
         };
-        lock(&slot.device).device.set_mac(mac);
+        let mut dev = lock(&slot.device);
+        dev.device.set_mac(mac);
         if let Some(e) = self
             .entries
             .iter_mut()
@@ -174,6 +189,7 @@ impl DeviceManager {
             .nth(index)
         {
             e.mac[..6].copy_from_slice(&mac);
+            describe(e, &dev.device);
         }
     }
 
