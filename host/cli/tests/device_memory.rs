@@ -532,7 +532,9 @@ fn tap_flood_to_a_nic_the_guest_never_activates_costs_little() {
 /// after a selector write answers for the new selection, FEATURES_OK and
 /// DRIVER_OK judge the features and ring addresses written just before
 /// (a bogus one is still refused, the last of two writes counts), and the
-/// writes are really buffered (fewer exits than the probe's writes).
+/// writes are really buffered (fewer exits than the probe's writes). Also:
+/// the boot page's copy of the read-only registers, which the library OS
+/// reads instead of them, matches them.
 #[test]
 fn buffered_register_writes_keep_their_order() {
     require_kvm();
@@ -561,6 +563,7 @@ fn buffered_register_writes_keep_their_order() {
     assert_eq!(word(low) & (1 << 5), 1 << 5, "low word: {ctx}");
     assert_ne!(word(high), word(low), "{ctx}");
     for line in [
+        "boot page describes the registers: true",
         "bogus features accepted: false",
         "offered features accepted: true",
         "queue ready: 0=1 1=0 (max 256)",

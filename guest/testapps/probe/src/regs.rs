@@ -92,6 +92,19 @@ pub fn run() -> i32 {
     println!("features high {high:#x} low {low:#x}");
     let offered = (high as u64) << 32 | low as u64;
 
+    // The boot page's copy of the read-only registers (what the library
+    // OS reads instead of them) says what the registers say.
+    let mut same = d.features == offered;
+    for q in 0..d.queue_max.len() {
+        dev.w(QUEUE_SEL, q as u32);
+        same &= dev.r(QUEUE_NUM_MAX) == d.queue_max[q] as u32;
+    }
+    for (i, chunk) in d.config.chunks(4).enumerate() {
+        let word = dev.r(0x100 + 4 * i);
+        same &= chunk == &word.to_le_bytes()[..chunk.len()];
+    }
+    println!("boot page describes the registers: {same}");
+
     // FEATURES_OK is judged on the features acked just before it.
     println!(
         "bogus features accepted: {}",
