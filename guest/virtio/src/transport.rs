@@ -270,7 +270,7 @@ impl<T: Transport> Transport for SpecOrder<T> {
     fn read_config_space<V: FromBytes + IntoBytes>(&self, offset: usize) -> Result<V> {
         let size = core::mem::size_of::<V>();
         if let Some(d) = &self.described {
-            if offset % core::mem::align_of::<V>() == 0 {
+            if offset.is_multiple_of(core::mem::align_of::<V>()) {
                 if let Some(bytes) = d.config.get(offset..offset + size) {
                     if let Ok(v) = V::read_from_bytes(bytes) {
                         return Ok(v);
