@@ -52,7 +52,29 @@ pub struct Device {
     pub prefix_len: u32,
     /// Network devices: a DNS server (0 = none).
     pub dns: [u8; 4],
+    /// Network devices: the MAC address (6 bytes used) of `gateway`, when
+    /// the monitor knows it (its own user-mode network), so that the guest
+    /// sends its first frame without an ARP round first; 0 = unknown (ARP).
+    pub gateway_mac: [u8; 8],
+    /// virtio devices: the features the device offers (its
+    /// `DeviceFeatures` registers), given here so that the driver does not
+    /// read them (each register read is an exit to the monitor); 0 = not
+    /// given (a modern device always offers `VERSION_1`): read the
+    /// registers, as under QEMU.
+    pub features: u64,
+    /// virtio devices (when `features` is given): each queue's maximum
+    /// size (`QueueNumMax`); 0 past the device's last queue.
+    pub queue_max: [u16; MAX_QUEUES],
+    /// virtio devices (when `features` is given): the first bytes of the
+    /// device's configuration space, as its registers show them. The
+    /// monitor keeps it current (a clone's new MAC address).
+    pub config: [u8; CONFIG_BYTES],
 }
+
+/// Queues a [`Device`] entry describes.
+pub const MAX_QUEUES: usize = 4;
+/// Configuration-space bytes a [`Device`] entry carries.
+pub const CONFIG_BYTES: usize = 32;
 
 /// The boot page itself. Its guest-physical address is passed in `rdi` at
 /// the 64-bit entry.
@@ -122,6 +144,10 @@ impl Device {
             gateway: [0; 4],
             prefix_len: 0,
             dns: [0; 4],
+            gateway_mac: [0; 8],
+            features: 0,
+            queue_max: [0; MAX_QUEUES],
+            config: [0; CONFIG_BYTES],
         }
     }
 }
@@ -203,9 +229,9 @@ unsafe impl Pod for MemRegion {}
 unsafe impl Pod for Device {}
 
 const _: () = assert!(core::mem::size_of::<MemRegion>() == 16);
-const _: () = assert!(core::mem::size_of::<Device>() == 56);
+const _: () = assert!(core::mem::size_of::<Device>() == 112);
 const _: () = assert!(
     core::mem::size_of::<BootPage>()
-        == 8 + 4 * 4 + 16 * MAX_MEM_REGIONS + 8 * 5 + 4 * 4 + 56 * MAX_DEVICES + 8 * 5 + 4 * 2 + 8
+        == 8 + 4 * 4 + 16 * MAX_MEM_REGIONS + 8 * 5 + 4 * 4 + 112 * MAX_DEVICES + 8 * 5 + 4 * 2 + 8
 );
 const _: () = assert!(core::mem::size_of::<BootPage>() <= 4096);

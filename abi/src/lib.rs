@@ -23,7 +23,10 @@ pub mod x86;
 /// Version of this interface. Bump on any incompatible change. 2: the boot
 /// page's clock record (a restored guest's wall clock is re-based by the
 /// monitor; a guest built for 1 would keep the time of its snapshot).
-pub const ABI_VERSION: u32 = 2;
+/// 3: a device's entry carries what the driver would otherwise read from
+/// registers (features, queue sizes, configuration) and, for a NIC, its
+/// gateway's MAC address (the entry grew).
+pub const ABI_VERSION: u32 = 3;
 
 /// Lowest guest-physical address an image may load at. Everything below is
 /// the monitor's: the boot area (page tables, GDT, IDT, TSS, boot page,

@@ -6,6 +6,8 @@
 //!
 //! * [`phy`]: the virtio-net driver as a smoltcp `Device` (Hermit's habit);
 //! * [`stack`]: the smoltcp interface and socket set, polled by the executor;
+//! * [`neighbor`]: the gateway's MAC from the boot page, known before the
+//!   first frame;
 //! * [`tcp`]: async `TcpListener` / `TcpStream` with back-pressure.
 //!
 //! NIC discovery uses the boot page: on the Wisp monitor it lists the NIC
@@ -17,6 +19,7 @@
 extern crate alloc;
 
 pub mod dns;
+pub mod neighbor;
 pub mod phy;
 pub mod stack;
 pub mod tcp;

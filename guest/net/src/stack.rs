@@ -186,6 +186,17 @@ pub fn init() -> Result<(), NetError> {
             let _ = a.push(IpCidr::new(config.address.into(), config.prefix_len));
         });
         let _ = iface.routes_mut().add_default_ipv4_route(config.gateway);
+        if dev.gateway_mac[..6] != [0; 6] {
+            let mut gw = [0u8; 6];
+            gw.copy_from_slice(&dev.gateway_mac[..6]);
+            crate::neighbor::learn(
+                &mut iface,
+                &mut sockets,
+                now(),
+                (mac, config.address),
+                (gw, config.gateway),
+            );
+        }
         None
     };
     *STACK.0.borrow_mut() = Some(Stack {

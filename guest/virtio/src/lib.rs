@@ -58,7 +58,7 @@ pub fn transport(dev: &'static Device) -> Option<Transport> {
     // bytes at `mmio_base`, mapped for the guest's whole life; each device
     // is driven by one driver only (callers take each device once).
     let mmio = unsafe { MmioTransport::new(header, dev.mmio_len as usize) }.ok()?;
-    Some(transport::SpecOrder::new(mmio))
+    Some(transport::SpecOrder::new(mmio).described_by(dev))
 }
 
 /// Declares, in an ELF note the monitor reads, that this image cannot run

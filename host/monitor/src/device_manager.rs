@@ -12,12 +12,13 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+use kvm_ioctls::{IoEventAddress, NoDatamatch, VcpuFd, VmFd};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 use wisp_abi::boot::Device;
 use wisp_abi::manifest::{DEVICE_BLOCK, DEVICE_NET};
 
+use crate::devices::coalesced::{self, CoalescedRing};
 use crate::devices::guest_access::GuestAccess;
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::{TransportState, VirtioDevice, VirtioMmio};
@@ -66,6 +67,18 @@ pub enum DeviceError {
     IoEvent(kvm_ioctls::Error),
 }
 
+/// Copies into a boot-page entry what the driver would read from the
+/// device's read-only registers (features, queue sizes, configuration):
+/// the guest reads them there instead of taking an exit for each.
+fn describe(entry: &mut Device, dev: &impl VirtioDevice) {
+    entry.features = dev.avail_features();
+    entry.queue_max = [0; wisp_abi::boot::MAX_QUEUES];
+    for (slot, &max) in entry.queue_max.iter_mut().zip(dev.queue_max_sizes()) {
+        *slot = max;
+    }
+    dev.read_config(0, &mut entry.config);
+}
+
 /// The MMIO bus and the boot page's device table.
 #[derive(Default)]
 pub struct DeviceManager {
@@ -106,7 +119,11 @@ impl DeviceManager {
         d.prefix_len = nic.prefix_len as u32;
         d.dns = nic.dns.map_or([0; 4], |a| a.octets());
         self.listeners.extend(backend.listeners());
+        if let Some(gw) = backend.gateway_mac() {
+            d.gateway_mac[..6].copy_from_slice(&gw);
+        }
         let mut net = Net::new(mac, mem.clone(), access, backend);
+        describe(&mut d, &net);
         net.tx_limits = Limits::new(limits.0, limits.1);
         net.rx_limits = Limits::new(limits.0, limits.1);
         let notify = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
@@ -136,6 +153,7 @@ impl DeviceManager {
         d.mmio_base = base;
         d.mmio_len = MMIO_WINDOW;
         d.capacity = block.capacity_bytes();
+        describe(&mut d, &block);
         self.bus.push((
             base,
             BusDevice::Block(Arc::new(Mutex::new(VirtioMmio::new(block)))),
@@ -170,7 +188,8 @@ impl DeviceManager {
         let Some(slot) = self.nics.get(index) else {
             return;
         };
-        lock(&slot.device).device.set_mac(mac);
+        let mut dev = lock(&slot.device);
+        dev.device.set_mac(mac);
         if let Some(e) = self
             .entries
             .iter_mut()
@@ -178,6 +197,7 @@ impl DeviceManager {
             .nth(index)
         {
             e.mac[..6].copy_from_slice(&mac);
+            describe(e, &dev.device);
         }
     }
 
@@ -203,26 +223,77 @@ impl DeviceManager {
     }
 
     /// Splits into what the vCPU thread needs (the bus) and what the I/O
-    /// thread owns (the NICs).
-    pub fn split(self) -> (MmioBus, Vec<NicSlot>) {
-        (MmioBus { devices: self.bus }, self.nics)
+    /// thread owns (the NICs). The devices' buffered registers are put in
+    /// KVM coalesced-MMIO zones (see [`coalesced`]) when KVM offers them;
+    /// without, every register write is an exit, which is only slower.
+    pub fn split(self, vm: &VmFd, vcpu: &VcpuFd) -> (MmioBus, Vec<NicSlot>) {
+        let ring = if self.bus.is_empty() {
+            None
+        } else {
+            Self::coalesce(&self.bus, vm, vcpu)
+        };
+        (
+            MmioBus {
+                devices: self.bus,
+                ring,
+            },
+            self.nics,
+        )
+    }
+
+    /// Maps the coalesced-MMIO ring, then registers every device's zones;
+    /// all or nothing (a zone without a ring to drain it would lose the
+    /// guest's writes).
+    fn coalesce(bus: &[(u64, BusDevice)], vm: &VmFd, vcpu: &VcpuFd) -> Option<CoalescedRing> {
+        let ring = CoalescedRing::map(vcpu).ok()?;
+        for (i, (base, _)) in bus.iter().enumerate() {
+            if coalesced::register_virtio_zones(vm, *base).is_err() {
+                for (base, _) in &bus[..=i] {
+                    coalesced::unregister_virtio_zones(vm, *base);
+                }
+                return None;
+            }
+        }
+        Some(ring)
     }
 }
 
 /// The vCPU thread's view: register windows by address.
+///
+/// Every method first applies the register writes KVM buffered in the
+/// coalesced-MMIO ring, in order, so whatever it serves or reports sees
+/// the devices as the guest left them.
 pub struct MmioBus {
     devices: Vec<(u64, BusDevice)>,
+    ring: Option<CoalescedRing>,
 }
 
 impl MmioBus {
     /// Serves a read; `false` if no device is at `addr`.
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
+        self.drain();
         self.with(addr, |d, off| d.read(off, data))
     }
 
     /// Serves a write; `false` if no device is at `addr`.
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
+        self.drain();
         self.with(addr, |d, off| d.write(off, data))
+    }
+
+    /// Applies the buffered register writes, oldest first (a write to no
+    /// device cannot be buffered: zones lie inside device windows). The
+    /// vCPU thread calls it after every exit, before serving it.
+    pub fn drain(&self) {
+        let Some(ring) = &self.ring else { return };
+        while let Some(w) = ring.pop() {
+            self.with(w.addr, |d, off| d.write(off, &w.data[..w.len]));
+        }
+    }
+
+    /// Whether register writes are coalesced (for tests and `--stats`).
+    pub fn coalescing(&self) -> bool {
+        self.ring.is_some()
     }
 
     fn with(&self, addr: u64, f: impl FnOnce(&mut dyn MmioDevice, u64)) -> bool {
@@ -254,6 +325,7 @@ impl MmioBus {
     /// Each device's transport state and offered features, in bus order,
     /// for a snapshot (the guest must be paused: both threads quiet).
     pub fn save_states(&self) -> Vec<(TransportState, u64)> {
+        self.drain();
         self.devices
             .iter()
             .map(|(_, d)| match d {
@@ -276,6 +348,7 @@ impl MmioBus {
     /// I/O thread misses its frame. If a NIC has frames the device has not
     /// taken, its I/O thread is kicked.
     pub fn kick_pending_tx(&self) {
+        self.drain();
         for (_, dev) in &self.devices {
             if let BusDevice::Net(n, Some(wake)) = dev {
                 if lock(n).device.tx_pending() {

@@ -67,6 +67,9 @@ impl VcpuThread {
             let exit = match self.machine.vcpu.run() {
                 Ok(exit) => {
                     self.shared.counters.exits.fetch_add(1, Ordering::Relaxed);
+                    // Register writes KVM buffered during the run come
+                    // before whatever this exit is.
+                    self.bus.drain();
                     exit
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {

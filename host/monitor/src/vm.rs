@@ -553,7 +553,7 @@ impl Vm {
         .map_err(VmError::Thread)?;
         let mut devices = self.devices;
         let tracker = crate::migration::Tracker::new(&self.machine, devices.take_listeners())?;
-        let (bus, nics) = devices.split();
+        let (bus, nics) = devices.split(&self.machine.vm, &self.machine.vcpu);
         let shared = Arc::new(Shared::new(!nics.is_empty()).map_err(VmError::Thread)?);
         // Filters are built before any thread runs guest work.
         let vcpu_filter = (!opts.no_seccomp)

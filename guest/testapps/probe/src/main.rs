@@ -12,6 +12,7 @@ use core::time::Duration;
 use wisp::println;
 
 mod dma;
+mod regs;
 
 wisp::main!(main);
 
@@ -313,6 +314,9 @@ fn main(args: wisp::Args) -> i32 {
         // Device accesses aimed at memory the guest may not write (run with
         // --net user --disk FILE): see dma.rs.
         "dma" => return dma::run(arg(1)),
+        // Register reads right after the writes that decide them (run with
+        // --net user): see regs.rs.
+        "mmio-order" => return regs::run(),
         // Says it is up, then sleeps without touching its devices (a NIC it
         // never activates, for the flood tests).
         "idle" => {

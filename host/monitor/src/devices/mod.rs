@@ -4,6 +4,7 @@
 //! monitor chooses and lists in the boot page (NoXS); accesses reach the
 //! monitor as MMIO exits and are dispatched by address here.
 
+pub mod coalesced;
 pub mod guest_access;
 pub mod virtio;
 

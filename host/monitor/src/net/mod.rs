@@ -29,6 +29,16 @@ pub trait NetBackend {
     fn listeners(&self) -> Vec<std::os::fd::OwnedFd> {
         Vec::new()
     }
+    /// The MAC address of the guest's gateway, when the backend is that
+    /// gateway: the boot page hands it to the guest, whose first frame
+    /// then needs no ARP round before it.
+    fn gateway_mac(&self) -> Option<[u8; 6]> {
+        None
+    }
+    /// The guest's MAC address (at attach, and when a clone gets its own):
+    /// a backend that is the guest's gateway learns it here rather than by
+    /// an ARP round before its first frame to the guest.
+    fn set_guest_mac(&mut self, _mac: [u8; 6]) {}
 }
 
 use std::net::Ipv4Addr;

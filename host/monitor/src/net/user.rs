@@ -619,6 +619,47 @@ impl NetBackend for UserNet {
             .poll_delay(Instant::now(), &self.sockets)
             .map(|d| Duration::from_micros(d.total_micros()))
     }
+
+    fn gateway_mac(&self) -> Option<[u8; 6]> {
+        Some(GATEWAY_MAC)
+    }
+
+    /// The gateway's stack takes, at once, the ARP reply the guest would
+    /// give to its first question: its neighbor cache then holds the
+    /// guest, and the first connection's SYN goes out without an ARP
+    /// round (the entry ages out like any other; later rounds are normal).
+    fn set_guest_mac(&mut self, mac: [u8; 6]) {
+        self.wire
+            .from_guest
+            .push_back(arp_reply(mac, GUEST, GATEWAY_MAC, GATEWAY));
+        self.iface
+            .poll(Instant::now(), &mut self.wire, &mut self.sockets);
+    }
+}
+
+/// An Ethernet frame carrying an ARP reply: `from_ip` is at `from_mac`,
+/// sent to `to_mac`/`to_ip`.
+fn arp_reply(from_mac: [u8; 6], from_ip: Ipv4Addr, to_mac: [u8; 6], to_ip: Ipv4Addr) -> Vec<u8> {
+    use smoltcp::wire::{
+        ArpOperation, ArpPacket, ArpRepr, EthernetFrame, EthernetProtocol, EthernetRepr,
+    };
+    let arp = ArpRepr::EthernetIpv4 {
+        operation: ArpOperation::Reply,
+        source_hardware_addr: EthernetAddress(from_mac),
+        source_protocol_addr: from_ip,
+        target_hardware_addr: EthernetAddress(to_mac),
+        target_protocol_addr: to_ip,
+    };
+    let eth = EthernetRepr {
+        src_addr: EthernetAddress(from_mac),
+        dst_addr: EthernetAddress(to_mac),
+        ethertype: EthernetProtocol::Arp,
+    };
+    let mut buf = vec![0u8; eth.buffer_len() + arp.buffer_len()];
+    let mut frame = EthernetFrame::new_unchecked(&mut buf[..]);
+    eth.emit(&mut frame);
+    arp.emit(&mut ArpPacket::new_unchecked(frame.payload_mut()));
+    buf
 }
 
 #[cfg(test)]
@@ -650,5 +691,40 @@ mod tests {
         assert!("53:53/udp".parse::<PortForward>().unwrap().udp);
         assert!(!"53:53/tcp".parse::<PortForward>().unwrap().udp);
         assert!("53:53/sctp".parse::<PortForward>().is_err());
+    }
+
+    /// The first frame toward the guest for a new host connection, after
+    /// the backend was told the guest's MAC address (or not).
+    fn first_frame(tell_mac: bool) -> Vec<u8> {
+        let fwd: PortForward = "127.0.0.1:0:80".parse().unwrap();
+        let mut net = UserNet::new(&[fwd]).unwrap();
+        let guest_mac = [0x52, 0x54, 0, 0x12, 0x34, 0x99];
+        if tell_mac {
+            net.set_guest_mac(guest_mac);
+        }
+        assert!(net.recv().is_none(), "the gateway spoke first");
+        let _client = TcpStream::connect(net.local_addrs()[0]).unwrap();
+        let start = std::time::Instant::now();
+        loop {
+            net.poll();
+            if let Some(f) = net.recv() {
+                return f;
+            }
+            assert!(start.elapsed() < Duration::from_secs(10), "no frame");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn a_gateway_told_the_guests_mac_sends_its_syn_without_asking() {
+        use smoltcp::wire::{EthernetFrame, EthernetProtocol};
+        let f = first_frame(true);
+        let eth = EthernetFrame::new_checked(&f[..]).unwrap();
+        assert_eq!(eth.ethertype(), EthernetProtocol::Ipv4);
+        assert_eq!(eth.dst_addr().0, [0x52, 0x54, 0, 0x12, 0x34, 0x99]);
+        // The control: not told, it asks by ARP first.
+        let f = first_frame(false);
+        let eth = EthernetFrame::new_checked(&f[..]).unwrap();
+        assert_eq!(eth.ethertype(), EthernetProtocol::Arp);
     }
 }

@@ -778,6 +778,8 @@ impl Snapshot {
         page.seed = crate::boot::random_seed();
         for (slot, e) in page.devices.iter_mut().zip(devices.entries()) {
             slot.mac = e.mac;
+            // The configuration copy holds the MAC address too.
+            slot.config = e.config;
         }
         machine
             .ram

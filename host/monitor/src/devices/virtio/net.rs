@@ -73,8 +73,9 @@ impl Net {
         mac: [u8; 6],
         mem: GuestMemoryMmap,
         access: GuestAccess,
-        backend: Box<dyn NetBackend + Send>,
+        mut backend: Box<dyn NetBackend + Send>,
     ) -> Net {
+        backend.set_guest_mac(mac);
         Net {
             mac,
             mem,
@@ -129,6 +130,7 @@ impl Net {
     /// Changes the MAC address the device reports (a clone's identity).
     pub fn set_mac(&mut self, mac: [u8; 6]) {
         self.mac = mac;
+        self.backend.set_guest_mac(mac);
     }
 
     pub fn pending_len(&self) -> usize {
