@@ -480,14 +480,31 @@ fn two_hundred_concurrent_runs_succeed_or_fail_cleanly_and_rm_leaves_nothing() {
         left.len(),
         left.first()
     );
-    let socks = sockets_under(&d.state());
+    // Sockets are left only in the spare directories of pooled shells
+    // (STATE/pool/PID), one per shell.
+    let spares = d.state().join("pool");
+    let socks: Vec<_> = sockets_under(&d.state())
+        .into_iter()
+        .filter(|p| !p.starts_with(&spares))
+        .collect();
     assert!(socks.is_empty(), "sockets left: {socks:?}");
     // The only shells the daemon still has are its pool's, once refilled.
     until("only the pool's shells are left", || {
         let pool = d.json("/v1/pool");
         let ready = pool["shells"][0]["ready"].as_u64().unwrap() as usize;
         let shells = shells_of(daemon_pid);
-        ready == 4 && shells.len() == 4 && shells.iter().all(|p| !pids.contains(p))
+        let spare_dirs: Vec<u32> = std::fs::read_dir(&spares)
+            .map(|r| {
+                r.flatten()
+                    .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        ready == 4
+            && shells.len() == 4
+            && shells.iter().all(|p| !pids.contains(p))
+            && spare_dirs.len() == 4
+            && spare_dirs.iter().all(|p| shells.contains(&(*p as i64)))
     });
     assert_eq!(d.json("/v1/vms?all=1").as_array().unwrap().len(), 0);
     assert!(d.child.as_mut().unwrap().try_wait().unwrap().is_none());

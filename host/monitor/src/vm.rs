@@ -498,7 +498,8 @@ pub struct RunningVm {
     /// Written once the outcome is ready (for callers that wait in `poll`).
     done: Arc<vmm_sys_util::eventfd::EventFd>,
     results: std::sync::mpsc::Receiver<VcpuResult>,
-    vcpu: std::thread::JoinHandle<()>,
+    /// `None` when the guest runs on a [`crate::worker::Worker`].
+    vcpu: Option<std::thread::JoinHandle<()>>,
     io: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -541,6 +542,26 @@ impl Vm {
         console: Box<dyn Write + Send>,
         opts: StartOptions,
     ) -> Result<RunningVm, VmError> {
+        self.start_on(console, opts, None)
+    }
+
+    /// [`Vm::start`], running the guest on `worker` (a thread started
+    /// ahead, under the vCPU filter) when one is given and can take it: a
+    /// CPU quota must be armed on the thread before its filter, so with
+    /// one the vCPU thread is started here as usual.
+    pub fn start_on(
+        self,
+        console: Box<dyn Write + Send>,
+        opts: StartOptions,
+        worker: Option<Arc<crate::worker::Worker>>,
+    ) -> Result<RunningVm, VmError> {
+        use crate::worker::SpawnOn;
+        let worker = worker.filter(|w| {
+            opts.cpu_quota.is_none()
+                && !opts.no_seccomp
+                && opts.seccomp_selftest.is_none()
+                && w.filter() == ThreadKind::Vcpu
+        });
         control::install_handlers().map_err(VmError::Thread)?;
         let source = crate::snapshot::Source::new(
             &self.machine.ram,
@@ -552,7 +573,8 @@ impl Vm {
         let (bus, nics) = self.devices.split();
         let shared = Arc::new(Shared::new(!nics.is_empty()).map_err(VmError::Thread)?);
         // Filters are built before any thread runs guest work.
-        let vcpu_filter = (!opts.no_seccomp)
+        // A worker runs under the filter already.
+        let vcpu_filter = (!opts.no_seccomp && worker.is_none())
             .then(|| seccomp::program(ThreadKind::Vcpu))
             .transpose()?;
         let io_filter = (!opts.no_seccomp && !nics.is_empty())
@@ -610,7 +632,7 @@ impl Vm {
         let quota = opts.cpu_quota;
         let vcpu = std::thread::Builder::new()
             .name("wisp-vcpu".into())
-            .spawn(move || {
+            .spawn_on(worker, move || {
                 let r = (|| {
                     vcpu_thread::register(&mut machine, &sh).map_err(VmError::Thread)?;
                     let quota = quota
@@ -699,7 +721,9 @@ impl RunningVm {
             Some(r) => r,
             None => self.results.recv().map_err(|_| VmError::VcpuThreadDied)?,
         };
-        let _ = self.vcpu.join();
+        if let Some(vcpu) = self.vcpu {
+            let _ = vcpu.join();
+        }
         if let Some(io) = self.io {
             let _ = io.join();
         }

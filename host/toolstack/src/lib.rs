@@ -16,6 +16,7 @@ pub mod api;
 pub mod client;
 pub mod daemon;
 pub mod http;
+pub mod images;
 pub mod logs;
 pub mod metrics;
 pub mod pool;

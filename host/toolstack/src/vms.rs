@@ -23,6 +23,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use wisp_monitor::control::monotonic_ns;
 
+use crate::images::ImageCache;
 use crate::metrics::Histogram;
 use crate::pool::{Pool, PoolError};
 use crate::process;
@@ -164,6 +165,8 @@ pub struct Vms {
     table: Mutex<HashMap<String, Arc<Vm>>>,
     /// Start latencies: (warm, cold).
     latency: Mutex<(Histogram, Histogram)>,
+    /// Images validated once, shared by every start of the same file.
+    images: ImageCache,
 }
 
 impl Vms {
@@ -173,11 +176,16 @@ impl Vms {
             pool,
             table: Mutex::new(HashMap::new()),
             latency: Mutex::new(Default::default()),
+            images: ImageCache::new(),
         })
     }
 
     pub fn pool(&self) -> &Pool {
         &self.pool
+    }
+
+    pub fn images(&self) -> &ImageCache {
+        &self.images
     }
 
     pub fn latency(&self) -> (Histogram, Histogram) {
@@ -227,7 +235,7 @@ impl Vms {
     // ---- create ----------------------------------------------------------
 
     /// Checks a request; nothing is created.
-    fn validate(req: RunRequest) -> Result<(Option<String>, Spec), VmError> {
+    fn validate(&self, req: RunRequest) -> Result<(Option<String>, Spec), VmError> {
         let bad = VmError::BadRequest;
         let memory = req.memory.unwrap_or(DEFAULT_MEMORY);
         wisp_monitor::layout::check_memory(memory).map_err(|e| bad(format!("memory: {e}")))?;
@@ -237,8 +245,7 @@ impl Vms {
                 req.image
             )));
         }
-        wisp_monitor::Image::from_file(Path::new(&req.image))
-            .map_err(|e| bad(format!("{} is not a bootable Wisp image: {e}", req.image)))?;
+        self.image(&req.image)?;
         for p in &req.publish {
             p.parse::<wisp_monitor::net::user::PortForward>()
                 .map_err(|e| bad(format!("publish: {e}")))?;
@@ -343,7 +350,7 @@ impl Vms {
 
     /// Creates and starts a VM; `request_ns` is when the request arrived.
     pub fn run(self: &Arc<Self>, req: RunRequest, request_ns: u64) -> Result<Record, VmError> {
-        let (name, spec) = Vms::validate(req)?;
+        let (name, spec) = self.validate(req)?;
         self.create(name, spec, request_ns)
     }
 
@@ -355,6 +362,14 @@ impl Vms {
     ) -> Result<Record, VmError> {
         let (name, spec) = Vms::validate_restore(req)?;
         self.create(name, spec, request_ns)
+    }
+
+    /// The validated image at `path` (from the cache while the file is
+    /// unchanged).
+    fn image(&self, path: &str) -> Result<Arc<crate::images::CachedImage>, VmError> {
+        self.images
+            .get(Path::new(path))
+            .map_err(|e| VmError::BadRequest(format!("{path} is not a bootable Wisp image: {e}")))
     }
 
     fn create(
@@ -393,10 +408,9 @@ impl Vms {
             t.insert(id.clone(), vm.clone());
         }
         let _op = lock(&vm.op);
-        let result = std::fs::create_dir_all(self.dir(&id))
-            .map_err(internal("creating the VM's directory"))
-            .and_then(|_| rec.save(&self.state_dir).map_err(internal("saving")))
-            .and_then(|_| self.launch(&vm, request_ns));
+        // `launch` makes the directory (or renames a spare one into place)
+        // and writes the first record while the shell loads the guest.
+        let result = self.launch(&vm, request_ns);
         match result {
             Ok(()) => Ok(vm.snapshot()),
             Err(e) => {
@@ -415,19 +429,21 @@ impl Vms {
             (r.id.clone(), r.spec.clone())
         };
         let dir = self.dir(&id);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join(crate::logs::CURRENT))
-            .map_err(internal("opening the log"))?;
-        let exit = std::fs::File::create(dir.join("exit.json"))
-            .map_err(internal("creating the exit record"))?;
-        let sock = dir.join("control.sock");
-        let _ = std::fs::remove_file(&sock);
-        let control = UnixListener::bind(&sock).map_err(internal("binding the control socket"))?;
-        // For a restore, the snapshot goes in the image's place.
-        let image = std::fs::File::open(&spec.image)
-            .map_err(|e| VmError::BadRequest(format!("image {}: {e}", spec.image)))?;
+        // For a restore, the snapshot goes in the image's place; an image
+        // comes validated from the cache (a restart checks it again).
+        let (image, cached) = match &spec.snapshot {
+            Some(_) => {
+                let f = std::fs::File::open(&spec.image)
+                    .map_err(|e| VmError::BadRequest(format!("image {}: {e}", spec.image)))?;
+                (Some(f), None)
+            }
+            None => (None, Some(self.image(&spec.image)?)),
+        };
+        let image_fd = match (&image, &cached) {
+            (Some(f), _) => f.as_raw_fd(),
+            (None, Some(c)) => c.fd.as_raw_fd(),
+            (None, None) => unreachable!("one of the two is set above"),
+        };
         let disk = spec
             .disk
             .as_ref()
@@ -439,8 +455,24 @@ impl Vms {
         let (mut shell, warm) = self.pool.take(spec.memory).map_err(|e| match e {
             PoolError::Spawn(..) | PoolError::NotReady(_) => VmError::Unavailable(e.to_string()),
         })?;
+        // Refilled once this start is over (or failed), not during it.
+        struct Refill<'a>(&'a Pool);
+        impl Drop for Refill<'_> {
+            fn drop(&mut self) {
+                self.0.refill_soon();
+            }
+        }
+        let _refill = Refill(&self.pool);
+        let (log, exit, control) = match self.vm_files(&dir, &mut shell) {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = shell.child.kill();
+                let _ = shell.child.wait();
+                return Err(e);
+            }
+        };
         let mut fds = vec![
-            image.as_raw_fd(),
+            image_fd,
             log.as_raw_fd(),
             exit.as_raw_fd(),
             control.as_raw_fd(),
@@ -474,6 +506,17 @@ impl Vms {
             ));
         }
         drop((image, log, exit, control, disk));
+        // Written while the shell loads the guest: the first record names
+        // the shell, so that a daemon that crashes now re-adopts it.
+        let first = {
+            let mut r = lock(&vm.record);
+            r.pid = Some(shell.child.id());
+            r.pid_start = process::start_time(shell.child.id());
+            r.save(&self.state_dir)
+        };
+        if let Err(e) = first {
+            return Err(fail(&mut shell, VmError::Internal(format!("saving: {e}"))));
+        }
         let started = match proto::recv::<Started>(&shell.channel) {
             Ok((s, _)) => s,
             Err(e) => {
@@ -526,6 +569,36 @@ impl Vms {
         Ok(())
     }
 
+    /// The log, exit record and control listener of the VM in `dir`: the
+    /// shell's spare ones, renamed into place, when `dir` is new and the
+    /// shell has them; otherwise made now. The directory exists after.
+    fn vm_files(
+        &self,
+        dir: &Path,
+        shell: &mut crate::pool::ReadyShell,
+    ) -> Result<(std::fs::File, std::fs::File, UnixListener), VmError> {
+        let spare = shell.spare.take();
+        if let Some(sp) = spare {
+            // `shell.pid` stays: see `adopt`.
+            if !dir.exists() && std::fs::rename(&sp.dir, dir).is_ok() {
+                return Ok((sp.log, sp.exit, sp.control));
+            }
+            sp.discard();
+        }
+        std::fs::create_dir_all(dir).map_err(internal("creating the VM's directory"))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(crate::logs::CURRENT))
+            .map_err(internal("opening the log"))?;
+        let exit = std::fs::File::create(dir.join("exit.json"))
+            .map_err(internal("creating the exit record"))?;
+        let sock = dir.join("control.sock");
+        let _ = std::fs::remove_file(&sock);
+        let control = UnixListener::bind(&sock).map_err(internal("binding the control socket"))?;
+        Ok((log, exit, control))
+    }
+
     /// Records a monitor's end (and restarts it if its policy says so).
     fn ended(self: &Arc<Self>, vm: &Arc<Vm>, wait: Option<std::process::ExitStatus>) {
         let id = lock(&vm.record).id.clone();
@@ -576,6 +649,8 @@ impl Vms {
         if let Err(e) = self.launch(vm, monotonic_ns()) {
             let mut r = lock(&vm.record);
             r.state = State::Exited;
+            r.pid = None;
+            r.pid_start = None;
             if let Some(x) = r.exit.as_mut() {
                 x.detail = Some(format!("restart failed: {e}"));
             }
@@ -799,6 +874,19 @@ impl Vms {
             let mut r = match Record::load(&dir) {
                 Ok(r) => r,
                 Err(e) => {
+                    if let Some((pid, start)) = crate::pool::read_shell_pid(&dir) {
+                        // A start the daemon crashed in, before its first
+                        // record: never acknowledged, so undone.
+                        if process::same_process(pid, Some(start)) {
+                            if let Ok(fd) = process::pidfd(pid) {
+                                let _ = process::signal(&fd, libc::SIGKILL);
+                                process::wait_exit(&fd, 5000);
+                            }
+                        }
+                        crate::log(format_args!("removing {}: {e}", dir.display()));
+                        let _ = std::fs::remove_dir_all(&dir);
+                        continue;
+                    }
                     crate::log(format_args!("skipping {}: {e}", dir.display()));
                     continue;
                 }
