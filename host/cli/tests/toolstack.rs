@@ -341,6 +341,59 @@ fn starts_take_pooled_shells_and_the_pool_refills() {
     assert_eq!(vm["exit"]["status"], 0);
 }
 
+#[test]
+fn the_image_cache_never_serves_a_changed_file() {
+    use std::os::unix::fs::MetadataExt;
+    let d = Daemon::start("imgcache", "16M:1");
+    let img = d.dir.join("app.wisp");
+    std::fs::copy(hello(), &img).unwrap();
+    let p = img.to_str().unwrap();
+    let images = |d: &Daemon| d.json("/v1/pool")["images"].clone();
+    d.ok(&["run", "-d", "--name", "a", "-m", "16M", p]);
+    d.wait_state("a", "exited");
+    assert!(d.ok(&["logs", "a"]).contains("Hello from Wisp!"));
+    let first = images(&d);
+    // The same file again: served from the cache.
+    d.ok(&["run", "-d", "--name", "a2", "-m", "16M", p]);
+    d.wait_state("a2", "exited");
+    assert!(d.ok(&["logs", "a2"]).contains("Hello from Wisp!"));
+    let second = images(&d);
+    assert_eq!(second["loads"], first["loads"], "{second}");
+    assert!(second["hits"].as_u64() > first["hits"].as_u64(), "{second}");
+
+    // Rewritten in place (same inode) with another image: that one runs.
+    let ino = std::fs::metadata(&img).unwrap().ino();
+    std::fs::write(&img, std::fs::read(probe()).unwrap()).unwrap();
+    assert_eq!(std::fs::metadata(&img).unwrap().ino(), ino);
+    d.ok(&[
+        "run", "-d", "--name", "b", "-m", "16M", p, "--", "counter", "10",
+    ]);
+    until("the new image runs", || {
+        d.ok(&["logs", "b"]).contains("tick")
+    });
+    assert!(!d.ok(&["logs", "b"]).contains("Hello from Wisp!"));
+    assert!(images(&d)["loads"].as_u64() > second["loads"].as_u64());
+
+    // Replaced by something that is not an image: refused, nothing made.
+    std::fs::write(&img, b"not an image").unwrap();
+    let before = d.json("/v1/vms?all=1").as_array().unwrap().len();
+    let o = d.wisp(&["run", "-d", "--name", "c", "-m", "16M", p]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("not a bootable Wisp image"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(d.json("/v1/vms?all=1").as_array().unwrap().len(), before);
+    // And a valid image put back under a new inode runs again.
+    let tmp = d.dir.join("app.wisp.new");
+    std::fs::copy(hello(), &tmp).unwrap();
+    std::fs::rename(&tmp, &img).unwrap();
+    d.ok(&["run", "-d", "--name", "e", "-m", "16M", p]);
+    d.wait_state("e", "exited");
+    assert!(d.ok(&["logs", "e"]).contains("Hello from Wisp!"));
+}
+
 /// One POST /v1/vms that may fail in any way: Ok((status, body)) for an
 /// answer, Err for no answer within the limit (a hang) or a broken socket.
 fn try_post(socket: &Path, body: &str, limit: Duration) -> Result<(u16, String), String> {

@@ -220,6 +220,11 @@ impl Shell {
         self.machine.ram.size
     }
 
+    /// Its KVM objects and memory (a restore replaces the memory).
+    pub(crate) fn into_machine(self) -> Machine {
+        self.machine
+    }
+
     /// Loads `image` with its arguments: layout, segments, page tables,
     /// GDT/IDT/TSS and the vCPU's registers. `devices` says whether the
     /// device window must be mapped (whether devices will be attached).

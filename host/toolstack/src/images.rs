@@ -167,6 +167,55 @@ impl ImageCache {
     }
 }
 
+/// Snapshots whose memory the daemon has checked (checksum and holes),
+/// keyed as images are: a restore of an unchanged snapshot, and every clone
+/// of a batch, tells its shell not to read the memory again.
+#[derive(Default)]
+pub struct CheckedSnapshots {
+    inner: Mutex<HashMap<PathBuf, Key>>,
+}
+
+impl CheckedSnapshots {
+    pub fn new() -> CheckedSnapshots {
+        CheckedSnapshots::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, Key>> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the open file `file` is the version of `path` that was
+    /// checked.
+    pub fn is_checked_file(&self, path: &Path, file: &std::fs::File) -> bool {
+        match file.metadata() {
+            Ok(m) => self.lock().get(path) == Some(&Key::of(&m)),
+            Err(_) => false,
+        }
+    }
+
+    /// Checks `path` with `check` (which opens it whole) unless it was
+    /// checked as it is now; records it as checked if it did not change
+    /// meanwhile. Returns what `check` returns.
+    pub fn check<T, E>(
+        &self,
+        path: &Path,
+        check: impl FnOnce(bool) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let before = std::fs::metadata(path).ok().map(|m| Key::of(&m));
+        let known = before.is_some() && self.lock().get(path) == before.as_ref();
+        let r = check(!known)?;
+        let after = std::fs::metadata(path).ok().map(|m| Key::of(&m));
+        if let (Some(b), true) = (before, before == after) {
+            let mut g = self.lock();
+            if g.len() >= CAPACITY && !g.contains_key(path) {
+                g.clear();
+            }
+            g.insert(path.to_path_buf(), b);
+        }
+        Ok(r)
+    }
+}
+
 /// A memfd holding `bytes`, sealed against any change.
 fn sealed_memfd(bytes: &[u8]) -> std::io::Result<OwnedFd> {
     // SAFETY: a plain syscall with a NUL-terminated name; checked.

@@ -59,6 +59,11 @@ pub struct Handoff {
     /// image, and this is the clone id (0: a plain restore).
     #[serde(default)]
     pub snapshot: Option<u32>,
+    /// The daemon checked this snapshot's memory (checksum and holes) and
+    /// the file has not changed since: the shell checks every other
+    /// section but not the memory again (a batch of clones reads it once).
+    #[serde(default)]
+    pub snapshot_checked: bool,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -235,6 +240,7 @@ mod tests {
             cpus: None,
             request_ns: 7,
             snapshot: None,
+            snapshot_checked: false,
         };
         let t = std::thread::spawn(move || send(&a, &msg, &[file.as_raw_fd()]).unwrap());
         let (got, fds): (Handoff, _) = recv(&b).unwrap();

@@ -115,11 +115,8 @@ pub fn run(memory: u64, channel: UnixStream) -> i32 {
     // guest's log, as the guest's console does.
     redirect_stdio(files.log.as_raw_fd());
     let started = match handoff.snapshot {
-        // The pre-created VM is not used: the snapshot makes its own.
-        Some(clone_id) => {
-            drop(shell);
-            restore(&handoff, &files, clone_id, worker)
-        }
+        // The pre-created VM takes the snapshot's memory and state.
+        Some(clone_id) => restore(shell, &handoff, &files, clone_id, worker),
         None => start(shell, &handoff, &files, worker),
     };
     let running = match started {
@@ -161,6 +158,7 @@ pub fn run(memory: u64, channel: UnixStream) -> i32 {
 /// returns it as [`start`] does. Only published ports are configured: a
 /// disk cannot be given to a restore yet.
 fn restore(
+    shell: Shell,
     h: &Handoff,
     files: &Files,
     clone_id: u32,
@@ -171,7 +169,8 @@ fn restore(
     }
     // Opened through /proc: the snapshot module checks it from a path.
     let path = format!("/proc/self/fd/{}", files.image.as_raw_fd());
-    let snap = Snapshot::open(std::path::Path::new(&path)).map_err(|e| e.to_string())?;
+    let snap = Snapshot::open_checked(std::path::Path::new(&path), !h.snapshot_checked)
+        .map_err(|e| e.to_string())?;
     let publish = h
         .publish
         .iter()
@@ -193,7 +192,7 @@ fn restore(
         disk: None,
     };
     let vm = snap
-        .restore(&cfg, RestoreOptions { clone_id })
+        .restore_into(shell, &cfg, RestoreOptions { clone_id })
         .map_err(|e| e.to_string())?;
     let published = vm
         .published()

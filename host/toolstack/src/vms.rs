@@ -23,7 +23,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use wisp_monitor::control::monotonic_ns;
 
-use crate::images::ImageCache;
+use crate::images::{CheckedSnapshots, ImageCache};
 use crate::metrics::Histogram;
 use crate::pool::{Pool, PoolError};
 use crate::process;
@@ -99,6 +99,41 @@ pub struct RestoreRequest {
     pub cpus: Option<f64>,
 }
 
+/// `POST /v1/clone`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloneRequest {
+    /// Absolute path of the snapshot on the daemon's host.
+    pub snapshot: String,
+    pub count: u32,
+    /// Clone N is named `NAME-N` (default: generated names).
+    pub name: Option<String>,
+    #[serde(default)]
+    pub publish: Vec<String>,
+    pub cpus: Option<f64>,
+}
+
+/// Most clones one request may start.
+pub const MAX_CLONES: u32 = 10_000;
+
+/// What `POST /v1/clone` did.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct CloneReport {
+    /// The clones started, in clone-id order.
+    pub vms: Vec<Record>,
+    /// Request -> snapshot opened and checked, in µs.
+    pub open_us: u64,
+    /// Per clone: from the end of the previous one (or the request) to
+    /// this one running, in µs.
+    pub per_clone_us: Vec<u64>,
+    pub total_us: u64,
+    /// Why it stopped early, if it did.
+    pub error: Option<String>,
+    /// HTTP status of that error.
+    #[serde(skip)]
+    pub status: u16,
+}
+
 /// `POST /v1/vms/{ref}/save`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -167,6 +202,8 @@ pub struct Vms {
     latency: Mutex<(Histogram, Histogram)>,
     /// Images validated once, shared by every start of the same file.
     images: ImageCache,
+    /// Snapshots whose memory was checked (restores do not read it again).
+    snapshots: CheckedSnapshots,
 }
 
 impl Vms {
@@ -177,6 +214,7 @@ impl Vms {
             table: Mutex::new(HashMap::new()),
             latency: Mutex::new(Default::default()),
             images: ImageCache::new(),
+            snapshots: CheckedSnapshots::new(),
         })
     }
 
@@ -286,7 +324,7 @@ impl Vms {
 
     /// Checks a restore request (the snapshot is opened and checked
     /// whole); nothing is created.
-    fn validate_restore(req: RestoreRequest) -> Result<(Option<String>, Spec), VmError> {
+    fn validate_restore(&self, req: RestoreRequest) -> Result<(Option<String>, Spec), VmError> {
         let bad = VmError::BadRequest;
         if !Path::new(&req.snapshot).is_absolute() {
             return Err(bad(format!(
@@ -294,7 +332,11 @@ impl Vms {
                 req.snapshot
             )));
         }
-        let snap = wisp_monitor::snapshot::Snapshot::open(Path::new(&req.snapshot))
+        let snap = self
+            .snapshots
+            .check(Path::new(&req.snapshot), |memory| {
+                wisp_monitor::snapshot::Snapshot::open_checked(Path::new(&req.snapshot), memory)
+            })
             .map_err(|e| bad(format!("cannot restore {}: {e}", req.snapshot)))?;
         for p in &req.publish {
             p.parse::<wisp_monitor::net::user::PortForward>()
@@ -360,8 +402,68 @@ impl Vms {
         req: RestoreRequest,
         request_ns: u64,
     ) -> Result<Record, VmError> {
-        let (name, spec) = Vms::validate_restore(req)?;
+        let (name, spec) = self.validate_restore(req)?;
         self.create(name, spec, request_ns)
+    }
+
+    /// Starts `req.count` clones of a snapshot (clone ids 1..=count) in
+    /// one request: the snapshot is opened and checked once, then each
+    /// clone maps it copy-on-write in a shell (pooled when one is free).
+    /// Stops at the first failure; the clones started before it stay.
+    pub fn clone_many(self: &Arc<Self>, req: CloneRequest, request_ns: u64) -> CloneReport {
+        let mut report = CloneReport::default();
+        if req.count == 0 || req.count > MAX_CLONES {
+            report.error = Some(format!("count {} is not 1-{MAX_CLONES}", req.count));
+            return report;
+        }
+        let first = RestoreRequest {
+            snapshot: req.snapshot.clone(),
+            name: req.name.as_ref().map(|n| format!("{n}-1")),
+            publish: req.publish.clone(),
+            clone_id: 1,
+            cpus: req.cpus,
+        };
+        let (name, spec) = match self.validate_restore(first) {
+            Ok(v) => v,
+            Err(e) => {
+                report.error = Some(e.to_string());
+                report.status = e.status();
+                return report;
+            }
+        };
+        report.open_us = monotonic_ns().saturating_sub(request_ns) / 1000;
+        let mut t = request_ns;
+        for id in 1..=req.count {
+            let mut spec = spec.clone();
+            spec.snapshot = Some(FromSnapshot { clone_id: id });
+            let name = match (id, &req.name) {
+                (1, _) => name.clone(),
+                (_, Some(n)) => Some(format!("{n}-{id}")),
+                (_, None) => None,
+            };
+            if let Some(n) = &name {
+                if let Err(e) = record::check_name(n) {
+                    report.error = Some(e);
+                    report.status = 400;
+                    break;
+                }
+            }
+            match self.create(name, spec, t) {
+                Ok(r) => {
+                    let now = monotonic_ns();
+                    report.per_clone_us.push(now.saturating_sub(t) / 1000);
+                    report.vms.push(r);
+                    t = now;
+                }
+                Err(e) => {
+                    report.error = Some(format!("clone {id} of {}: {e}", req.count));
+                    report.status = e.status();
+                    break;
+                }
+            }
+        }
+        report.total_us = monotonic_ns().saturating_sub(request_ns) / 1000;
+        report
     }
 
     /// The validated image at `path` (from the cache while the file is
@@ -493,6 +595,10 @@ impl Vms {
             cpus: spec.cpus,
             request_ns,
             snapshot: spec.snapshot.as_ref().map(|s| s.clone_id),
+            snapshot_checked: spec.snapshot.is_some()
+                && image
+                    .as_ref()
+                    .is_some_and(|f| self.snapshots.is_checked_file(Path::new(&spec.image), f)),
         };
         let fail = |shell: &mut crate::pool::ReadyShell, e: VmError| {
             let _ = shell.child.kill();
