@@ -258,6 +258,27 @@ mod tests {
     }
 
     #[test]
+    fn a_snapshot_is_checked_whole_again_only_when_it_changed() {
+        let dir = std::env::temp_dir().join(format!("wisp-snaps-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("a.snap");
+        std::fs::write(&p, b"one").unwrap();
+        let c = CheckedSnapshots::new();
+        let whole = |c: &CheckedSnapshots| c.check(&p, Ok::<bool, ()>).unwrap();
+        assert!(whole(&c), "first time: checked whole");
+        assert!(!whole(&c), "unchanged: memory not read again");
+        assert!(c.is_checked_file(&p, &std::fs::File::open(&p).unwrap()));
+        std::fs::write(&p, b"other").unwrap();
+        assert!(!c.is_checked_file(&p, &std::fs::File::open(&p).unwrap()));
+        assert!(whole(&c), "changed: checked whole again");
+        // A failed check is not remembered.
+        std::fs::write(&p, b"third!").unwrap();
+        assert!(c.check(&p, |_| Err::<(), ()>(())).is_err());
+        assert!(whole(&c));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn a_file_that_is_not_an_image_is_refused_and_not_cached() {
         let dir = std::env::temp_dir().join(format!("wisp-images-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

@@ -8,7 +8,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -20,8 +19,12 @@ use crate::proto::{self, Hello};
 
 /// How long a new shell may take to create its VM.
 const READY_LIMIT: Duration = Duration::from_secs(20);
-/// The fd number the hand-off channel has in the shell.
-pub const CHANNEL_FD: i32 = 3;
+/// The fd number the hand-off channel has in the shell: its standard
+/// input, so that the daemon spawns it without a `pre_exec` hook, which
+/// lets the standard library use `posix_spawn` (a `vfork`) instead of a
+/// `fork` that copies the page tables of a daemon with thousands of
+/// threads.
+pub const CHANNEL_FD: i32 = 0;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
@@ -99,35 +102,18 @@ pub fn read_shell_pid(dir: &Path) -> Option<(u32, u64)> {
 pub fn spawn(exe: &PathBuf, memory: u64) -> Result<ReadyShell, PoolError> {
     let (ours, theirs) =
         UnixStream::pair().map_err(|e| PoolError::Spawn("socketpair".into(), e))?;
-    let fd = theirs.as_raw_fd();
     let mut cmd = Command::new(exe);
     cmd.args(["shell", "--memory", &memory.to_string()])
-        .stdin(Stdio::null())
+        .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         // Its own process group: a terminal's ^C to the daemon does not
         // reach the guests, which outlive the daemon by design.
         .process_group(0);
-    // SAFETY: between fork and exec, only dup2/fcntl (async-signal-safe) on a
-    // descriptor that stays open in the parent until after the spawn.
-    unsafe {
-        cmd.pre_exec(move || {
-            // dup2 onto itself would keep close-on-exec: clear it instead.
-            let rc = if fd == CHANNEL_FD {
-                libc::fcntl(fd, libc::F_SETFD, 0)
-            } else {
-                libc::dup2(fd, CHANNEL_FD)
-            };
-            if rc < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
     let mut child = cmd
         .spawn()
         .map_err(|e| PoolError::Spawn(exe.display().to_string(), e))?;
-    drop(theirs);
+    // Our copy of the shell's end was closed by the spawn.
     let fail = |child: &mut Child, why: String| {
         let _ = child.kill();
         let _ = child.wait();
