@@ -24,6 +24,7 @@ pub mod process;
 pub mod proto;
 pub mod record;
 pub mod shell;
+pub mod trim;
 pub mod vms;
 
 /// A line on the daemon's stderr (its journal under systemd); a closed

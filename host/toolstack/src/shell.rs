@@ -142,6 +142,8 @@ pub fn run(memory: u64, channel: UnixStream) -> i32 {
         &[],
     );
     drop(channel);
+    // Give back what start-up touched and the wait does not need.
+    crate::trim::after_start();
     // Everything the guest can reach is set up: from here this thread only
     // answers control requests and waits, under its own filter.
     if let Err(e) = seccomp::install(ThreadKind::Control) {
