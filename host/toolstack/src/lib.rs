@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod pool;
 pub mod process;
 pub mod proto;
+pub mod reaper;
 pub mod record;
 pub mod shell;
 pub mod trim;

@@ -204,6 +204,9 @@ pub struct Vms {
     images: ImageCache,
     /// Snapshots whose memory was checked (restores do not read it again).
     snapshots: CheckedSnapshots,
+    /// Learns of every monitor's end (one thread for all of them); `None`
+    /// if it could not start, and then each VM gets its own thread.
+    reaper: Option<Arc<crate::reaper::Reaper>>,
 }
 
 impl Vms {
@@ -215,6 +218,9 @@ impl Vms {
             latency: Mutex::new(Default::default()),
             images: ImageCache::new(),
             snapshots: CheckedSnapshots::new(),
+            reaper: crate::reaper::Reaper::start()
+                .map_err(|e| crate::log(format_args!("reaper: {e}; one thread per VM instead")))
+                .ok(),
         })
     }
 
@@ -664,15 +670,45 @@ impl Vms {
         }
         *lock(&vm.pidfd) = Some(pidfd.clone());
         vm.changed.notify_all();
+        self.on_end(vm, pidfd, Some(shell.child));
+        Ok(())
+    }
+
+    /// Calls [`Vms::ended`] when the monitor behind `pidfd` ends (`child`:
+    /// when the daemon is its parent, to reap it and learn its status).
+    fn on_end(
+        self: &Arc<Self>,
+        vm: &Arc<Vm>,
+        pidfd: Arc<OwnedFd>,
+        child: Option<std::process::Child>,
+    ) {
         let vms = self.clone();
         let vm2 = vm.clone();
-        let child = shell.child;
+        let ended = move |status| vms.ended(&vm2, status);
+        let child = match &self.reaper {
+            Some(r) => match r.watch(pidfd.clone(), child, ended) {
+                Ok(()) => return,
+                Err(e) => {
+                    crate::log(format_args!("reaper: {e}"));
+                    // The watch was not taken: a thread of its own.
+                    None
+                }
+            },
+            None => child,
+        };
+        // Without the reaper (rare): a thread per VM.
+        let vms = self.clone();
+        let vm2 = vm.clone();
         spawn_small(move || {
-            let mut child = child;
-            let status = child.wait().ok();
+            let status = match child {
+                Some(mut c) => c.wait().ok(),
+                None => {
+                    process::wait_exit(&pidfd, -1);
+                    None
+                }
+            };
             vms.ended(&vm2, status);
         });
-        Ok(())
     }
 
     /// The log, exit record and control listener of the VM in `dir`: the
@@ -1016,12 +1052,7 @@ impl Vms {
                     }
                     let fd = Arc::new(fd);
                     *lock(&vm.pidfd) = Some(fd.clone());
-                    let vms = self.clone();
-                    let vm2 = vm.clone();
-                    spawn_small(move || {
-                        process::wait_exit(&fd, -1);
-                        vms.ended(&vm2, None);
-                    });
+                    self.on_end(&vm, fd, None);
                 }
                 None if r.state.is_live() || r.state == State::Restarting => {
                     ended += 1;
