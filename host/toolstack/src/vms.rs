@@ -193,11 +193,52 @@ impl Vm {
     }
 }
 
+/// The VMs by id, with an index by name, so that a start does not look
+/// at every other VM (names never change).
+#[derive(Default)]
+struct Table {
+    by_id: HashMap<String, Arc<Vm>>,
+    names: HashMap<String, String>,
+}
+
+impl Table {
+    fn insert(&mut self, id: String, vm: Arc<Vm>) -> Option<Arc<Vm>> {
+        let name = lock(&vm.record).name.clone();
+        self.names.insert(name, id.clone());
+        self.by_id.insert(id, vm)
+    }
+
+    fn remove(&mut self, id: &str) -> Option<Arc<Vm>> {
+        let vm = self.by_id.remove(id)?;
+        let name = lock(&vm.record).name.clone();
+        if self.names.get(&name).map(String::as_str) == Some(id) {
+            self.names.remove(&name);
+        }
+        Some(vm)
+    }
+
+    fn get(&self, id: &str) -> Option<&Arc<Vm>> {
+        self.by_id.get(id)
+    }
+
+    fn by_name(&self, name: &str) -> Option<&Arc<Vm>> {
+        self.by_id.get(self.names.get(name)?)
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Arc<Vm>> {
+        self.by_id.values()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&String, &Arc<Vm>)> {
+        self.by_id.iter()
+    }
+}
+
 /// The daemon's table of VMs.
 pub struct Vms {
     state_dir: PathBuf,
     pool: Arc<Pool>,
-    table: Mutex<HashMap<String, Arc<Vm>>>,
+    table: Mutex<Table>,
     /// Start latencies: (warm, cold).
     latency: Mutex<(Histogram, Histogram)>,
     /// Images validated once, shared by every start of the same file.
@@ -214,7 +255,7 @@ impl Vms {
         Arc::new(Vms {
             state_dir,
             pool,
-            table: Mutex::new(HashMap::new()),
+            table: Mutex::new(Table::default()),
             latency: Mutex::new(Default::default()),
             images: ImageCache::new(),
             snapshots: CheckedSnapshots::new(),
@@ -260,8 +301,7 @@ impl Vms {
         if let Some(vm) = t.get(r) {
             return Ok(vm.clone());
         }
-        let mut by_name = t.values().filter(|v| lock(&v.record).name == r);
-        if let Some(vm) = by_name.next() {
+        if let Some(vm) = t.by_name(r) {
             return Ok(vm.clone());
         }
         let prefixed: Vec<_> = if r.len() >= 4 {
@@ -508,7 +548,7 @@ impl Vms {
         let vm = Vm::new(rec.clone());
         {
             let mut t = lock(&self.table);
-            if t.values().any(|v| lock(&v.record).name == name) {
+            if t.by_name(&name).is_some() {
                 return Err(VmError::Conflict(format!(
                     "the name '{name}' is already in use (wisp rm it first)"
                 )));
