@@ -37,6 +37,10 @@ use crate::proto::{
 /// How long the hand-off reply waits for the guest to reach `main` (the
 /// reply then carries `main_ns`; a slower guest is still running).
 const MAIN_WAIT: Duration = Duration::from_secs(2);
+/// Guest ranges a waiting shell faults in (see `run`): 32 KiB of boot
+/// area from 4 KiB, 48 KiB of image from 1 MiB (the smallest Wisp images
+/// are about that size).
+const PREFAULT: [(u64, u64); 2] = [(0x1000, 0x8000), (0x10_0000, 0xC000)];
 /// How long a control connection may take to send its request.
 const REQUEST_WAIT_MS: i32 = 1000;
 
@@ -83,6 +87,13 @@ pub fn run(memory: u64, channel: UnixStream) -> i32 {
             return wisp_abi::exit::MONITOR_ERROR as i32;
         }
     };
+    // The pages every guest's load writes, faulted in now rather than
+    // after the request: the boot area (page tables, GDT, IDT, TSS, boot
+    // page, short arguments) and the first pages of the image, which
+    // `guest/libos/wisp.ld` places at 1 MiB.
+    for (start, len) in PREFAULT {
+        let _ = shell.prefault(start, len);
+    }
     // Compiled while the shell waits in the pool, not on the start path.
     if let Err(e) = seccomp::precompile() {
         wisp_monitor::report(format_args!("wisp shell: {e}"));
