@@ -229,6 +229,77 @@ fn a_daemon_killed_with_sigkill_readopts_its_guests() {
     assert!(!alive(pid));
 }
 
+/// Field 22 of /proc/PID/stat: the process's start time.
+fn start_time(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = stat.rsplit_once(')').unwrap().1;
+    rest.split_whitespace().nth(19).unwrap().parse().unwrap()
+}
+
+#[test]
+fn a_start_the_daemon_crashed_in_is_undone_when_it_restarts() {
+    let mut d = Daemon::start("undone", "2M:1");
+    until("the pool is full", || {
+        d.json("/v1/pool")["shells"][0]["ready"].as_u64() == Some(1)
+    });
+    d.kill9();
+    // What a daemon killed between renaming a spare directory into place
+    // and writing the VM's first record leaves: a directory that names its
+    // shell (here a stand-in process) and no record.
+    let shell = std::process::Command::new("sleep")
+        .arg("600")
+        .spawn()
+        .unwrap();
+    // Killed on the way out whatever happens.
+    struct Reap(std::process::Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut guard = Reap(shell);
+    let shell = &mut guard.0;
+    let dir = d.state().join("vms/00000000deadbeef");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("shell.pid"),
+        format!("{} {}\n", shell.id(), start_time(shell.id())),
+    )
+    .unwrap();
+    std::fs::write(dir.join("console.log"), b"").unwrap();
+    // A directory naming a pid that is not that process is removed, and
+    // the process left alone.
+    let other = d.state().join("vms/00000000cafef00d");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("shell.pid"), format!("{} 1\n", shell.id())).unwrap();
+    d.restart();
+    // Answered once the previous daemon's VMs have been looked at.
+    d.json("/v1/version");
+    assert!(!other.exists(), "a directory without a record is removed");
+    assert!(!dir.exists(), "the unrecorded start's directory is removed");
+    let mut st = None;
+    until("the unrecorded start's shell is killed", || {
+        st = shell.try_wait().unwrap();
+        st.is_some()
+    });
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(st.unwrap().signal(), Some(9), "{st:?}");
+    assert_eq!(d.json("/v1/vms?all=1").as_array().unwrap().len(), 0);
+    // The killed daemon's spare directories went with its pool: only the
+    // new pool's shells have one.
+    until("only the new pool's spare directories", || {
+        let names: Vec<u32> = std::fs::read_dir(d.state().join("pool"))
+            .map(|r| {
+                r.flatten()
+                    .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.len() == 1 && names.iter().all(|&p| alive(p as i64))
+    });
+}
+
 #[test]
 fn crashes_and_outside_kills_are_recorded_and_restart_on_failure_restarts() {
     let d = Daemon::start("crash", "2M:1");
