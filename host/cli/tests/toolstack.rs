@@ -229,6 +229,77 @@ fn a_daemon_killed_with_sigkill_readopts_its_guests() {
     assert!(!alive(pid));
 }
 
+/// Field 22 of /proc/PID/stat: the process's start time.
+fn start_time(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = stat.rsplit_once(')').unwrap().1;
+    rest.split_whitespace().nth(19).unwrap().parse().unwrap()
+}
+
+#[test]
+fn a_start_the_daemon_crashed_in_is_undone_when_it_restarts() {
+    let mut d = Daemon::start("undone", "2M:1");
+    until("the pool is full", || {
+        d.json("/v1/pool")["shells"][0]["ready"].as_u64() == Some(1)
+    });
+    d.kill9();
+    // What a daemon killed between renaming a spare directory into place
+    // and writing the VM's first record leaves: a directory that names its
+    // shell (here a stand-in process) and no record.
+    let shell = std::process::Command::new("sleep")
+        .arg("600")
+        .spawn()
+        .unwrap();
+    // Killed on the way out whatever happens.
+    struct Reap(std::process::Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut guard = Reap(shell);
+    let shell = &mut guard.0;
+    let dir = d.state().join("vms/00000000deadbeef");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("shell.pid"),
+        format!("{} {}\n", shell.id(), start_time(shell.id())),
+    )
+    .unwrap();
+    std::fs::write(dir.join("console.log"), b"").unwrap();
+    // A directory naming a pid that is not that process is removed, and
+    // the process left alone.
+    let other = d.state().join("vms/00000000cafef00d");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("shell.pid"), format!("{} 1\n", shell.id())).unwrap();
+    d.restart();
+    // Answered once the previous daemon's VMs have been looked at.
+    d.json("/v1/version");
+    assert!(!other.exists(), "a directory without a record is removed");
+    assert!(!dir.exists(), "the unrecorded start's directory is removed");
+    let mut st = None;
+    until("the unrecorded start's shell is killed", || {
+        st = shell.try_wait().unwrap();
+        st.is_some()
+    });
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(st.unwrap().signal(), Some(9), "{st:?}");
+    assert_eq!(d.json("/v1/vms?all=1").as_array().unwrap().len(), 0);
+    // The killed daemon's spare directories went with its pool: only the
+    // new pool's shells have one.
+    until("only the new pool's spare directories", || {
+        let names: Vec<u32> = std::fs::read_dir(d.state().join("pool"))
+            .map(|r| {
+                r.flatten()
+                    .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.len() == 1 && names.iter().all(|&p| alive(p as i64))
+    });
+}
+
 #[test]
 fn crashes_and_outside_kills_are_recorded_and_restart_on_failure_restarts() {
     let d = Daemon::start("crash", "2M:1");
@@ -339,6 +410,59 @@ fn starts_take_pooled_shells_and_the_pool_refills() {
     let vm = d.wait_state("b", "exited");
     assert_eq!(vm["from_pool"], false);
     assert_eq!(vm["exit"]["status"], 0);
+}
+
+#[test]
+fn the_image_cache_never_serves_a_changed_file() {
+    use std::os::unix::fs::MetadataExt;
+    let d = Daemon::start("imgcache", "16M:1");
+    let img = d.dir.join("app.wisp");
+    std::fs::copy(hello(), &img).unwrap();
+    let p = img.to_str().unwrap();
+    let images = |d: &Daemon| d.json("/v1/pool")["images"].clone();
+    d.ok(&["run", "-d", "--name", "a", "-m", "16M", p]);
+    d.wait_state("a", "exited");
+    assert!(d.ok(&["logs", "a"]).contains("Hello from Wisp!"));
+    let first = images(&d);
+    // The same file again: served from the cache.
+    d.ok(&["run", "-d", "--name", "a2", "-m", "16M", p]);
+    d.wait_state("a2", "exited");
+    assert!(d.ok(&["logs", "a2"]).contains("Hello from Wisp!"));
+    let second = images(&d);
+    assert_eq!(second["loads"], first["loads"], "{second}");
+    assert!(second["hits"].as_u64() > first["hits"].as_u64(), "{second}");
+
+    // Rewritten in place (same inode) with another image: that one runs.
+    let ino = std::fs::metadata(&img).unwrap().ino();
+    std::fs::write(&img, std::fs::read(probe()).unwrap()).unwrap();
+    assert_eq!(std::fs::metadata(&img).unwrap().ino(), ino);
+    d.ok(&[
+        "run", "-d", "--name", "b", "-m", "16M", p, "--", "counter", "10",
+    ]);
+    until("the new image runs", || {
+        d.ok(&["logs", "b"]).contains("tick")
+    });
+    assert!(!d.ok(&["logs", "b"]).contains("Hello from Wisp!"));
+    assert!(images(&d)["loads"].as_u64() > second["loads"].as_u64());
+
+    // Replaced by something that is not an image: refused, nothing made.
+    std::fs::write(&img, b"not an image").unwrap();
+    let before = d.json("/v1/vms?all=1").as_array().unwrap().len();
+    let o = d.wisp(&["run", "-d", "--name", "c", "-m", "16M", p]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("not a bootable Wisp image"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(d.json("/v1/vms?all=1").as_array().unwrap().len(), before);
+    // And a valid image put back under a new inode runs again.
+    let tmp = d.dir.join("app.wisp.new");
+    std::fs::copy(hello(), &tmp).unwrap();
+    std::fs::rename(&tmp, &img).unwrap();
+    d.ok(&["run", "-d", "--name", "e", "-m", "16M", p]);
+    d.wait_state("e", "exited");
+    assert!(d.ok(&["logs", "e"]).contains("Hello from Wisp!"));
 }
 
 /// One POST /v1/vms that may fail in any way: Ok((status, body)) for an
@@ -480,14 +604,31 @@ fn two_hundred_concurrent_runs_succeed_or_fail_cleanly_and_rm_leaves_nothing() {
         left.len(),
         left.first()
     );
-    let socks = sockets_under(&d.state());
+    // Sockets are left only in the spare directories of pooled shells
+    // (STATE/pool/PID), one per shell.
+    let spares = d.state().join("pool");
+    let socks: Vec<_> = sockets_under(&d.state())
+        .into_iter()
+        .filter(|p| !p.starts_with(&spares))
+        .collect();
     assert!(socks.is_empty(), "sockets left: {socks:?}");
     // The only shells the daemon still has are its pool's, once refilled.
     until("only the pool's shells are left", || {
         let pool = d.json("/v1/pool");
         let ready = pool["shells"][0]["ready"].as_u64().unwrap() as usize;
         let shells = shells_of(daemon_pid);
-        ready == 4 && shells.len() == 4 && shells.iter().all(|p| !pids.contains(p))
+        let spare_dirs: Vec<u32> = std::fs::read_dir(&spares)
+            .map(|r| {
+                r.flatten()
+                    .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        ready == 4
+            && shells.len() == 4
+            && shells.iter().all(|p| !pids.contains(p))
+            && spare_dirs.len() == 4
+            && spare_dirs.iter().all(|p| shells.contains(&(*p as i64)))
     });
     assert_eq!(d.json("/v1/vms?all=1").as_array().unwrap().len(), 0);
     assert!(d.child.as_mut().unwrap().try_wait().unwrap().is_none());

@@ -228,3 +228,110 @@ fn a_guest_with_a_nic_is_cloned_with_its_ports_published() {
     }
     assert_ne!(hosts[0], hosts[1]);
 }
+
+/// Pids of the shells waiting in the pool: their spare VM directories
+/// (`STATE/pool/PID`) are named after them.
+fn pooled_pids(d: &Daemon) -> Vec<i64> {
+    std::fs::read_dir(d.state().join("pool"))
+        .map(|r| {
+            r.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn pool_full(d: &Daemon) {
+    until("the pool is full", || {
+        let p = d.json("/v1/pool");
+        p["shells"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["ready"] == s["target"])
+    });
+}
+
+#[test]
+fn one_clone_request_starts_n_guests_on_pooled_shells() {
+    let d = Daemon::start("clonen", "16M:3");
+    let img = probe().to_str().unwrap();
+    d.ok(&[
+        "run", "-d", "--name", "c", "-m", "16M", img, "--", "counter", "10",
+    ]);
+    wait_ticks(&d, "c", 3);
+    let file = snap(&d, "c");
+    d.ok(&["save", "c", file.to_str().unwrap()]);
+    d.wait_state("c", "exited");
+    let last = *ticks(&logs(&d, "c")).last().unwrap();
+
+    // A plain restore is served by a pooled shell: its monitor is one of
+    // the shells that waited in the pool.
+    pool_full(&d);
+    let pooled = pooled_pids(&d);
+    assert_eq!(pooled.len(), 3, "{pooled:?}");
+    let warm_before = d.json("/v1/pool")["counters"]["warm"].as_u64().unwrap();
+    d.ok(&["restore", file.to_str().unwrap(), "--name", "r"]);
+    let r = d.wait_state("r", "running");
+    assert_eq!(r["from_pool"], true, "{r}");
+    assert!(
+        pooled.contains(&r["pid"].as_i64().unwrap()),
+        "{r} {pooled:?}"
+    );
+    let warm = d.json("/v1/pool")["counters"]["warm"].as_u64().unwrap();
+    assert_eq!(warm, warm_before + 1);
+
+    // Three clones in one request, all on pooled shells.
+    pool_full(&d);
+    let pooled = pooled_pids(&d);
+    let body = format!(
+        r#"{{"snapshot":"{}","count":3,"name":"k"}}"#,
+        file.display()
+    );
+    let (status, reply) = d.http("POST", "/v1/clone", &body);
+    assert_eq!(status, 201, "{reply}");
+    let v: serde_json::Value = serde_json::from_str(&reply).unwrap();
+    let vms = v["vms"].as_array().unwrap();
+    assert_eq!(vms.len(), 3, "{v}");
+    assert_eq!(v["per_clone_us"].as_array().unwrap().len(), 3, "{v}");
+    assert!(v["error"].is_null(), "{v}");
+    let warm2 = d.json("/v1/pool")["counters"]["warm"].as_u64().unwrap();
+    assert_eq!(warm2, warm + 3, "every clone took a pooled shell");
+    let mut pids = Vec::new();
+    let mut clone_ids = Vec::new();
+    for (i, vm) in vms.iter().enumerate() {
+        let name = format!("k-{}", i + 1);
+        assert_eq!(vm["name"], name.as_str());
+        assert_eq!(vm["from_pool"], true, "{vm}");
+        let pid = vm["pid"].as_i64().unwrap();
+        assert!(pooled.contains(&pid), "{vm} {pooled:?}");
+        pids.push(pid);
+        // Each clone continues the count on its own, with its own id.
+        let t = wait_ticks(&d, &name, 2);
+        assert_eq!(t[0].0, last.0 + 1, "{name} did not continue: {t:?}");
+        clone_ids.push(t[1].2);
+    }
+    pids.sort_unstable();
+    pids.dedup();
+    assert_eq!(pids.len(), 3, "one monitor per clone");
+    clone_ids.sort_unstable();
+    assert_eq!(clone_ids, [1, 2, 3]);
+
+    // A bad count or snapshot: a clear error, nothing started.
+    let before = d.json("/v1/vms?all=1").as_array().unwrap().len();
+    let (status, reply) = d.http(
+        "POST",
+        "/v1/clone",
+        &format!(r#"{{"snapshot":"{}","count":0}}"#, file.display()),
+    );
+    assert_eq!(status, 400, "{reply}");
+    assert!(reply.contains("count 0"), "{reply}");
+    let (status, reply) = d.http(
+        "POST",
+        "/v1/clone",
+        &format!(r#"{{"snapshot":"{}","count":2}}"#, img),
+    );
+    assert_eq!(status, 400, "{reply}");
+    assert!(reply.contains("not a Wisp snapshot"), "{reply}");
+    assert_eq!(d.json("/v1/vms?all=1").as_array().unwrap().len(), before);
+}

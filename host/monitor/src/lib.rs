@@ -43,6 +43,7 @@ pub mod trace;
 pub mod vcpu;
 mod vcpu_thread;
 pub mod vm;
+pub mod worker;
 
 #[cfg(test)]
 mod image_tests;

@@ -220,6 +220,39 @@ impl Shell {
         self.machine.ram.size
     }
 
+    /// Its KVM objects and memory (a restore replaces the memory).
+    pub(crate) fn into_machine(self) -> Machine {
+        self.machine
+    }
+
+    /// Faults in (host side) the guest pages of `[start, start + len)`,
+    /// clipped to the memory: a pooled shell does it while it waits, for
+    /// the pages every guest's load writes, so that the load after the
+    /// request does not take the host's page faults for them.
+    pub fn prefault(&self, start: u64, len: u64) -> std::io::Result<()> {
+        /// `MADV_POPULATE_WRITE` (Linux 5.14).
+        const MADV_POPULATE_WRITE: libc::c_int = 23;
+        let size = self.machine.ram.size;
+        let start = start.min(size) & !(layout::PAGE - 1);
+        let end = start.saturating_add(len).min(size);
+        if end <= start {
+            return Ok(());
+        }
+        // SAFETY: the range lies inside the guest memory mapping, which
+        // this shell owns; populating pages changes no contents.
+        let rc = unsafe {
+            libc::madvise(
+                (self.machine.ram.host_addr + start) as *mut libc::c_void,
+                (end - start) as usize,
+                MADV_POPULATE_WRITE,
+            )
+        };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// Loads `image` with its arguments: layout, segments, page tables,
     /// GDT/IDT/TSS and the vCPU's registers. `devices` says whether the
     /// device window must be mapped (whether devices will be attached).
@@ -500,7 +533,8 @@ pub struct RunningVm {
     /// Written once the outcome is ready (for callers that wait in `poll`).
     done: Arc<vmm_sys_util::eventfd::EventFd>,
     results: std::sync::mpsc::Receiver<VcpuResult>,
-    vcpu: std::thread::JoinHandle<()>,
+    /// `None` when the guest runs on a [`crate::worker::Worker`].
+    vcpu: Option<std::thread::JoinHandle<()>>,
     io: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -543,6 +577,26 @@ impl Vm {
         console: Box<dyn Write + Send>,
         opts: StartOptions,
     ) -> Result<RunningVm, VmError> {
+        self.start_on(console, opts, None)
+    }
+
+    /// [`Vm::start`], running the guest on `worker` (a thread started
+    /// ahead, under the vCPU filter) when one is given and can take it: a
+    /// CPU quota must be armed on the thread before its filter, so with
+    /// one the vCPU thread is started here as usual.
+    pub fn start_on(
+        self,
+        console: Box<dyn Write + Send>,
+        opts: StartOptions,
+        worker: Option<Arc<crate::worker::Worker>>,
+    ) -> Result<RunningVm, VmError> {
+        use crate::worker::SpawnOn;
+        let worker = worker.filter(|w| {
+            opts.cpu_quota.is_none()
+                && !opts.no_seccomp
+                && opts.seccomp_selftest.is_none()
+                && w.filter() == ThreadKind::Vcpu
+        });
         control::install_handlers().map_err(VmError::Thread)?;
         let source = crate::snapshot::Source::new(
             &self.machine.ram,
@@ -556,7 +610,8 @@ impl Vm {
         let (bus, nics) = devices.split(&self.machine.vm, &self.machine.vcpu);
         let shared = Arc::new(Shared::new(!nics.is_empty()).map_err(VmError::Thread)?);
         // Filters are built before any thread runs guest work.
-        let vcpu_filter = (!opts.no_seccomp)
+        // A worker runs under the filter already.
+        let vcpu_filter = (!opts.no_seccomp && worker.is_none())
             .then(|| seccomp::program(ThreadKind::Vcpu))
             .transpose()?;
         let io_filter = (!opts.no_seccomp && !nics.is_empty())
@@ -614,7 +669,7 @@ impl Vm {
         let quota = opts.cpu_quota;
         let vcpu = std::thread::Builder::new()
             .name("wisp-vcpu".into())
-            .spawn(move || {
+            .spawn_on(worker, move || {
                 let r = (|| {
                     vcpu_thread::register(&mut machine, &sh).map_err(VmError::Thread)?;
                     let quota = quota
@@ -704,7 +759,9 @@ impl RunningVm {
             Some(r) => r,
             None => self.results.recv().map_err(|_| VmError::VcpuThreadDied)?,
         };
-        let _ = self.vcpu.join();
+        if let Some(vcpu) = self.vcpu {
+            let _ = vcpu.join();
+        }
         if let Some(io) = self.io {
             let _ = io.join();
         }

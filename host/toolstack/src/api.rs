@@ -12,7 +12,9 @@ use crate::http::{self, Request, Response};
 use crate::metrics::{self, label};
 use crate::process;
 use crate::record::{Record, State};
-use crate::vms::{RestoreRequest, RunRequest, SaveRequest, VmError, Vms, DEFAULT_STOP_TIMEOUT};
+use crate::vms::{
+    CloneRequest, RestoreRequest, RunRequest, SaveRequest, VmError, Vms, DEFAULT_STOP_TIMEOUT,
+};
 
 /// Serves one connection.
 pub fn serve(vms: &Arc<Vms>, mut conn: UnixStream) {
@@ -62,6 +64,22 @@ fn route(vms: &Arc<Vms>, req: &Request, arrived: u64) -> Result<Response, VmErro
                 .map_err(|e| VmError::BadRequest(format!("malformed request body: {e}")))?;
             let r = vms.restore(req, arrived)?;
             Ok(Response::json(201, &r))
+        }
+        ("POST", ["v1", "clone"]) => {
+            let req: CloneRequest = serde_json::from_slice(&req.body)
+                .map_err(|e| VmError::BadRequest(format!("malformed request body: {e}")))?;
+            let report = vms.clone_many(req, arrived);
+            if report.vms.is_empty() {
+                let msg = report.error.unwrap_or_default();
+                return Err(match report.status {
+                    404 => VmError::NotFound(msg),
+                    409 => VmError::Conflict(msg),
+                    503 => VmError::Unavailable(msg),
+                    500 => VmError::Internal(msg),
+                    _ => VmError::BadRequest(msg),
+                });
+            }
+            Ok(Response::json(201, &report))
         }
         ("POST", ["v1", "vms", r, "save"]) => {
             let vm = vms.find(r)?;
@@ -157,7 +175,11 @@ fn pool(vms: &Vms) -> serde_json::Value {
         .into_iter()
         .map(|(m, ready, target)| json!({ "memory": m, "ready": ready, "target": target }))
         .collect();
-    json!({ "shells": shells, "counters": vms.pool().counters() })
+    json!({
+        "shells": shells,
+        "counters": vms.pool().counters(),
+        "images": vms.images().counters(),
+    })
 }
 
 /// Per-VM and host figures.

@@ -87,7 +87,11 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     std::fs::set_permissions(&cfg.state_dir, std::fs::Permissions::from_mode(0o700))
         .map_err(io("state directory permissions"))?;
     let listener = bind(&cfg.socket)?;
-    let pool = Pool::new(cfg.exe.clone(), cfg.pool.clone());
+    let pool = Pool::with_spares(
+        cfg.exe.clone(),
+        cfg.pool.clone(),
+        Some(cfg.state_dir.join("pool")),
+    );
     let vms = Vms::new(cfg.state_dir.clone(), pool.clone());
     let (adopted, ended) = vms.adopt().map_err(io("reading the state directory"))?;
     crate::log(format_args!(

@@ -16,14 +16,17 @@ pub mod api;
 pub mod client;
 pub mod daemon;
 pub mod http;
+pub mod images;
 pub mod logs;
 pub mod metrics;
 pub mod migration;
 pub mod pool;
 pub mod process;
 pub mod proto;
+pub mod reaper;
 pub mod record;
 pub mod shell;
+pub mod trim;
 pub mod vms;
 
 /// A line on the daemon's stderr (its journal under systemd); a closed

@@ -7,10 +7,10 @@
 //! one on the spot (a cold start) when none is free.
 
 use std::collections::{HashMap, VecDeque};
-use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixStream;
+use std::fs::File;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
@@ -19,8 +19,12 @@ use crate::proto::{self, Hello};
 
 /// How long a new shell may take to create its VM.
 const READY_LIMIT: Duration = Duration::from_secs(20);
-/// The fd number the hand-off channel has in the shell.
-pub const CHANNEL_FD: i32 = 3;
+/// The fd number the hand-off channel has in the shell: its standard
+/// input, so that the daemon spawns it without a `pre_exec` hook, which
+/// lets the standard library use `posix_spawn` (a `vfork`) instead of a
+/// `fork` that copies the page tables of a daemon with thousands of
+/// threads.
+pub const CHANNEL_FD: i32 = 0;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
@@ -35,41 +39,81 @@ pub struct ReadyShell {
     pub child: Child,
     pub channel: UnixStream,
     pub memory: u64,
+    /// The files of the VM it will run, made while it waited.
+    pub spare: Option<SpareDir>,
+}
+
+/// A VM directory made ahead of its request (`STATE/pool/PID`): log, exit
+/// record and bound control socket, so that a start only renames it into
+/// place (`STATE/vms/ID`) instead of creating four files. `shell.pid`
+/// names the shell (pid and start time) so that a daemon that crashed
+/// between the rename and the VM's first record can find and end it.
+pub struct SpareDir {
+    pub dir: PathBuf,
+    pub log: File,
+    pub exit: File,
+    pub control: UnixListener,
+}
+
+/// The shell's pid and start time in a spare directory.
+pub const SHELL_PID: &str = "shell.pid";
+
+impl SpareDir {
+    fn create(root: &Path, pid: u32) -> std::io::Result<SpareDir> {
+        let dir = root.join(pid.to_string());
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let made = (|| {
+            let start = crate::process::start_time(pid).unwrap_or(0);
+            std::fs::write(dir.join(SHELL_PID), format!("{pid} {start}\n"))?;
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join(crate::logs::CURRENT))?;
+            let exit = File::create(dir.join("exit.json"))?;
+            let control = UnixListener::bind(dir.join("control.sock"))?;
+            Ok(SpareDir {
+                dir: dir.clone(),
+                log,
+                exit,
+                control,
+            })
+        })();
+        if made.is_err() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        made
+    }
+
+    /// Removes a spare that will not be used.
+    pub fn discard(self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Reads a spare directory's `shell.pid`: (pid, start time).
+pub fn read_shell_pid(dir: &Path) -> Option<(u32, u64)> {
+    let s = std::fs::read_to_string(dir.join(SHELL_PID)).ok()?;
+    let mut it = s.split_whitespace();
+    Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
 }
 
 /// Starts a shell for `memory` bytes and waits until it is ready.
 pub fn spawn(exe: &PathBuf, memory: u64) -> Result<ReadyShell, PoolError> {
     let (ours, theirs) =
         UnixStream::pair().map_err(|e| PoolError::Spawn("socketpair".into(), e))?;
-    let fd = theirs.as_raw_fd();
     let mut cmd = Command::new(exe);
     cmd.args(["shell", "--memory", &memory.to_string()])
-        .stdin(Stdio::null())
+        .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         // Its own process group: a terminal's ^C to the daemon does not
         // reach the guests, which outlive the daemon by design.
         .process_group(0);
-    // SAFETY: between fork and exec, only dup2/fcntl (async-signal-safe) on a
-    // descriptor that stays open in the parent until after the spawn.
-    unsafe {
-        cmd.pre_exec(move || {
-            // dup2 onto itself would keep close-on-exec: clear it instead.
-            let rc = if fd == CHANNEL_FD {
-                libc::fcntl(fd, libc::F_SETFD, 0)
-            } else {
-                libc::dup2(fd, CHANNEL_FD)
-            };
-            if rc < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
     let mut child = cmd
         .spawn()
         .map_err(|e| PoolError::Spawn(exe.display().to_string(), e))?;
-    drop(theirs);
+    // Our copy of the shell's end was closed by the spawn.
     let fail = |child: &mut Child, why: String| {
         let _ = child.kill();
         let _ = child.wait();
@@ -86,6 +130,7 @@ pub fn spawn(exe: &PathBuf, memory: u64) -> Result<ReadyShell, PoolError> {
         child,
         channel: ours,
         memory,
+        spare: None,
     })
 }
 
@@ -110,6 +155,8 @@ struct Inner {
 
 pub struct Pool {
     exe: PathBuf,
+    /// Where spare VM directories are made (`STATE/pool`), if anywhere.
+    spares: Option<PathBuf>,
     /// (memory, shells to keep ready)
     targets: Vec<(u64, usize)>,
     inner: Mutex<Inner>,
@@ -118,8 +165,23 @@ pub struct Pool {
 
 impl Pool {
     pub fn new(exe: PathBuf, targets: Vec<(u64, usize)>) -> Arc<Pool> {
+        Pool::with_spares(exe, targets, None)
+    }
+
+    /// A pool whose shells each come with a spare VM directory under
+    /// `spares` (emptied first: what a previous daemon left there belongs
+    /// to shells that ended with it).
+    pub fn with_spares(
+        exe: PathBuf,
+        targets: Vec<(u64, usize)>,
+        spares: Option<PathBuf>,
+    ) -> Arc<Pool> {
+        if let Some(root) = &spares {
+            let _ = std::fs::remove_dir_all(root);
+        }
         Arc::new(Pool {
             exe,
+            spares,
             targets,
             inner: Mutex::new(Inner {
                 ready: HashMap::new(),
@@ -135,7 +197,10 @@ impl Pool {
     }
 
     /// A shell for `memory`: a pooled one if there is one alive, otherwise a
-    /// new one. Returns it and whether it came from the pool.
+    /// new one. Returns it and whether it came from the pool. The refill is
+    /// not started here: call [`Pool::refill_soon`] once the start is done,
+    /// so that spawning the next shell does not compete for the CPU with
+    /// the guest being started.
     pub fn take(&self, memory: u64) -> Result<(ReadyShell, bool), PoolError> {
         loop {
             let got = {
@@ -148,16 +213,26 @@ impl Pool {
                 }
                 s
             };
-            self.wake.notify_all();
             match got {
                 // A shell that died while waiting (e.g. killed) is skipped.
                 Some(mut s) => match s.child.try_wait() {
                     Ok(None) => return Ok((s, true)),
-                    _ => continue,
+                    _ => {
+                        if let Some(d) = s.spare.take() {
+                            d.discard();
+                        }
+                        self.wake.notify_all();
+                        continue;
+                    }
                 },
                 None => return spawn(&self.exe, memory).map(|s| (s, false)),
             }
         }
+    }
+
+    /// Wakes the refiller (after a start, or a shell taken for other use).
+    pub fn refill_soon(&self) {
+        self.wake.notify_all();
     }
 
     /// Ready shells per memory size: (memory, ready, target).
@@ -194,7 +269,17 @@ impl Pool {
                     }
                 }
             };
-            match spawn(&self.exe, want) {
+            let spawned = spawn(&self.exe, want).map(|mut s| {
+                if let Some(root) = &self.spares {
+                    match SpareDir::create(root, s.child.id()) {
+                        Ok(d) => s.spare = Some(d),
+                        // Starts then make the files themselves.
+                        Err(e) => crate::log(format_args!("pool: spare directory: {e}")),
+                    }
+                }
+                s
+            });
+            match spawned {
                 Ok(s) => {
                     let mut g = self.lock();
                     g.counters.spawned += 1;
@@ -221,6 +306,9 @@ impl Pool {
         for mut s in shells {
             drop(s.channel);
             let _ = s.child.wait();
+            if let Some(d) = s.spare.take() {
+                d.discard();
+            }
         }
     }
 }

@@ -64,6 +64,11 @@ pub struct Handoff {
     /// the daemon), and this is the guest's memory size.
     #[serde(default)]
     pub migration: Option<u64>,
+    /// The daemon checked this snapshot's memory (checksum and holes) and
+    /// the file has not changed since: the shell checks every other
+    /// section but not the memory again (a batch of clones reads it once).
+    #[serde(default)]
+    pub snapshot_checked: bool,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -264,6 +269,7 @@ mod tests {
             request_ns: 7,
             snapshot: None,
             migration: None,
+            snapshot_checked: false,
         };
         let t = std::thread::spawn(move || send(&a, &msg, &[file.as_raw_fd()]).unwrap());
         let (got, fds): (Handoff, _) = recv(&b).unwrap();

@@ -23,6 +23,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use wisp_monitor::control::monotonic_ns;
 
+use crate::images::{CheckedSnapshots, ImageCache};
 use crate::metrics::Histogram;
 use crate::pool::{Pool, PoolError};
 use crate::process;
@@ -105,6 +106,41 @@ pub struct RestoreRequest {
     pub disk_read_only: bool,
 }
 
+/// `POST /v1/clone`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloneRequest {
+    /// Absolute path of the snapshot on the daemon's host.
+    pub snapshot: String,
+    pub count: u32,
+    /// Clone N is named `NAME-N` (default: generated names).
+    pub name: Option<String>,
+    #[serde(default)]
+    pub publish: Vec<String>,
+    pub cpus: Option<f64>,
+}
+
+/// Most clones one request may start.
+pub const MAX_CLONES: u32 = 10_000;
+
+/// What `POST /v1/clone` did.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct CloneReport {
+    /// The clones started, in clone-id order.
+    pub vms: Vec<Record>,
+    /// Request -> snapshot opened and checked, in µs.
+    pub open_us: u64,
+    /// Per clone: from the end of the previous one (or the request) to
+    /// this one running, in µs.
+    pub per_clone_us: Vec<u64>,
+    pub total_us: u64,
+    /// Why it stopped early, if it did.
+    pub error: Option<String>,
+    /// HTTP status of that error.
+    #[serde(skip)]
+    pub status: u16,
+}
+
 /// `POST /v1/vms/{ref}/save`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -164,13 +200,61 @@ impl Vm {
     }
 }
 
+/// The VMs by id, with an index by name, so that a start does not look
+/// at every other VM (names never change).
+#[derive(Default)]
+struct Table {
+    by_id: HashMap<String, Arc<Vm>>,
+    names: HashMap<String, String>,
+}
+
+impl Table {
+    fn insert(&mut self, id: String, vm: Arc<Vm>) -> Option<Arc<Vm>> {
+        let name = lock(&vm.record).name.clone();
+        self.names.insert(name, id.clone());
+        self.by_id.insert(id, vm)
+    }
+
+    fn remove(&mut self, id: &str) -> Option<Arc<Vm>> {
+        let vm = self.by_id.remove(id)?;
+        let name = lock(&vm.record).name.clone();
+        if self.names.get(&name).map(String::as_str) == Some(id) {
+            self.names.remove(&name);
+        }
+        Some(vm)
+    }
+
+    fn get(&self, id: &str) -> Option<&Arc<Vm>> {
+        self.by_id.get(id)
+    }
+
+    fn by_name(&self, name: &str) -> Option<&Arc<Vm>> {
+        self.by_id.get(self.names.get(name)?)
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Arc<Vm>> {
+        self.by_id.values()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&String, &Arc<Vm>)> {
+        self.by_id.iter()
+    }
+}
+
 /// The daemon's table of VMs.
 pub struct Vms {
     state_dir: PathBuf,
     pool: Arc<Pool>,
-    table: Mutex<HashMap<String, Arc<Vm>>>,
+    table: Mutex<Table>,
     /// Start latencies: (warm, cold).
     latency: Mutex<(Histogram, Histogram)>,
+    /// Images validated once, shared by every start of the same file.
+    images: ImageCache,
+    /// Snapshots whose memory was checked (restores do not read it again).
+    snapshots: CheckedSnapshots,
+    /// Learns of every monitor's end (one thread for all of them); `None`
+    /// if it could not start, and then each VM gets its own thread.
+    reaper: Option<Arc<crate::reaper::Reaper>>,
 }
 
 impl Vms {
@@ -178,13 +262,22 @@ impl Vms {
         Arc::new(Vms {
             state_dir,
             pool,
-            table: Mutex::new(HashMap::new()),
+            table: Mutex::new(Table::default()),
             latency: Mutex::new(Default::default()),
+            images: ImageCache::new(),
+            snapshots: CheckedSnapshots::new(),
+            reaper: crate::reaper::Reaper::start()
+                .map_err(|e| crate::log(format_args!("reaper: {e}; one thread per VM instead")))
+                .ok(),
         })
     }
 
     pub fn pool(&self) -> &Pool {
         &self.pool
+    }
+
+    pub fn images(&self) -> &ImageCache {
+        &self.images
     }
 
     pub fn latency(&self) -> (Histogram, Histogram) {
@@ -215,8 +308,7 @@ impl Vms {
         if let Some(vm) = t.get(r) {
             return Ok(vm.clone());
         }
-        let mut by_name = t.values().filter(|v| lock(&v.record).name == r);
-        if let Some(vm) = by_name.next() {
+        if let Some(vm) = t.by_name(r) {
             return Ok(vm.clone());
         }
         let prefixed: Vec<_> = if r.len() >= 4 {
@@ -234,7 +326,7 @@ impl Vms {
     // ---- create ----------------------------------------------------------
 
     /// Checks a request; nothing is created.
-    fn validate(req: RunRequest) -> Result<(Option<String>, Spec), VmError> {
+    fn validate(&self, req: RunRequest) -> Result<(Option<String>, Spec), VmError> {
         let bad = VmError::BadRequest;
         let memory = req.memory.unwrap_or(DEFAULT_MEMORY);
         wisp_monitor::layout::check_memory(memory).map_err(|e| bad(format!("memory: {e}")))?;
@@ -244,8 +336,7 @@ impl Vms {
                 req.image
             )));
         }
-        wisp_monitor::Image::from_file(Path::new(&req.image))
-            .map_err(|e| bad(format!("{} is not a bootable Wisp image: {e}", req.image)))?;
+        self.image(&req.image)?;
         for p in &req.publish {
             p.parse::<wisp_monitor::net::user::PortForward>()
                 .map_err(|e| bad(format!("publish: {e}")))?;
@@ -286,7 +377,7 @@ impl Vms {
 
     /// Checks a restore request (the snapshot is opened and checked
     /// whole); nothing is created.
-    fn validate_restore(req: RestoreRequest) -> Result<(Option<String>, Spec), VmError> {
+    fn validate_restore(&self, req: RestoreRequest) -> Result<(Option<String>, Spec), VmError> {
         let bad = VmError::BadRequest;
         if !Path::new(&req.snapshot).is_absolute() {
             return Err(bad(format!(
@@ -294,7 +385,11 @@ impl Vms {
                 req.snapshot
             )));
         }
-        let snap = wisp_monitor::snapshot::Snapshot::open(Path::new(&req.snapshot))
+        let snap = self
+            .snapshots
+            .check(Path::new(&req.snapshot), |memory| {
+                wisp_monitor::snapshot::Snapshot::open_checked(Path::new(&req.snapshot), memory)
+            })
             .map_err(|e| bad(format!("cannot restore {}: {e}", req.snapshot)))?;
         for p in &req.publish {
             p.parse::<wisp_monitor::net::user::PortForward>()
@@ -377,7 +472,7 @@ impl Vms {
 
     /// Creates and starts a VM; `request_ns` is when the request arrived.
     pub fn run(self: &Arc<Self>, req: RunRequest, request_ns: u64) -> Result<Record, VmError> {
-        let (name, spec) = Vms::validate(req)?;
+        let (name, spec) = self.validate(req)?;
         self.create(name, spec, request_ns)
     }
 
@@ -387,8 +482,80 @@ impl Vms {
         req: RestoreRequest,
         request_ns: u64,
     ) -> Result<Record, VmError> {
-        let (name, spec) = Vms::validate_restore(req)?;
+        let (name, spec) = self.validate_restore(req)?;
         self.create(name, spec, request_ns)
+    }
+
+    /// Starts `req.count` clones of a snapshot (clone ids 1..=count) in
+    /// one request: the snapshot is opened and checked once, then each
+    /// clone maps it copy-on-write in a shell (pooled when one is free).
+    /// Stops at the first failure; the clones started before it stay.
+    pub fn clone_many(self: &Arc<Self>, req: CloneRequest, request_ns: u64) -> CloneReport {
+        let mut report = CloneReport::default();
+        if req.count == 0 || req.count > MAX_CLONES {
+            report.error = Some(format!("count {} is not 1-{MAX_CLONES}", req.count));
+            return report;
+        }
+        let first = RestoreRequest {
+            snapshot: req.snapshot.clone(),
+            name: req.name.as_ref().map(|n| format!("{n}-1")),
+            publish: req.publish.clone(),
+            clone_id: 1,
+            cpus: req.cpus,
+            // Clones cannot share one writable disk: a snapshot of a guest
+            // with a disk is refused here.
+            disk: None,
+            disk_read_only: false,
+        };
+        let (name, spec) = match self.validate_restore(first) {
+            Ok(v) => v,
+            Err(e) => {
+                report.error = Some(e.to_string());
+                report.status = e.status();
+                return report;
+            }
+        };
+        report.open_us = monotonic_ns().saturating_sub(request_ns) / 1000;
+        let mut t = request_ns;
+        for id in 1..=req.count {
+            let mut spec = spec.clone();
+            spec.snapshot = Some(FromSnapshot { clone_id: id });
+            let name = match (id, &req.name) {
+                (1, _) => name.clone(),
+                (_, Some(n)) => Some(format!("{n}-{id}")),
+                (_, None) => None,
+            };
+            if let Some(n) = &name {
+                if let Err(e) = record::check_name(n) {
+                    report.error = Some(e);
+                    report.status = 400;
+                    break;
+                }
+            }
+            match self.create(name, spec, t) {
+                Ok(r) => {
+                    let now = monotonic_ns();
+                    report.per_clone_us.push(now.saturating_sub(t) / 1000);
+                    report.vms.push(r);
+                    t = now;
+                }
+                Err(e) => {
+                    report.error = Some(format!("clone {id} of {}: {e}", req.count));
+                    report.status = e.status();
+                    break;
+                }
+            }
+        }
+        report.total_us = monotonic_ns().saturating_sub(request_ns) / 1000;
+        report
+    }
+
+    /// The validated image at `path` (from the cache while the file is
+    /// unchanged).
+    fn image(&self, path: &str) -> Result<Arc<crate::images::CachedImage>, VmError> {
+        self.images
+            .get(Path::new(path))
+            .map_err(|e| VmError::BadRequest(format!("{path} is not a bootable Wisp image: {e}")))
     }
 
     fn create(
@@ -419,7 +586,7 @@ impl Vms {
         let vm = Vm::new(rec.clone());
         {
             let mut t = lock(&self.table);
-            if t.values().any(|v| lock(&v.record).name == name) {
+            if t.by_name(&name).is_some() {
                 return Err(VmError::Conflict(format!(
                     "the name '{name}' is already in use (wisp rm it first)"
                 )));
@@ -427,10 +594,9 @@ impl Vms {
             t.insert(id.clone(), vm.clone());
         }
         let _op = lock(&vm.op);
-        let result = std::fs::create_dir_all(self.dir(&id))
-            .map_err(internal("creating the VM's directory"))
-            .and_then(|_| rec.save(&self.state_dir).map_err(internal("saving")))
-            .and_then(|_| self.launch(&vm, request_ns));
+        // `launch` makes the directory (or renames a spare one into place)
+        // and writes the first record while the shell loads the guest.
+        let result = self.launch(&vm, request_ns);
         match result {
             Ok(()) => Ok(vm.snapshot()),
             Err(e) => {
@@ -452,22 +618,23 @@ impl Vms {
         // place.
         let incoming = migration_vms::take_incoming(&name);
         let dir = self.dir(&id);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join(crate::logs::CURRENT))
-            .map_err(internal("opening the log"))?;
-        let exit = std::fs::File::create(dir.join("exit.json"))
-            .map_err(internal("creating the exit record"))?;
-        let sock = dir.join("control.sock");
-        let _ = std::fs::remove_file(&sock);
-        let control = UnixListener::bind(&sock).map_err(internal("binding the control socket"))?;
-        // For a restore, the snapshot goes in the image's place.
+        // For a restore, the snapshot goes in the image's place and for a
+        // migration the connection from the source; an image comes
+        // validated from the cache (a restart checks it again).
         let migration = incoming.as_ref().map(|(_, size)| *size);
-        let image = match incoming {
-            Some((conn, _)) => std::fs::File::from(conn),
-            None => std::fs::File::open(&spec.image)
-                .map_err(|e| VmError::BadRequest(format!("image {}: {e}", spec.image)))?,
+        let (image, cached) = match (incoming, &spec.snapshot) {
+            (Some((conn, _)), _) => (Some(std::fs::File::from(conn)), None),
+            (None, Some(_)) => {
+                let f = std::fs::File::open(&spec.image)
+                    .map_err(|e| VmError::BadRequest(format!("image {}: {e}", spec.image)))?;
+                (Some(f), None)
+            }
+            (None, None) => (None, Some(self.image(&spec.image)?)),
+        };
+        let image_fd = match (&image, &cached) {
+            (Some(f), _) => f.as_raw_fd(),
+            (None, Some(c)) => c.fd.as_raw_fd(),
+            (None, None) => unreachable!("one of the two is set above"),
         };
         let disk = spec
             .disk
@@ -480,8 +647,24 @@ impl Vms {
         let (mut shell, warm) = self.pool.take(spec.memory).map_err(|e| match e {
             PoolError::Spawn(..) | PoolError::NotReady(_) => VmError::Unavailable(e.to_string()),
         })?;
+        // Refilled once this start is over (or failed), not during it.
+        struct Refill<'a>(&'a Pool);
+        impl Drop for Refill<'_> {
+            fn drop(&mut self) {
+                self.0.refill_soon();
+            }
+        }
+        let _refill = Refill(&self.pool);
+        let (log, exit, control) = match self.vm_files(&dir, &mut shell) {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = shell.child.kill();
+                let _ = shell.child.wait();
+                return Err(e);
+            }
+        };
         let mut fds = vec![
-            image.as_raw_fd(),
+            image_fd,
             log.as_raw_fd(),
             exit.as_raw_fd(),
             control.as_raw_fd(),
@@ -503,6 +686,11 @@ impl Vms {
             request_ns,
             snapshot: spec.snapshot.as_ref().map(|s| s.clone_id),
             migration,
+            snapshot_checked: migration.is_none()
+                && spec.snapshot.is_some()
+                && image
+                    .as_ref()
+                    .is_some_and(|f| self.snapshots.is_checked_file(Path::new(&spec.image), f)),
         };
         let fail = |shell: &mut crate::pool::ReadyShell, e: VmError| {
             let _ = shell.child.kill();
@@ -516,6 +704,17 @@ impl Vms {
             ));
         }
         drop((image, log, exit, control, disk));
+        // Written while the shell loads the guest: the first record names
+        // the shell, so that a daemon that crashes now re-adopts it.
+        let first = {
+            let mut r = lock(&vm.record);
+            r.pid = Some(shell.child.id());
+            r.pid_start = process::start_time(shell.child.id());
+            r.save(&self.state_dir)
+        };
+        if let Err(e) = first {
+            return Err(fail(&mut shell, VmError::Internal(format!("saving: {e}"))));
+        }
         let started = match proto::recv::<Started>(&shell.channel) {
             Ok((s, _)) => s,
             Err(e) => {
@@ -557,15 +756,75 @@ impl Vms {
         }
         *lock(&vm.pidfd) = Some(pidfd.clone());
         vm.changed.notify_all();
+        self.on_end(vm, pidfd, Some(shell.child));
+        Ok(())
+    }
+
+    /// Calls [`Vms::ended`] when the monitor behind `pidfd` ends (`child`:
+    /// when the daemon is its parent, to reap it and learn its status).
+    fn on_end(
+        self: &Arc<Self>,
+        vm: &Arc<Vm>,
+        pidfd: Arc<OwnedFd>,
+        child: Option<std::process::Child>,
+    ) {
         let vms = self.clone();
         let vm2 = vm.clone();
-        let child = shell.child;
+        let ended = move |status| vms.ended(&vm2, status);
+        let child = match &self.reaper {
+            Some(r) => match r.watch(pidfd.clone(), child, ended) {
+                Ok(()) => return,
+                Err(e) => {
+                    crate::log(format_args!("reaper: {e}"));
+                    // The watch was not taken: a thread of its own.
+                    None
+                }
+            },
+            None => child,
+        };
+        // Without the reaper (rare): a thread per VM.
+        let vms = self.clone();
+        let vm2 = vm.clone();
         spawn_small(move || {
-            let mut child = child;
-            let status = child.wait().ok();
+            let status = match child {
+                Some(mut c) => c.wait().ok(),
+                None => {
+                    process::wait_exit(&pidfd, -1);
+                    None
+                }
+            };
             vms.ended(&vm2, status);
         });
-        Ok(())
+    }
+
+    /// The log, exit record and control listener of the VM in `dir`: the
+    /// shell's spare ones, renamed into place, when `dir` is new and the
+    /// shell has them; otherwise made now. The directory exists after.
+    fn vm_files(
+        &self,
+        dir: &Path,
+        shell: &mut crate::pool::ReadyShell,
+    ) -> Result<(std::fs::File, std::fs::File, UnixListener), VmError> {
+        let spare = shell.spare.take();
+        if let Some(sp) = spare {
+            // `shell.pid` stays: see `adopt`.
+            if !dir.exists() && std::fs::rename(&sp.dir, dir).is_ok() {
+                return Ok((sp.log, sp.exit, sp.control));
+            }
+            sp.discard();
+        }
+        std::fs::create_dir_all(dir).map_err(internal("creating the VM's directory"))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(crate::logs::CURRENT))
+            .map_err(internal("opening the log"))?;
+        let exit = std::fs::File::create(dir.join("exit.json"))
+            .map_err(internal("creating the exit record"))?;
+        let sock = dir.join("control.sock");
+        let _ = std::fs::remove_file(&sock);
+        let control = UnixListener::bind(&sock).map_err(internal("binding the control socket"))?;
+        Ok((log, exit, control))
     }
 
     /// Records a monitor's end (and restarts it if its policy says so).
@@ -618,6 +877,8 @@ impl Vms {
         if let Err(e) = self.launch(vm, monotonic_ns()) {
             let mut r = lock(&vm.record);
             r.state = State::Exited;
+            r.pid = None;
+            r.pid_start = None;
             if let Some(x) = r.exit.as_mut() {
                 x.detail = Some(format!("restart failed: {e}"));
             }
@@ -843,6 +1104,19 @@ impl Vms {
             let mut r = match Record::load(&dir) {
                 Ok(r) => r,
                 Err(e) => {
+                    if let Some((pid, start)) = crate::pool::read_shell_pid(&dir) {
+                        // A start the daemon crashed in, before its first
+                        // record: never acknowledged, so undone.
+                        if process::same_process(pid, Some(start)) {
+                            if let Ok(fd) = process::pidfd(pid) {
+                                let _ = process::signal(&fd, libc::SIGKILL);
+                                process::wait_exit(&fd, 5000);
+                            }
+                        }
+                        crate::log(format_args!("removing {}: {e}", dir.display()));
+                        let _ = std::fs::remove_dir_all(&dir);
+                        continue;
+                    }
                     crate::log(format_args!("skipping {}: {e}", dir.display()));
                     continue;
                 }
@@ -866,12 +1140,7 @@ impl Vms {
                     }
                     let fd = Arc::new(fd);
                     *lock(&vm.pidfd) = Some(fd.clone());
-                    let vms = self.clone();
-                    let vm2 = vm.clone();
-                    spawn_small(move || {
-                        process::wait_exit(&fd, -1);
-                        vms.ended(&vm2, None);
-                    });
+                    self.on_end(&vm, fd, None);
                 }
                 None if r.state.is_live() || r.state == State::Restarting => {
                     ended += 1;

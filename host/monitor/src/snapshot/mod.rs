@@ -510,6 +510,15 @@ impl Snapshot {
     /// section's checksum, the memory's checksum, and that the file is as
     /// long as its header says.
     pub fn open(path: &Path) -> Result<Snapshot, SnapshotError> {
+        Snapshot::open_checked(path, true)
+    }
+
+    /// [`Snapshot::open`], skipping the memory's checksum and scan when
+    /// `check_memory` is false: for a caller that has checked this same
+    /// file already (the daemon, once for a whole batch of clones). Every
+    /// other section is still checked and decoded: the monitor trusts no
+    /// state it has not parsed itself, and the memory is the guest's own.
+    pub fn open_checked(path: &Path, check_memory: bool) -> Result<Snapshot, SnapshotError> {
         let file = File::open(path).map_err(io(path))?;
         let len = file.metadata().map_err(io(path))?.len();
         let mut page = vec![0u8; HEADER_LEN as usize];
@@ -595,15 +604,18 @@ impl Snapshot {
         }
         let crc = r.u32()?;
         r.end()?;
-        if memory::checksum(&file, h.mem_offset, &ranges).map_err(io(path))? != crc {
-            return Err(SnapshotError::Corrupt("memory"));
-        }
-        // Outside the written pages the memory must be zero: holes, or
-        // zeros in a copy that filled them in (anything else is corruption).
-        let found = memory::data_ranges(&file, h.mem_offset, mem_size).map_err(io(path))?;
-        let extra = memory::subtract(&found, &memory::merge(ranges.clone()));
-        if !memory::all_zero(&file, h.mem_offset, &extra).map_err(io(path))? {
-            return Err(SnapshotError::Corrupt("memory"));
+        if check_memory {
+            if memory::checksum(&file, h.mem_offset, &ranges).map_err(io(path))? != crc {
+                return Err(SnapshotError::Corrupt("memory"));
+            }
+            // Outside the written pages the memory must be zero: holes, or
+            // zeros in a copy that filled them in (anything else is
+            // corruption).
+            let found = memory::data_ranges(&file, h.mem_offset, mem_size).map_err(io(path))?;
+            let extra = memory::subtract(&found, &memory::merge(ranges.clone()));
+            if !memory::all_zero(&file, h.mem_offset, &extra).map_err(io(path))? {
+                return Err(SnapshotError::Corrupt("memory"));
+            }
         }
         Ok(Snapshot {
             file,
@@ -688,6 +700,54 @@ impl Snapshot {
         let kvm_host = vm::host_kvm().map_err(VmError::from)?;
         let vm_fd = kvm_host.create_vm().map_err(vm::kvm_call("create VM"))?;
         let vcpu = vm_fd.create_vcpu(0).map_err(vm::kvm_call("create vCPU"))?;
+        self.restore_on(vm_fd, vcpu, cfg, opts)
+    }
+
+    /// [`Snapshot::restore`] into a shell made ahead (a daemon's pooled
+    /// one, of the snapshot's memory size): its VM and vCPU are used, and
+    /// its own memory slot is replaced by the snapshot's memory.
+    pub fn restore_into(
+        &self,
+        shell: vm::Shell,
+        cfg: &VmConfig,
+        opts: RestoreOptions,
+    ) -> Result<Vm, SnapshotError> {
+        self.check(cfg)?;
+        if shell.memory() != self.mem_size {
+            return Err(SnapshotError::Mismatch(format!(
+                "the shell has {} of memory, the snapshot {}",
+                crate::layout::human(shell.memory()),
+                crate::layout::human(self.mem_size)
+            )));
+        }
+        let Machine {
+            vcpu,
+            vm: vm_fd,
+            ram,
+        } = shell.into_machine();
+        let empty = kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: 0,
+            userspace_addr: ram.host_addr,
+        };
+        // SAFETY: a size of 0 deletes slot 0; the guest has never run, and
+        // `ram` is dropped only after the slot no longer maps it.
+        unsafe { vm_fd.set_user_memory_region(empty) }
+            .map_err(vm::kvm_call("delete memory region"))?;
+        drop(ram);
+        self.restore_on(vm_fd, vcpu, cfg, opts)
+    }
+
+    /// The rest of a restore, on a VM and vCPU with no memory slot yet.
+    fn restore_on(
+        &self,
+        vm_fd: kvm_ioctls::VmFd,
+        vcpu: kvm_ioctls::VcpuFd,
+        cfg: &VmConfig,
+        opts: RestoreOptions,
+    ) -> Result<Vm, SnapshotError> {
         let khz = vcpu
             .get_tsc_khz()
             .map_err(vm::kvm_call("get TSC frequency"))? as u64;
