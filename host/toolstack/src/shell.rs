@@ -134,9 +134,7 @@ pub fn run(memory: u64, channel: UnixStream) -> i32 {
                 .and_then(|cfg| start_received(cfg, &handoff, &files))
         }
         // The pre-created VM takes the snapshot's memory and state.
-        (None, Some(clone_id)) => {
-            restore(shell, &handoff, &files, clone_id, worker)
-        }
+        (None, Some(clone_id)) => restore(shell, &handoff, &files, clone_id, worker),
         (None, None) => start(shell, &handoff, &files, worker),
     };
     let running = match started {

@@ -66,8 +66,19 @@ impl Daemon {
             .spawn()
             .expect("spawn wisp daemon");
         self.child = Some(child);
+        // An answer, not only a bound socket: the daemon binds its API
+        // socket before it has opened everything else (the migration
+        // listener), and serves requests only once it has.
         until("the daemon answers", || {
-            UnixStream::connect(self.socket()).is_ok()
+            let Ok(mut s) = UnixStream::connect(self.socket()) else {
+                return false;
+            };
+            let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+            let req = b"GET /v1/version HTTP/1.1\r\nHost: wisp\r\nConnection: close\r\n\r\n";
+            let mut answer = String::new();
+            std::io::Write::write_all(&mut s, req).is_ok()
+                && std::io::Read::read_to_string(&mut s, &mut answer).is_ok()
+                && answer.starts_with("HTTP/1.1 200")
         });
     }
 
