@@ -162,16 +162,16 @@ fn cond(arg: u8, value: u64) -> Result<SeccompCondition, SeccompError> {
         .map_err(|e| SeccompError::Build(e.to_string()))
 }
 
-/// A filter's programs, installed in order: the first turns `openat` into
-/// `EACCES`, the second is the thread's allow-list (which lets `openat`
-/// through to the first). glibc's malloc reads
-/// `/proc/sys/vm/overcommit_memory` the first time a thread arena shrinks;
-/// with `EACCES` it falls back to `madvise` instead of the process being
-/// killed, and no thread can open a file either way.
+/// A thread's filter: one BPF program, so one install per thread (each
+/// `seccomp(2)` install costs ~30 µs here plus the program's length, on
+/// the cold start's path). Its prefix turns `openat`/`open` into `EACCES`,
+/// then the thread's allow-list decides everything else. glibc's malloc
+/// reads `/proc/sys/vm/overcommit_memory` the first time a thread arena
+/// shrinks; with `EACCES` it falls back to `madvise` instead of the process
+/// being killed, and no thread can open a file either way.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Filter {
-    no_open: BpfProgram,
-    allow: BpfProgram,
+    program: BpfProgram,
 }
 
 /// The filter for `kind`, compiled once per process: a pooled shell calls
@@ -195,32 +195,69 @@ pub fn precompile() -> Result<(), SeccompError> {
 }
 
 fn compile(kind: ThreadKind) -> Result<Filter, SeccompError> {
-    let build = |e: seccompiler::BackendError| SeccompError::Build(e.to_string());
-    let no_open = SeccompFilter::new(
-        [(libc::SYS_openat, vec![]), (libc::SYS_open, vec![])]
-            .into_iter()
-            .collect(),
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::EACCES as u32),
-        TargetArch::x86_64,
-    )
-    .map_err(build)?
-    .try_into()
-    .map_err(build)?;
-    Ok(Filter {
-        no_open,
-        allow: allow_list(kind)?,
-    })
+    let allow = allow_list(kind)?;
+    let mut program = no_open_prefix();
+    program.extend(allow);
+    if program.len() > BPF_MAXINSNS {
+        return Err(SeccompError::Build(format!(
+            "{} BPF instructions (the kernel takes {BPF_MAXINSNS})",
+            program.len()
+        )));
+    }
+    Ok(Filter { program })
+}
+
+/// Most instructions one BPF program may have (`linux/bpf_common.h`).
+const BPF_MAXINSNS: usize = 4096;
+
+/// The program's first instructions: on x86-64, `openat` and `open` return
+/// `EACCES`; every other call (and any other architecture, which the
+/// allow-list then kills) falls through to the allow-list that follows.
+/// Jumps are relative and forward only, so the prefix does not depend on
+/// what follows it.
+fn no_open_prefix() -> BpfProgram {
+    const ARCH_OFFSET: u32 = 4; // seccomp_data.arch
+    const NR_OFFSET: u32 = 0; // seccomp_data.nr
+    let ld = |k| stmt(BPF_LD | BPF_W | BPF_ABS, k);
+    vec![
+        ld(ARCH_OFFSET),
+        // Not x86-64: on to the allow-list (4 ahead), which kills.
+        jump(BPF_JMP | BPF_JEQ | BPF_K, AUDIT_ARCH_X86_64, 0, 4),
+        ld(NR_OFFSET),
+        jump(BPF_JMP | BPF_JEQ | BPF_K, libc::SYS_openat as u32, 1, 0),
+        jump(BPF_JMP | BPF_JEQ | BPF_K, libc::SYS_open as u32, 0, 1),
+        stmt(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | libc::EACCES as u32),
+    ]
+}
+
+const BPF_LD: u16 = 0x00;
+const BPF_W: u16 = 0x00;
+const BPF_ABS: u16 = 0x20;
+const BPF_JMP: u16 = 0x05;
+const BPF_JEQ: u16 = 0x10;
+const BPF_K: u16 = 0x00;
+const BPF_RET: u16 = 0x06;
+const SECCOMP_RET_ERRNO: u32 = 0x0005_0000;
+const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+
+fn stmt(code: u16, k: u32) -> seccompiler::sock_filter {
+    seccompiler::sock_filter {
+        code,
+        jt: 0,
+        jf: 0,
+        k,
+    }
+}
+
+fn jump(code: u16, k: u32, jt: u8, jf: u8) -> seccompiler::sock_filter {
+    seccompiler::sock_filter { code, jt, jf, k }
 }
 
 /// The allow-list of `kind` as a BPF program.
 fn allow_list(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
     let build = |e: seccompiler::BackendError| SeccompError::Build(e.to_string());
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = syscalls(kind)
-        .into_iter()
-        .chain([libc::SYS_openat, libc::SYS_open])
-        .map(|s| (s, vec![]))
-        .collect();
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
+        syscalls(kind).into_iter().map(|s| (s, vec![])).collect();
     let ioctl_rules = ioctls(kind)
         .iter()
         .map(|&req| SeccompRule::new(vec![cond(1, req)?]).map_err(build))
@@ -250,11 +287,7 @@ fn allow_list(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
 
 /// Installs `filter` on the calling thread only.
 pub fn apply(filter: &Filter) -> Result<(), SeccompError> {
-    let install = |p: &BpfProgram| {
-        seccompiler::apply_filter(p).map_err(|e| SeccompError::Install(e.to_string()))
-    };
-    install(&filter.no_open)?;
-    install(&filter.allow)
+    seccompiler::apply_filter(&filter.program).map_err(|e| SeccompError::Install(e.to_string()))
 }
 
 /// Installs the filter for `kind` on the calling thread.
@@ -283,9 +316,12 @@ mod tests {
         let v = program(ThreadKind::Vcpu).expect("vcpu filter");
         let i = program(ThreadKind::Io).expect("io filter");
         let c = program(ThreadKind::Control).expect("control filter");
-        assert!(v.allow.len() > 40 && i.allow.len() > 40 && c.allow.len() > 20);
-        assert_ne!(v.allow, i.allow);
-        assert_eq!(v.no_open, c.no_open);
+        let prefix = no_open_prefix();
+        assert!(v.program.len() > 40 && i.program.len() > 40 && c.program.len() > 20);
+        assert_ne!(v.program, i.program);
+        for f in [&v, &i, &c] {
+            assert_eq!(f.program[..prefix.len()], prefix[..]);
+        }
     }
 
     /// A filtered thread that opens a file (glibc does, the first time a
