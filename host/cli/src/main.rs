@@ -93,9 +93,14 @@ enum Command {
         #[arg(long, value_name = "N")]
         disk_ops: Option<u64>,
         /// Print the monitor's counters when the guest ends (exits to the
-        /// monitor, blocking waits, wake-ups, frames).
+        /// monitor, blocking waits, wake-ups, frames, network and disk bytes).
         #[arg(long)]
         stats: bool,
+        /// On SIGINT/SIGTERM the guest is asked to stop; after this long
+        /// (or at a second signal) it is stopped by force. 0: at once.
+        #[arg(long, default_value = "10s", value_parser = units::parse_duration,
+              value_name = "DUR")]
+        stop_timeout: std::time::Duration,
         /// Run without the seccomp filter (for debugging the monitor).
         #[arg(long)]
         no_seccomp: bool,
@@ -271,6 +276,7 @@ fn main() -> ExitCode {
             detach: true,
             name,
             restart,
+            stop_timeout: _,
         } => detached(
             &socket,
             DetachedFlags {
@@ -317,6 +323,7 @@ fn main() -> ExitCode {
             disk_ops,
             quiet,
             args,
+            stop_timeout,
             ..
         } => run::run(
             &run::RunArgs {
@@ -335,6 +342,7 @@ fn main() -> ExitCode {
                 net_limits: (net_rate.unwrap_or(0), net_ops.unwrap_or(0)),
                 disk_limits: (disk_rate.unwrap_or(0), disk_ops.unwrap_or(0)),
                 stats,
+                stop_timeout,
             },
             started,
         ),
@@ -432,6 +440,8 @@ Exit status:
   0-255  the guest's own status (what its main returned)
   101    the application panicked (message and location printed)
   124    --timeout expired
+  143    stopped by force after SIGINT/SIGTERM (a guest that stops when asked
+         exits with its own status)
   125    wisp could not run the image (bad image or flags, no KVM...: one line on stderr)
   139    the guest crashed: a CPU exception (a report goes to stderr), a triple
          fault, or a broken hypercall

@@ -550,7 +550,12 @@ impl Vm {
         )
         .map_err(VmError::Thread)?;
         let (bus, nics) = self.devices.split();
-        let shared = Arc::new(Shared::new(!nics.is_empty()).map_err(VmError::Thread)?);
+        let notice = control::ShutdownNotice {
+            mem: self.machine.ram.mem.clone(),
+            boot_page: self.boot_page,
+        };
+        let shared =
+            Arc::new(Shared::new(!nics.is_empty(), Some(notice)).map_err(VmError::Thread)?);
         // Filters are built before any thread runs guest work.
         let vcpu_filter = (!opts.no_seccomp)
             .then(|| seccomp::program(ThreadKind::Vcpu))
