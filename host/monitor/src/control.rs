@@ -391,10 +391,20 @@ impl Controller {
                 return Err(ControlError::Ended);
             }
         }
-        s.shutdown_requested.store(true, Ordering::SeqCst);
         let Some(n) = &s.notice else {
             return Ok(false);
         };
+        // A guest whose page lacks the flag (restored from a snapshot of a
+        // monitor from before the word) never looks at it.
+        let flags_at = n.boot_page + core::mem::offset_of!(wisp_abi::boot::BootPage, flags) as u64;
+        let flags: u32 = n
+            .mem
+            .load(GuestAddress(flags_at), Ordering::SeqCst)
+            .map_err(|_| ControlError::Notice)?;
+        if flags & wisp_abi::boot::FLAG_SHUTDOWN_NOTICE == 0 {
+            return Ok(false);
+        }
+        s.shutdown_requested.store(true, Ordering::SeqCst);
         let at = n.boot_page + core::mem::offset_of!(wisp_abi::boot::BootPage, shutdown) as u64;
         // One aligned 4-byte store (the ABI asserts the alignment), which
         // the guest's volatile load sees whole.

@@ -715,16 +715,38 @@ impl Vms {
             vm.changed.notify_all();
             return Ok(vm.snapshot());
         }
-        let asked = !timeout.is_zero() && self.control(vm, ControlRequest::Shutdown).is_ok();
-        if asked && r.state == State::Paused {
-            let _ = self.control(vm, ControlRequest::Resume);
-        }
-        if !asked || !vm.wait_not_live(timeout) {
-            // A monitor that does not answer is killed after a grace.
-            let _ = self.control(vm, ControlRequest::Stop);
-            let limit = if asked { FORCE_GRACE } else { timeout };
-            if !vm.wait_not_live(limit) {
-                self.kill_process(vm);
+        let asked = if timeout.is_zero() {
+            Err(VmError::Conflict("no time to stop".into()))
+        } else {
+            self.control(vm, ControlRequest::Shutdown)
+        };
+        match asked {
+            Ok(_) => {
+                if r.state == State::Paused {
+                    let _ = self.control(vm, ControlRequest::Resume);
+                }
+                if !vm.wait_not_live(timeout) {
+                    // Forced through the monitor (its record then says
+                    // `killed`); one that does not end is killed.
+                    let _ = self.control(vm, ControlRequest::Stop);
+                    if !vm.wait_not_live(FORCE_GRACE) {
+                        self.kill_process(vm);
+                    }
+                }
+            }
+            // The monitor does not answer: killed after the timeout.
+            Err(VmError::Unavailable(_)) => {
+                if !vm.wait_not_live(timeout) {
+                    self.kill_process(vm);
+                }
+            }
+            // It cannot be asked (an image or a monitor from before the
+            // request): stopped at once, killed if that does not end it.
+            Err(_) => {
+                let _ = self.control(vm, ControlRequest::Stop);
+                if !vm.wait_not_live(timeout) {
+                    self.kill_process(vm);
+                }
             }
         }
         Ok(vm.snapshot())
