@@ -307,3 +307,180 @@ fn a_forbidden_call_on_each_thread_is_killed_by_its_filter() {
     assert_eq!(o.status.code(), Some(125), "{}", stderr(&o));
     assert!(stderr(&o).contains("socket() was allowed"));
 }
+
+// ---- stop requests -------------------------------------------------------
+
+/// Waits until the guest's console shows `line`.
+fn console_shows(console: &Console, line: &str) {
+    until(&format!("the console shows {line:?}"), || {
+        console.text().contains(line)
+    });
+}
+
+#[test]
+fn a_guest_asked_to_stop_exits_with_its_own_status() {
+    let (vm, console, _) = start(probe(), &["stop-status", "7"], &[]);
+    let ctl = vm.controller();
+    console_shows(&console, "waiting for a stop request");
+    // The guest is blocked in its wait (nothing else to do): the request
+    // must wake it, or it would wait for an hour.
+    until("the guest waits in the monitor", || {
+        ctl.counters().blocked_waits > 0
+    });
+    assert!(!ctl.shutdown_requested());
+    assert_eq!(ctl.request_shutdown().expect("request"), true);
+    assert!(ctl.shutdown_requested());
+    assert!(
+        ended_within(&vm, Duration::from_secs(20)),
+        "a stop request did not reach a guest blocked in its wait"
+    );
+    let report = vm.wait(None).expect("wait");
+    assert!(
+        matches!(report.outcome, Outcome::Exited(7)),
+        "{:?}",
+        report.outcome
+    );
+    assert!(console.text().contains("stop requested: exiting with 7"));
+}
+
+#[test]
+fn a_guest_without_a_hook_exits_with_0_when_asked() {
+    // probe sleep: a blocking sleep, no executor, no hook.
+    let (vm, _console, _) = start(probe(), &["sleep", "600000"], &[]);
+    let ctl = vm.controller();
+    until("the guest waits in the monitor", || {
+        ctl.counters().waits > 0
+    });
+    assert!(ctl.request_shutdown().expect("request"));
+    assert!(
+        ended_within(&vm, Duration::from_secs(20)),
+        "the request did not end a guest without a hook"
+    );
+    let report = vm.wait(None).expect("wait");
+    assert!(
+        matches!(report.outcome, Outcome::Exited(0)),
+        "{:?}",
+        report.outcome
+    );
+}
+
+#[test]
+fn a_guest_that_ignores_the_request_runs_until_stopped() {
+    let (vm, console, _) = start(probe(), &["stop-ignore"], &[]);
+    let ctl = vm.controller();
+    console_shows(&console, "waiting for a stop request");
+    assert!(ctl.request_shutdown().expect("request"));
+    // It saw the request (it says so) and carries on: still running.
+    console_shows(&console, "stop requested: ignored");
+    assert_eq!(ctl.state(), VmState::Running);
+    ctl.stop(StopReason::Requested);
+    assert!(ended_within(&vm, Duration::from_secs(20)));
+    let report = vm.wait(None).expect("wait");
+    assert!(
+        matches!(report.outcome, Outcome::Stopped { .. }),
+        "{:?}",
+        report.outcome
+    );
+    // An ended guest cannot be asked.
+    assert!(ctl.request_shutdown().is_err());
+}
+
+/// `wisp run` in the foreground, its stdout read line by line.
+struct Foreground {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Foreground {
+    fn start(flags: &[&str], args: &[&str]) -> Foreground {
+        require_kvm();
+        let mut child = wisp()
+            .arg("run")
+            .args(flags)
+            .arg(probe())
+            .arg("--")
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("wisp run");
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        Foreground { child, lines }
+    }
+
+    fn expect_line(&self, want: &str) {
+        loop {
+            match self.lines.recv_timeout(Duration::from_secs(30)) {
+                Ok(l) if l.contains(want) => return,
+                Ok(_) => {}
+                Err(e) => panic!("no line {want:?} from the guest: {e}"),
+            }
+        }
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        // SAFETY: a plain syscall on our own child.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
+    }
+
+    /// Waits for the end; returns the status and stderr.
+    fn finish(mut self) -> (i32, String) {
+        let mut err = String::new();
+        self.child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        let st = self.child.wait().unwrap();
+        (st.code().unwrap_or(-1), err)
+    }
+}
+
+impl Drop for Foreground {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn wisp_run_on_sigterm_lets_the_guest_exit_with_its_own_status() {
+    let g = Foreground::start(&["-m", "2M"], &["stop-status", "7"]);
+    g.expect_line("waiting for a stop request");
+    g.signal(libc::SIGTERM);
+    g.expect_line("stop requested: exiting with 7");
+    let (status, err) = g.finish();
+    assert_eq!(status, 7, "{err}");
+    assert!(err.contains("guest stopped when asked (exit status 7)"), "{err}");
+}
+
+#[test]
+fn wisp_run_forces_a_guest_that_does_not_stop() {
+    // After the stop timeout...
+    let g = Foreground::start(&["-m", "2M", "--stop-timeout", "1s"], &["stop-ignore"]);
+    g.expect_line("waiting for a stop request");
+    g.signal(libc::SIGTERM);
+    g.expect_line("stop requested: ignored");
+    let (status, err) = g.finish();
+    assert_eq!(status, 143, "{err}");
+    assert!(err.contains("stopped by force: stop timeout expired"), "{err}");
+
+    // ...or at a second signal (the default timeout is far longer than
+    // this test waits for anything).
+    let g = Foreground::start(&["-m", "2M"], &["stop-ignore"]);
+    g.expect_line("waiting for a stop request");
+    g.signal(libc::SIGINT);
+    g.expect_line("stop requested: ignored");
+    g.signal(libc::SIGTERM);
+    let (status, err) = g.finish();
+    assert_eq!(status, 143, "{err}");
+    assert!(err.contains("stopped by force: second signal"), "{err}");
+}
