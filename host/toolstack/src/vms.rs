@@ -741,10 +741,11 @@ impl Vms {
                 }
             }
             // It cannot be asked (an image or a monitor from before the
-            // request): stopped at once, killed if that does not end it.
+            // request) or there is no time (`-t 0`): stopped at once by its
+            // monitor, which answers; killed if that does not end it.
             Err(_) => {
                 let _ = self.control(vm, ControlRequest::Stop);
-                if !vm.wait_not_live(timeout) {
+                if !vm.wait_not_live(timeout.max(FORCE_GRACE)) {
                     self.kill_process(vm);
                 }
             }
