@@ -328,7 +328,7 @@ fn a_guest_asked_to_stop_exits_with_its_own_status() {
         ctl.counters().blocked_waits > 0
     });
     assert!(!ctl.shutdown_requested());
-    assert_eq!(ctl.request_shutdown().expect("request"), true);
+    assert!(ctl.request_shutdown().expect("request"));
     assert!(ctl.shutdown_requested());
     assert!(
         ended_within(&vm, Duration::from_secs(20)),
@@ -459,7 +459,10 @@ fn wisp_run_on_sigterm_lets_the_guest_exit_with_its_own_status() {
     g.expect_line("stop requested: exiting with 7");
     let (status, err) = g.finish();
     assert_eq!(status, 7, "{err}");
-    assert!(err.contains("guest stopped when asked (exit status 7)"), "{err}");
+    assert!(
+        err.contains("guest stopped when asked (exit status 7)"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -471,7 +474,10 @@ fn wisp_run_forces_a_guest_that_does_not_stop() {
     g.expect_line("stop requested: ignored");
     let (status, err) = g.finish();
     assert_eq!(status, 143, "{err}");
-    assert!(err.contains("stopped by force: stop timeout expired"), "{err}");
+    assert!(
+        err.contains("stopped by force: stop timeout expired"),
+        "{err}"
+    );
 
     // ...or at a second signal (the default timeout is far longer than
     // this test waits for anything).
@@ -586,7 +592,10 @@ fn disk_byte_counters_match_the_sectors_moved() {
     let boot = quiet_counters(&vm);
     // Opening the log on a fresh disk read its header sector at least, and
     // wrote the header.
-    assert!(boot.disk_read_bytes >= 512 && boot.disk_read_bytes % 512 == 0, "{boot:?}");
+    assert!(
+        boot.disk_read_bytes >= 512 && boot.disk_read_bytes.is_multiple_of(512),
+        "{boot:?}"
+    );
     assert_eq!(boot.disk_write_bytes, 512, "the header sector: {boot:?}");
 
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
@@ -619,7 +628,10 @@ fn disk_byte_counters_match_the_sectors_moved() {
             expect,
             "SET {key} ({record} bytes of log after {log}): {now:?}"
         );
-        assert_eq!(now.disk_read_bytes, last.disk_read_bytes, "a SET reads nothing");
+        assert_eq!(
+            now.disk_read_bytes, last.disk_read_bytes,
+            "a SET reads nothing"
+        );
         log += record;
         last = now;
     }

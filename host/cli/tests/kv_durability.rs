@@ -416,7 +416,9 @@ fn disk_call_bytes(trace: &str, disk: &str, call: &str) -> u64 {
             } else if on_disk {
                 total += result(rest);
             }
-        } else if rest.starts_with(&format!("<... {call} resumed>")) && pending.remove(pid) == Some(true) {
+        } else if rest.starts_with(&format!("<... {call} resumed>"))
+            && pending.remove(pid) == Some(true)
+        {
             total += result(rest);
         }
     }

@@ -100,7 +100,10 @@ fn every_lifecycle_step_of_a_served_guest() {
     assert!(s["rx_bytes"].as_u64().unwrap() > 0 && s["tx_bytes"].as_u64().unwrap() > 0);
     assert_eq!(s["disk_read_bytes"], 0, "no disk: {s}");
     let table = d.ok(&["stats"]);
-    assert!(table.contains("NET I/O") && table.contains("BLOCK I/O"), "{table}");
+    assert!(
+        table.contains("NET I/O") && table.contains("BLOCK I/O"),
+        "{table}"
+    );
     for name in [
         "wisp_vm_network_receive_bytes_total",
         "wisp_vm_network_transmit_bytes_total",
@@ -672,7 +675,10 @@ fn kv_stopped_by_request_flushes_its_log_and_a_restart_finds_every_key() {
     // Started again on the same log: every key is there.
     let mut s = run_kv(&d, "kv2", &disk);
     for i in 0..20 {
-        assert_eq!(resp(&mut s, &["GET", &format!("key{i}")]), format!("value-{i}"));
+        assert_eq!(
+            resp(&mut s, &["GET", &format!("key{i}")]),
+            format!("value-{i}")
+        );
     }
     d.ok(&["stop", "kv2"]);
     let _ = std::fs::remove_file(&disk);
