@@ -168,7 +168,13 @@ fn supervise(
                 });
             }
             Woken::Deadline => {
-                if deadline.is_some_and(|d| Instant::now() >= d) {
+                // Whichever came first (poll's millisecond rounding may wake
+                // this a little early: decide by the deadlines, not now).
+                let timed_out = match (deadline, asked) {
+                    (Some(d), Some(a)) => d <= a,
+                    (d, _) => d.is_some(),
+                };
+                if timed_out {
                     // `--timeout`: `RunningVm::wait` stops it as timed out.
                     break;
                 }
