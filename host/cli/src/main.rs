@@ -172,9 +172,10 @@ enum Command {
         #[arg(required = true)]
         names: Vec<String>,
     },
-    /// Stop VMs through their monitor; kill those not gone after the timeout.
+    /// Ask VMs to stop (they may flush and exit with their own status);
+    /// stop by force those still running after the timeout.
     Stop {
-        /// Seconds to wait before killing.
+        /// Seconds a guest has to stop by itself (0: force it at once).
         #[arg(short, long, default_value = "10")]
         time: f64,
         #[arg(required = true)]

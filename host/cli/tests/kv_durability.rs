@@ -126,12 +126,14 @@ fn children_of(pid: u32) -> Vec<i32> {
 
 impl Traced {
     fn start(disk: &Path, policy: &str) -> Traced {
-        Traced::start_with(disk, policy, &[], Stdio::inherit(), "")
+        Traced::start_with(policy, disk, policy, &[], Stdio::inherit(), "")
     }
 
-    /// As [`Traced::start`], with more `wisp run` flags, its stderr sent to
-    /// `stderr`, and more system calls traced (`,NAME...`).
+    /// As [`Traced::start`], with the trace in `kv-TAG.strace` (tests run
+    /// side by side), more `wisp run` flags, its stderr sent to `stderr`,
+    /// and more system calls traced (`,NAME...`).
     fn start_with(
+        tag: &str,
         disk: &Path,
         policy: &str,
         flags: &[&str],
@@ -140,7 +142,7 @@ impl Traced {
     ) -> Traced {
         require_kvm();
         let port = free_port();
-        let trace = scratch().join(format!("kv-{policy}.strace"));
+        let trace = scratch().join(format!("kv-{tag}.strace"));
         let _ = std::fs::remove_file(&trace);
         let strace = Command::new("strace")
             .args(["-f", "--seccomp-bpf", "-qq", "-yy", "-s", "4096", "-o"])
@@ -446,6 +448,7 @@ fn sigterm_makes_kv_flush_its_log_whatever_the_policy() {
     let disk = fresh_disk("kv-term.img");
     let err = scratch().join("kv-term.stderr");
     let t = Traced::start_with(
+        "sigterm",
         &disk,
         "no",
         &["--stats"],
