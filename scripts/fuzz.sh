@@ -2,7 +2,8 @@
 # Runs every fuzz target for SECONDS each (default 60): the ELF loader, the
 # hypercall decoder, the virtio-net and virtio-blk device models driven by
 # a hostile driver, the user-mode network's packet handling, the kv RESP
-# parser and the guest's command-line parsing. Needs the nightly toolchain
+# parser, the guest's command-line parsing and an incoming live-migration
+# stream. Needs the nightly toolchain
 # (fuzzing only) and cargo-fuzz, which it installs if missing.
 # Findings are left in fuzz/artifacts/TARGET/; turn each into a regression
 # test before fixing it.

@@ -241,6 +241,38 @@ pub fn save(socket: &Path, name: &str, file: &Path, leave_running: bool) -> anyh
     Ok(0)
 }
 
+/// `wisp migrate NAME HOST:PORT [--name-there N] [-p ...]`.
+pub fn migrate(
+    socket: &Path,
+    name: &str,
+    to: &str,
+    name_there: Option<String>,
+    publish: &[String],
+) -> anyhow::Result<u8> {
+    let mut body = json!({ "to": to });
+    if let Some(n) = name_there {
+        body["name"] = json!(n);
+    }
+    if !publish.is_empty() {
+        body["publish"] = json!(publish);
+    }
+    let path = format!("{}/migrate", path_of(name));
+    let v = ok(client(socket).request("POST", &path, Some(&body))?)?;
+    let rounds: Vec<String> = v["rounds"]
+        .as_array()
+        .map(|r| r.iter().map(|n| n.to_string()).collect())
+        .unwrap_or_default();
+    println!(
+        "{name}: migrated to {to} in {:.2} ms, guest stopped {:.2} ms; pages per round [{}], {} with the guest paused, {} KiB sent",
+        v["total_us"].as_u64().unwrap_or(0) as f64 / 1000.0,
+        v["downtime_us"].as_u64().unwrap_or(0) as f64 / 1000.0,
+        rounds.join(", "),
+        v["final_pages"],
+        v["bytes_sent"].as_u64().unwrap_or(0).div_ceil(1024),
+    );
+    Ok(0)
+}
+
 fn restore_one(
     c: &Client,
     file: &str,
@@ -263,6 +295,34 @@ pub fn restore(
     publish: &[String],
 ) -> anyhow::Result<u8> {
     let v = restore_one(&client(socket), &absolute(file)?, name, publish, 0)?;
+    println!("{}", v["id"].as_str().unwrap_or_default());
+    Ok(0)
+}
+
+/// `wisp restore FILE --disk FILE[,ro] [--name N] [-p ...]`: a guest
+/// saved with a disk; prints the new VM's id.
+pub fn restore_with_disk(
+    socket: &Path,
+    file: &Path,
+    name: Option<String>,
+    publish: &[String],
+    disk: &str,
+) -> anyhow::Result<u8> {
+    let (path, read_only) = match disk.rsplit_once(',') {
+        Some((p, "ro")) => (p, true),
+        Some((p, "rw")) => (p, false),
+        _ => (disk, false),
+    };
+    let mut body = json!({
+        "snapshot": absolute(file)?,
+        "publish": publish,
+        "disk": absolute(Path::new(path))?,
+        "disk_read_only": read_only,
+    });
+    if let Some(n) = name {
+        body["name"] = json!(n);
+    }
+    let v = ok(client(socket).request("POST", "/v1/restore", Some(&body))?)?;
     println!("{}", v["id"].as_str().unwrap_or_default());
     Ok(0)
 }

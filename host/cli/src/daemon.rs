@@ -11,6 +11,7 @@ pub struct DaemonArgs {
     /// `SIZE:COUNT` entries, e.g. `64M:4`.
     pub pool: Vec<String>,
     pub log_size: u64,
+    pub migration_listen: Option<std::net::SocketAddr>,
 }
 
 /// Parses `--pool SIZE:COUNT`.
@@ -47,6 +48,7 @@ pub fn daemon(a: DaemonArgs) -> anyhow::Result<u8> {
         pool,
         log_limit: a.log_size,
         exe,
+        migration_listen: a.migration_listen,
     })?;
     Ok(0)
 }

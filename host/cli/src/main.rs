@@ -145,6 +145,10 @@ enum Command {
         /// Bound of each VM's log (it keeps at most twice this).
         #[arg(long, default_value = "1M", value_parser = units::parse_memory)]
         log_size: u64,
+        /// Accept live migrations from other daemons on this TCP address
+        /// (e.g. 127.0.0.1:7070).
+        #[arg(long, value_name = "ADDR:PORT")]
+        migration_listen: Option<std::net::SocketAddr>,
     },
     /// List VMs started with `run -d` (NAME ID STATE IMAGE MEMORY UPTIME PORTS).
     Ps {
@@ -201,11 +205,28 @@ enum Command {
         #[arg(long)]
         leave_running: bool,
     },
+    /// Move a running VM live to the daemon listening at HOST:PORT
+    /// (`wisp daemon --migration-listen`); it keeps running during the copy.
+    Migrate {
+        name: String,
+        #[arg(value_name = "HOST:PORT")]
+        to: String,
+        /// Its name on the destination [default: the same].
+        #[arg(long)]
+        name_there: Option<String>,
+        /// Ports it publishes on the destination, as `run -p` [default: the
+        /// same as here; on one host they move over at the pause].
+        #[arg(short = 'p', long = "publish", value_name = "[ADDR:]HOST:GUEST[/udp]")]
+        publish: Vec<String>,
+    },
     /// Start a VM from a snapshot under the daemon; prints its id.
     Restore {
         file: PathBuf,
         #[arg(long)]
         name: Option<String>,
+        /// The disk of a guest saved with one (the same size), as `run --disk`.
+        #[arg(long, value_name = "FILE[,ro]")]
+        disk: Option<String>,
         /// Publish a port, as `run -p`.
         #[arg(short = 'p', long = "publish", value_name = "[ADDR:]HOST:GUEST[/udp]")]
         publish: Vec<String>,
@@ -351,11 +372,13 @@ fn main() -> ExitCode {
             state_dir,
             pool,
             log_size,
+            migration_listen,
         } => daemon::daemon(daemon::DaemonArgs {
             socket,
             state_dir,
             pool,
             log_size,
+            migration_listen,
         }),
         Command::Ps { all, format } => client::ps(&socket, all, format == "json"),
         Command::Logs { name, follow } => client::logs(&socket, &name, follow),
@@ -371,11 +394,24 @@ fn main() -> ExitCode {
             file,
             leave_running,
         } => client::save(&socket, &name, &file, leave_running),
+        Command::Migrate {
+            name,
+            to,
+            name_there,
+            publish,
+        } => client::migrate(&socket, &name, &to, name_there, &publish),
         Command::Restore {
             file,
             name,
             publish,
+            disk: None,
         } => client::restore(&socket, &file, name, &publish),
+        Command::Restore {
+            file,
+            name,
+            publish,
+            disk: Some(disk),
+        } => client::restore_with_disk(&socket, &file, name, &publish, &disk),
         Command::Clone {
             file,
             count,

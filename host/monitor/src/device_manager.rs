@@ -72,6 +72,8 @@ pub struct DeviceManager {
     bus: Vec<(u64, BusDevice)>,
     entries: Vec<Device>,
     nics: Vec<NicSlot>,
+    /// The NICs' published TCP listeners (see [`NetBackend::listeners`]).
+    listeners: Vec<std::os::fd::OwnedFd>,
 }
 
 impl DeviceManager {
@@ -103,6 +105,7 @@ impl DeviceManager {
         d.gateway = nic.gateway.octets();
         d.prefix_len = nic.prefix_len as u32;
         d.dns = nic.dns.map_or([0; 4], |a| a.octets());
+        self.listeners.extend(backend.listeners());
         let mut net = Net::new(mac, mem.clone(), access, backend);
         net.tx_limits = Limits::new(limits.0, limits.1);
         net.rx_limits = Limits::new(limits.0, limits.1);
@@ -119,6 +122,11 @@ impl DeviceManager {
         self.entries.push(d);
         self.nics.push(NicSlot { device, notify });
         Ok(())
+    }
+
+    /// The published TCP listeners of the NICs (duplicated handles).
+    pub fn take_listeners(&mut self) -> Vec<std::os::fd::OwnedFd> {
+        std::mem::take(&mut self.listeners)
     }
 
     /// Adds a disk.

@@ -31,6 +31,7 @@ pub mod io_thread;
 pub mod kvm;
 pub mod layout;
 pub mod memory;
+pub mod migration;
 pub mod net;
 pub mod paging;
 pub mod pvh_entry;

@@ -56,6 +56,10 @@ const KVM_GET_VCPU_EVENTS: u64 = 0x8040_ae9f;
 const KVM_GET_XSAVE: u64 = 0x9000_aea4;
 const KVM_GET_XCRS: u64 = 0x8188_aea6;
 const FIONBIO: u64 = 0x5421;
+// A live migration, from the control thread: dirty logging switched on and
+// off on the RAM slot, and the dirty log read each round.
+const KVM_SET_USER_MEMORY_REGION: u64 = 0x4020_ae46;
+const KVM_GET_DIRTY_LOG: u64 = 0x4010_ae42;
 
 /// What every thread needs: memory, locks, time, signals, ending.
 const COMMON: &[i64] = &[
@@ -123,6 +127,11 @@ fn syscalls(kind: ThreadKind) -> Vec<i64> {
             libc::SYS_ftruncate,
             libc::SYS_pwrite64,
             libc::SYS_pread64,
+            // A live migration on one host: the published listeners stop
+            // listening at its pause (shutdown) and listen again if it
+            // fails (listen).
+            libc::SYS_shutdown,
+            libc::SYS_listen,
         ],
     });
     v
@@ -141,7 +150,7 @@ fn ioctls(kind: ThreadKind) -> &'static [u64] {
             FIONBIO,
         ],
         ThreadKind::Io => &[FIONBIO],
-        ThreadKind::Control => &[],
+        ThreadKind::Control => &[KVM_SET_USER_MEMORY_REGION, KVM_GET_DIRTY_LOG],
     }
 }
 

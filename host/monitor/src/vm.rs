@@ -249,7 +249,7 @@ impl Shell {
         )
         .map_err(kvm_call("set registers"))?;
         // The device access map follows the page tables just written.
-        let access = GuestAccess::for_guest(mem, &layout);
+        let access = GuestAccess::for_guest(mem, &layout).tracking(machine.ram.dirty.clone());
         Ok(Loaded {
             access,
             machine,
@@ -495,6 +495,8 @@ pub struct RunningVm {
     controller: Controller,
     /// What a snapshot of this guest reads besides its threads' state.
     pub(crate) source: crate::snapshot::Source,
+    /// What a live migration of this guest tracks its memory with.
+    pub(crate) tracker: crate::migration::Tracker,
     /// Written once the outcome is ready (for callers that wait in `poll`).
     done: Arc<vmm_sys_util::eventfd::EventFd>,
     results: std::sync::mpsc::Receiver<VcpuResult>,
@@ -549,7 +551,9 @@ impl Vm {
             self.devices.entries(),
         )
         .map_err(VmError::Thread)?;
-        let (bus, nics) = self.devices.split();
+        let mut devices = self.devices;
+        let tracker = crate::migration::Tracker::new(&self.machine, devices.take_listeners())?;
+        let (bus, nics) = devices.split();
         let notice = control::ShutdownNotice {
             mem: self.machine.ram.mem.clone(),
             boot_page: self.boot_page,
@@ -665,6 +669,7 @@ impl Vm {
             .map_err(VmError::Thread)?;
         Ok(RunningVm {
             source,
+            tracker,
             controller: Controller { shared },
             done,
             results,

@@ -70,6 +70,13 @@ fn route(vms: &Arc<Vms>, req: &Request, arrived: u64) -> Result<Response, VmErro
             let figures = vms.save(&vm, &save)?;
             Ok(Response::json(200, &figures))
         }
+        ("POST", ["v1", "vms", r, "migrate"]) => {
+            let vm = vms.find(r)?;
+            let m: crate::migration::MigrateRequest = serde_json::from_slice(&req.body)
+                .map_err(|e| VmError::BadRequest(format!("malformed request body: {e}")))?;
+            let figures = vms.migrate(&vm, &m)?;
+            Ok(Response::json(200, &figures))
+        }
         ("GET", ["v1", "vms", r]) => Ok(Response::json(200, &vms.find(r)?.snapshot())),
         ("DELETE", ["v1", "vms", r]) => {
             let vm = vms.find(r)?;

@@ -21,6 +21,8 @@ pub struct Config {
     pub log_limit: u64,
     /// The `wisp` executable, run as `wisp shell` for each monitor.
     pub exe: PathBuf,
+    /// Where to accept live migrations from other daemons (TCP).
+    pub migration_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +95,11 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         cfg.socket.display(),
         cfg.state_dir.display()
     ));
+    if let Some(addr) = cfg.migration_listen {
+        let bound = crate::migration::listen(vms.clone(), addr)
+            .map_err(io(format!("binding the migration listener {addr}")))?;
+        crate::log(format_args!("accepting migrations on {bound}"));
+    }
     {
         let pool = pool.clone();
         std::thread::spawn(move || pool.refill());

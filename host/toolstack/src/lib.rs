@@ -18,6 +18,7 @@ pub mod daemon;
 pub mod http;
 pub mod logs;
 pub mod metrics;
+pub mod migration;
 pub mod pool;
 pub mod process;
 pub mod proto;

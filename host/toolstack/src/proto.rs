@@ -59,6 +59,11 @@ pub struct Handoff {
     /// image, and this is the clone id (0: a plain restore).
     #[serde(default)]
     pub snapshot: Option<u32>,
+    /// Receive a live migration instead of booting: the first file is the
+    /// connection from the source (its header and META already read by
+    /// the daemon), and this is the guest's memory size.
+    #[serde(default)]
+    pub migration: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -90,7 +95,7 @@ pub enum Started {
     },
 }
 
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum ControlRequest {
     Pause,
@@ -111,6 +116,28 @@ pub enum ControlRequest {
     Save {
         leave_running: bool,
     },
+    /// Migrates the guest live over the connection that comes with the
+    /// request (`SCM_RIGHTS`): `meta` is sent first for the receiving
+    /// daemon, `to` names the destination in the exit record.
+    Migrate {
+        meta: String,
+        to: String,
+    },
+}
+
+/// What a live migration did.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MigrateFigures {
+    pub memory: u64,
+    /// Pages sent per pre-copy round (round 0, every touched page, first).
+    pub rounds: Vec<u64>,
+    /// Pages sent with the guest paused.
+    pub final_pages: u64,
+    pub bytes_sent: u64,
+    /// Request to the destination's confirmation, in µs.
+    pub total_us: u64,
+    /// Pause to the destination's confirmation, in µs.
+    pub downtime_us: u64,
 }
 
 /// What a save did.
@@ -152,6 +179,7 @@ pub struct GuestStats {
 pub enum ControlReply {
     Ok(GuestStats),
     Saved(SaveFigures),
+    Migrated(MigrateFigures),
     Failed { error: String },
 }
 
@@ -255,6 +283,7 @@ mod tests {
             cpus: None,
             request_ns: 7,
             snapshot: None,
+            migration: None,
         };
         let t = std::thread::spawn(move || send(&a, &msg, &[file.as_raw_fd()]).unwrap());
         let (got, fds): (Handoff, _) = recv(&b).unwrap();

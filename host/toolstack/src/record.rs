@@ -99,6 +99,7 @@ pub struct Exit {
     /// The signal that ended the monitor process, if one did.
     pub signal: Option<i32>,
     /// `exited`, `crashed`, `stopped`, `saved` (stopped by a save),
+    /// `migrated` (stopped once the destination ran it),
     /// `killed`, `error` or `lost`.
     pub how: String,
     pub detail: Option<String>,
@@ -149,7 +150,10 @@ impl Exit {
 
     /// A failure, for `--restart on-failure`.
     pub fn failed(&self) -> bool {
-        self.how != "stopped" && self.how != "saved" && self.status != Some(0)
+        self.how != "stopped"
+            && self.how != "saved"
+            && self.how != "migrated"
+            && self.status != Some(0)
     }
 }
 

@@ -107,13 +107,20 @@ pub fn run(memory: u64, channel: UnixStream) -> i32 {
     // From here on the monitor's own messages (and crash reports) go to the
     // guest's log, as the guest's console does.
     redirect_stdio(files.log.as_raw_fd());
-    let started = match handoff.snapshot {
+    let started = match (handoff.migration, handoff.snapshot) {
+        // The pre-created VM is not used: the stream fills a memory of its
+        // own, restored as a snapshot's.
+        (Some(size), _) => {
+            drop(shell);
+            crate::migration::receive_in_shell(&handoff, &files.image, files.disk.as_ref(), size)
+                .and_then(|cfg| start_received(cfg, &handoff, &files))
+        }
         // The pre-created VM is not used: the snapshot makes its own.
-        Some(clone_id) => {
+        (None, Some(clone_id)) => {
             drop(shell);
             restore(&handoff, &files, clone_id)
         }
-        None => start(shell, &handoff, &files),
+        (None, None) => start(shell, &handoff, &files),
     };
     let running = match started {
         Ok(r) => r,
@@ -123,10 +130,11 @@ pub fn run(memory: u64, channel: UnixStream) -> i32 {
         }
     };
     let (running, published, started_ns) = running;
-    // A restored guest is past `main`: it runs from the moment it started.
-    let main_ns = match handoff.snapshot {
-        Some(_) => Some(started_ns),
-        None => wait_for_main(&running),
+    // A restored or migrated guest is past `main`: it runs from the
+    // moment it started.
+    let main_ns = match (handoff.snapshot, handoff.migration) {
+        (None, None) => wait_for_main(&running),
+        _ => Some(started_ns),
     };
     let _ = proto::send(
         &channel,
@@ -151,16 +159,13 @@ pub fn run(memory: u64, channel: UnixStream) -> i32 {
 }
 
 /// Restores the guest from the snapshot handed over in the image's place;
-/// returns it as [`start`] does. Only published ports are configured: a
-/// disk cannot be given to a restore yet.
+/// returns it as [`start`] does. Published ports and the disk (handed
+/// over, reopened through /proc) are configured.
 fn restore(
     h: &Handoff,
     files: &Files,
     clone_id: u32,
 ) -> Result<(RunningVm, Vec<Published>, u64), String> {
-    if h.disk.is_some() {
-        return Err("a restore cannot attach a disk".into());
-    }
     // Opened through /proc: the snapshot module checks it from a path.
     let path = format!("/proc/self/fd/{}", files.image.as_raw_fd());
     let snap = Snapshot::open(std::path::Path::new(&path)).map_err(|e| e.to_string())?;
@@ -182,7 +187,13 @@ fn restore(
         publish,
         net_limits: (0, 0),
         disk_limits: (0, 0),
-        disk: None,
+        disk: match (h.disk, &files.disk) {
+            (Some(mode), Some(fd)) => Some(wisp_monitor::DiskConfig {
+                path: format!("/proc/self/fd/{}", fd.as_raw_fd()).into(),
+                read_only: mode == DiskMode::ReadOnly,
+            }),
+            _ => None,
+        },
     };
     let vm = snap
         .restore(&cfg, RestoreOptions { clone_id })
@@ -208,6 +219,42 @@ fn restore(
         )
         .map_err(|e| e.to_string())?;
     Ok((running, published, monotonic_ns()))
+}
+
+/// Starts a guest received from a migration (see
+/// [`crate::migration::receive_in_shell`]) and confirms it to the source.
+fn start_received(
+    vm: wisp_monitor::Vm,
+    h: &Handoff,
+    files: &Files,
+) -> Result<(RunningVm, Vec<Published>, u64), String> {
+    let published = vm
+        .published()
+        .iter()
+        .map(|(addr, guest_port, udp)| Published {
+            host: addr.to_string(),
+            guest_port: *guest_port,
+            udp: *udp,
+        })
+        .collect();
+    let refuse = |e: String| {
+        crate::migration::refuse(&files.image, &e);
+        e
+    };
+    let console = std::fs::File::from(files.log.try_clone().map_err(|e| refuse(e.to_string()))?);
+    let running = vm
+        .start(
+            Box::new(console),
+            StartOptions {
+                cpu_quota: h.cpus,
+                no_seccomp: false,
+                seccomp_selftest: None,
+            },
+        )
+        .map_err(|e| refuse(e.to_string()))?;
+    let started_ns = monotonic_ns();
+    crate::migration::confirm_in_shell(&running, &files.image)?;
+    Ok((running, published, started_ns))
 }
 
 /// Loads and starts the guest; returns it, its published addresses and
@@ -405,6 +452,14 @@ fn answer(running: &RunningVm, conn: UnixStream, saved: &Cell<bool>) {
                     Err(e) => Err(e.to_string()),
                 },
                 ControlRequest::Stats => Ok(()),
+                ControlRequest::Migrate { meta, to } => {
+                    match crate::migration::send_in_shell(running, files.pop(), meta, to) {
+                        Ok(figures) => {
+                            return send_reply(&conn, &ControlReply::Migrated(figures));
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
                 ControlRequest::Save { leave_running } => {
                     match save(running, files.pop(), leave_running) {
                         Ok(figures) => {
@@ -496,6 +551,10 @@ fn finish(running: RunningVm, exit: OwnedFd, saved: bool) -> i32 {
                 ),
                 Outcome::Exited(_) => ("exited", None),
                 Outcome::Crashed(c) => ("crashed", Some(c.to_string())),
+                Outcome::Stopped { .. } if crate::migration::migrated_to().is_some() => (
+                    "migrated",
+                    crate::migration::migrated_to().map(|to| format!("migrated to {to}")),
+                ),
                 Outcome::Stopped { rip } if saved => (
                     "saved",
                     Some(format!("saved to a snapshot at rip {rip:#x}")),

@@ -32,6 +32,9 @@ use crate::proto::{
 };
 use crate::record::{self, Exit, FromSnapshot, Record, RestartPolicy, Spec, State};
 
+#[path = "migration_vms.rs"]
+mod migration_vms;
+
 /// An API error: the HTTP status it maps to and a message for the user.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -96,6 +99,10 @@ pub struct RestoreRequest {
     #[serde(default)]
     pub clone_id: u32,
     pub cpus: Option<f64>,
+    /// The disk of a guest saved with one (absolute path; the same size).
+    pub disk: Option<String>,
+    #[serde(default)]
+    pub disk_read_only: bool,
 }
 
 /// `POST /v1/vms/{ref}/save`.
@@ -295,13 +302,40 @@ impl Vms {
             p.parse::<wisp_monitor::net::user::PortForward>()
                 .map_err(|e| bad(format!("publish: {e}")))?;
         }
-        // What the restore can give: one user-mode NIC (with -p), no disk.
+        // What the restore can give: one user-mode NIC (with -p), and the
+        // disk the request names if the guest had one.
         let kinds = || snap.devices().iter().map(|d| d.entry.kind);
-        if kinds().any(|k| k == wisp_abi::manifest::DEVICE_BLOCK) {
-            return Err(bad(format!(
-                "{} has a disk: the daemon cannot restore a guest with a disk yet",
-                req.snapshot
-            )));
+        let had_disk = kinds().any(|k| k == wisp_abi::manifest::DEVICE_BLOCK);
+        match (&req.disk, had_disk) {
+            (None, true) => {
+                return Err(bad(format!(
+                    "{}'s guest had a disk: restore it with its disk (--disk)",
+                    req.snapshot
+                )))
+            }
+            (Some(_), false) => return Err(bad(format!("{}'s guest had no disk", req.snapshot))),
+            (Some(d), true) => {
+                if !Path::new(d).is_absolute() {
+                    return Err(bad(format!("disk '{d}' is not an absolute path")));
+                }
+                let f =
+                    open_disk(d, req.disk_read_only).map_err(|e| bad(format!("disk {d}: {e}")))?;
+                let len = f
+                    .metadata()
+                    .map_err(|e| bad(format!("disk {d}: {e}")))?
+                    .len();
+                let saved = snap
+                    .devices()
+                    .iter()
+                    .find(|x| x.entry.kind == wisp_abi::manifest::DEVICE_BLOCK)
+                    .map_or(0, |x| x.entry.capacity);
+                if len / 512 * 512 != saved {
+                    return Err(bad(format!(
+                        "the snapshot's disk has {saved} bytes, {d} has {len}"
+                    )));
+                }
+            }
+            (None, false) => {}
         }
         let nics = kinds()
             .filter(|&k| k == wisp_abi::manifest::DEVICE_NET)
@@ -332,8 +366,8 @@ impl Vms {
                 memory: snap.memory(),
                 args: vec![],
                 publish: req.publish,
-                disk: None,
-                disk_read_only: false,
+                disk: req.disk,
+                disk_read_only: req.disk_read_only,
                 cpus: req.cpus,
                 restart: RestartPolicy::No,
                 snapshot: Some(FromSnapshot {
@@ -412,10 +446,13 @@ impl Vms {
 
     /// Hands the VM's spec to a shell and starts supervising it.
     fn launch(self: &Arc<Self>, vm: &Arc<Vm>, request_ns: u64) -> Result<(), VmError> {
-        let (id, spec) = {
+        let (id, spec, name) = {
             let r = lock(&vm.record);
-            (r.id.clone(), r.spec.clone())
+            (r.id.clone(), r.spec.clone(), r.name.clone())
         };
+        // A VM a migration brings in: its connection goes in the image's
+        // place.
+        let incoming = migration_vms::take_incoming(&name);
         let dir = self.dir(&id);
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -428,8 +465,12 @@ impl Vms {
         let _ = std::fs::remove_file(&sock);
         let control = UnixListener::bind(&sock).map_err(internal("binding the control socket"))?;
         // For a restore, the snapshot goes in the image's place.
-        let image = std::fs::File::open(&spec.image)
-            .map_err(|e| VmError::BadRequest(format!("image {}: {e}", spec.image)))?;
+        let migration = incoming.as_ref().map(|(_, size)| *size);
+        let image = match incoming {
+            Some((conn, _)) => std::fs::File::from(conn),
+            None => std::fs::File::open(&spec.image)
+                .map_err(|e| VmError::BadRequest(format!("image {}: {e}", spec.image)))?,
+        };
         let disk = spec
             .disk
             .as_ref()
@@ -463,6 +504,7 @@ impl Vms {
             cpus: spec.cpus,
             request_ns,
             snapshot: spec.snapshot.as_ref().map(|s| s.clone_id),
+            migration,
         };
         let fail = |shell: &mut crate::pool::ReadyShell, e: VmError| {
             let _ = shell.child.kill();
@@ -668,7 +710,9 @@ impl Vms {
         let result = request(&sock, req_msg, Some(file.as_raw_fd())).and_then(|r| match r {
             ControlReply::Saved(f) => Ok(f),
             ControlReply::Failed { error } => Err(VmError::Conflict(error)),
-            ControlReply::Ok(_) => Err(VmError::Internal("the monitor did not save".into())),
+            ControlReply::Ok(_) | ControlReply::Migrated(_) => {
+                Err(VmError::Internal("the monitor did not save".into()))
+            }
         });
         drop(file);
         let result = result.and_then(|f| {
@@ -905,7 +949,9 @@ fn control(sock: &Path, req: ControlRequest) -> Result<GuestStats, VmError> {
     match request(sock, req, None)? {
         ControlReply::Ok(st) => Ok(st),
         ControlReply::Failed { error } => Err(VmError::Conflict(error)),
-        ControlReply::Saved(_) => Err(VmError::Internal("unexpected reply".into())),
+        ControlReply::Saved(_) | ControlReply::Migrated(_) => {
+            Err(VmError::Internal("unexpected reply".into()))
+        }
     }
 }
 

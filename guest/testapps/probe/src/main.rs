@@ -229,6 +229,31 @@ fn main(args: wisp::Args) -> i32 {
                 wisp::time::sleep(period);
             }
         }
+        // A guest that keeps writing its memory, for live migration: MIB
+        // MiB of pages, each pass checks that every page still holds the
+        // previous pass's number (a page lost by a migration shows) and
+        // writes the next; a line per pass, then ARG2 ms of sleep.
+        "dirty" => {
+            let pages = num(1).max(1) as usize * 256;
+            let period = num(2);
+            let mut buf: Vec<u64> = alloc::vec![0; pages * 512];
+            let mut pass: u64 = 0;
+            loop {
+                for p in 0..pages {
+                    let v = buf[p * 512];
+                    if v != pass {
+                        println!("CORRUPT page {p} holds {v}, expected {pass}");
+                        return 3;
+                    }
+                    buf[p * 512] = pass + 1;
+                }
+                pass += 1;
+                println!("pass {pass} pages {pages}");
+                if period > 0 {
+                    wisp::time::sleep(Duration::from_millis(period));
+                }
+            }
+        }
         "clock" => println!("unix {}", wisp::time::unix_time().as_secs()),
         "clock-source" => println!(
             "{:?} tsc {} kHz, halts when idle: {}",

@@ -17,10 +17,17 @@ pub struct Daemon {
     pub child: Option<Child>,
     pub dir: PathBuf,
     pool: String,
+    /// More `wisp daemon` arguments (e.g. `--migration-listen`).
+    extra: Vec<String>,
 }
 
 impl Daemon {
     pub fn start(tag: &str, pool: &str) -> Daemon {
+        Daemon::start_with(tag, pool, &[])
+    }
+
+    /// As [`Daemon::start`], with more `wisp daemon` arguments.
+    pub fn start_with(tag: &str, pool: &str, extra: &[&str]) -> Daemon {
         require_kvm();
         // Short: control sockets live under it (sun_path is 108 bytes).
         let dir = PathBuf::from(format!("/tmp/wisp-ts-{}-{tag}", std::process::id()));
@@ -30,6 +37,7 @@ impl Daemon {
             child: None,
             dir,
             pool: pool.into(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         d.restart();
         d
@@ -52,6 +60,7 @@ impl Daemon {
             .arg("--state-dir")
             .arg(self.state())
             .args(["--pool", &self.pool])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()

@@ -75,6 +75,9 @@ pub struct GuestAccess {
     ranges: Arc<[Range]>,
     /// End of guest memory (nothing at or above it is memory).
     limit: u64,
+    /// Where granted writes are recorded while a live migration tracks
+    /// the pages devices write ([`GuestAccess::tracking`]).
+    dirty: Option<Arc<crate::memory::DirtyPages>>,
 }
 
 impl GuestAccess {
@@ -138,7 +141,16 @@ impl GuestAccess {
         GuestAccess {
             limit: out.last().map_or(0, |r| r.end),
             ranges: out.into(),
+            dirty: None,
         }
+    }
+
+    /// This map, recording every write it grants in `dirty`: each device
+    /// checks a write here just before it makes it, which is how a live
+    /// migration learns of the pages the monitor wrote.
+    pub fn tracking(mut self, dirty: Arc<crate::memory::DirtyPages>) -> GuestAccess {
+        self.dirty = Some(dirty);
+        self
     }
 
     /// May a device read `len` bytes at `addr`?
@@ -154,6 +166,14 @@ impl GuestAccess {
     /// [`Self::check_write`] if `write`, else [`Self::check_read`]. An
     /// empty access touches nothing and is allowed.
     pub fn check(&self, addr: u64, len: u64, write: bool) -> Result<(), AccessError> {
+        self.check_only(addr, len, write)?;
+        if let (true, Some(d)) = (write, &self.dirty) {
+            d.mark(addr, len);
+        }
+        Ok(())
+    }
+
+    fn check_only(&self, addr: u64, len: u64, write: bool) -> Result<(), AccessError> {
         let end = addr
             .checked_add(len)
             .ok_or(AccessError::Wraps { addr, len })?;
@@ -391,6 +411,20 @@ mod tests {
         // A used ring whose last element (or avail_event) runs into text.
         let used = TEXT - (RING_META + USED_ELEM * 8) + 2;
         assert_eq!(ring(ok, ok + 4096, used).unwrap_err().ring, "used ring");
+    }
+
+    #[test]
+    fn granted_writes_are_recorded_while_tracking() {
+        let dirty = Arc::new(crate::memory::DirtyPages::new(16 * 4096));
+        let a = GuestAccess::from_ranges([(0, 8 * 4096, false), (8 * 4096, 16 * 4096, true)])
+            .tracking(dirty.clone());
+        dirty.start();
+        a.check_write(9 * 4096 + 100, 4096).unwrap();
+        a.check_read(1000, 10).unwrap();
+        assert!(a.check_write(100, 1).is_err());
+        let mut b = [0u64; 1];
+        dirty.take_into(&mut b);
+        assert_eq!(b[0], 0b11 << 9, "only the granted write's pages");
     }
 
     #[test]

@@ -22,6 +22,13 @@ pub trait NetBackend {
     fn fds(&self) -> Vec<RawFd>;
     /// When the backend next needs [`NetBackend::poll`] even without I/O.
     fn next_timeout(&mut self) -> Option<Duration>;
+    /// Its published TCP listeners (duplicated handles on the same
+    /// sockets): a live migration on one host stops them listening at its
+    /// pause, so that the destination can bind the same ports, and makes
+    /// them listen again if it fails.
+    fn listeners(&self) -> Vec<std::os::fd::OwnedFd> {
+        Vec::new()
+    }
 }
 
 use std::net::Ipv4Addr;

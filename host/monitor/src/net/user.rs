@@ -43,7 +43,7 @@ const MAX_CONNECTIONS: usize = 4096;
 /// further host connections wait in the host's accept queue instead.
 const MAX_HANDSHAKES: usize = 8;
 /// Host accept-queue length for published ports.
-const HOST_BACKLOG: i32 = 4096;
+pub(crate) const HOST_BACKLOG: i32 = 4096;
 /// Frames between the gateway's stack and the guest's NIC, each way.
 const WIRE_FRAMES: usize = 1024;
 const WIRE_BYTES: usize = 2 << 20;
@@ -572,6 +572,13 @@ impl UserNet {
 }
 
 impl NetBackend for UserNet {
+    fn listeners(&self) -> Vec<OwnedFd> {
+        self.listeners
+            .iter()
+            .filter_map(|l| l.socket.try_clone().ok().map(OwnedFd::from))
+            .collect()
+    }
+
     fn send(&mut self, frame: &[u8]) {
         if self.wire.from_guest.has_room() {
             self.wire.from_guest.push_back(frame.to_vec());

@@ -26,7 +26,8 @@
 
 mod cpu;
 pub mod format;
-mod memory;
+pub(crate) mod memory;
+pub mod parts;
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -718,7 +719,8 @@ impl Snapshot {
         };
         // The page tables are in the snapshot's memory, where the guest
         // cannot write them: devices obey them as before.
-        let access = GuestAccess::from_page_tables(&machine.ram.mem, self.pml4, self.mem_size);
+        let access = GuestAccess::from_page_tables(&machine.ram.mem, self.pml4, self.mem_size)
+            .tracking(machine.ram.dirty.clone());
         let mut devices = DeviceManager::default();
         let mut published = Vec::new();
         vm::attach_configured(&mut devices, &mut published, &machine, &access, cfg)?;
