@@ -19,6 +19,17 @@ pub const PLATFORM_PVH: u32 = 2;
 
 /// Flag: the monitor traces the boot; the guest reports reaching `main`.
 pub const FLAG_TRACE_BOOT: u32 = 1 << 0;
+/// Flag: the monitor may post a shutdown request in
+/// [`BootPage::shutdown`] (see there). Without it the word stays 0 and a
+/// stop is always forced; a guest needs nothing from it to run.
+pub const FLAG_SHUTDOWN_NOTICE: u32 = 1 << 1;
+
+/// [`BootPage::shutdown`]: nothing asked.
+pub const SHUTDOWN_NONE: u32 = 0;
+/// [`BootPage::shutdown`]: the guest is asked to stop (`wisp stop`,
+/// SIGTERM to `wisp run`): it should finish what must not be lost (flush
+/// its files) and exit by itself; after the stop timeout it is forced.
+pub const SHUTDOWN_STOP: u32 = 1;
 
 /// A range of guest-physical memory that the guest may use freely.
 #[repr(C)]
@@ -104,7 +115,23 @@ pub struct BootPage {
     pub args_len: u32,
     pub argc: u32,
     pub device_count: u32,
-    pub _reserved: u32,
+    /// The shutdown request: [`SHUTDOWN_NONE`] or [`SHUTDOWN_STOP`]
+    /// (reserved and always 0 before [`FLAG_SHUTDOWN_NOTICE`], so it needed
+    /// no layout change of its own: a guest that never looks here is
+    /// forced after the stop timeout).
+    ///
+    /// Why a word of this page and not a hypercall or an interrupt: it
+    /// costs no exit at all. The monitor stores it from its control thread
+    /// while the guest runs (an aligned 4-byte store, seen by the guest's
+    /// next plain load: the page is ordinary shared memory, read-only only
+    /// in the guest's page tables); the guest's executor reads it once per
+    /// turn (one load, no exit), and a guest blocked in its wait hypercall
+    /// is woken through the eventfd that wait already sleeps on, so the
+    /// request rides the exit the guest was making anyway. A reason returned
+    /// by the wait would reach only a waiting guest (a busy one would need a
+    /// kick, i.e. an extra exit), and an interrupt would need the IST
+    /// machinery the Wisp guest avoids. Read it with a volatile load.
+    pub shutdown: u32,
     pub devices: [Device; MAX_DEVICES],
     /// The clock record: the monitor re-bases both clocks here after a
     /// restore (the page is read-only to the guest, which re-reads these
@@ -170,7 +197,7 @@ impl BootPage {
             args_len: 0,
             argc: 0,
             device_count: 0,
-            _reserved: 0,
+            shutdown: SHUTDOWN_NONE,
             devices: [Device::new(0); MAX_DEVICES],
             clock_generation: 0,
             mono_tsc: 0,
@@ -235,3 +262,7 @@ const _: () = assert!(
         == 8 + 4 * 4 + 16 * MAX_MEM_REGIONS + 8 * 5 + 4 * 4 + 112 * MAX_DEVICES + 8 * 5 + 4 * 2 + 8
 );
 const _: () = assert!(core::mem::size_of::<BootPage>() <= 4096);
+// The shutdown word is written by the monitor while the guest runs: it must
+// be naturally aligned, so the store and the guest's load are single
+// accesses (never torn).
+const _: () = assert!(core::mem::offset_of!(BootPage, shutdown) % 4 == 0);

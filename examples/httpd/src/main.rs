@@ -13,6 +13,9 @@
 //! files in it are the site (`/` serves `index.html`); they are loaded into
 //! memory at boot (up to 64 MiB). Without a disk, a built-in page is served.
 //!
+//! Asked to stop (`wisp stop`, SIGTERM to `wisp run`), httpd stops at once
+//! with status 0, as nginx does on SIGTERM: it keeps no state to save.
+//!
 //! `wisp run -p 8080:80 httpd.wisp`, then `curl http://127.0.0.1:8080/`.
 #![no_std]
 #![no_main]
@@ -99,14 +102,20 @@ fn main(args: wisp::Args) -> i32 {
             }
         };
         wisp::println!("httpd: listening on port {port}");
-        loop {
-            match listener.accept().await {
-                Ok(stream) => {
-                    wisp::exec::spawn(serve(stream, site.clone()));
+        let stop = wisp::shutdown::requested();
+        wisp::exec::spawn(async move {
+            loop {
+                match listener.accept().await {
+                    Ok(stream) => {
+                        wisp::exec::spawn(serve(stream, site.clone()));
+                    }
+                    Err(e) => wisp::println!("httpd: accept failed: {e}"),
                 }
-                Err(e) => wisp::println!("httpd: accept failed: {e}"),
             }
-        }
+        });
+        stop.await;
+        wisp::println!("httpd: stopping");
+        0
     })
 }
 

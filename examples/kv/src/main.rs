@@ -16,6 +16,10 @@
 //! `CONFIG SET appendfsync`) says when the log is flushed to stable storage
 //! (see `kv_core::aof`). Arguments: `[PORT] [--appendfsync POLICY]`.
 //!
+//! Asked to stop (`wisp stop`, SIGTERM to `wisp run`), kv flushes its log
+//! whatever the policy, as Redis does on SIGTERM, and exits with status 0
+//! (1 if the flush failed).
+//!
 //! `wisp run -p 6379:6379 --disk data.img kv.wisp`, then
 //! `redis-cli -p 6379 SET k v && redis-cli -p 6379 GET k`.
 #![no_std]
@@ -163,7 +167,7 @@ fn main(args: wisp::Args) -> i32 {
     let notify = Rc::new(Notify::default());
 
     wisp::exec::block_on(async move {
-        let mut listener = match TcpListener::bind(port) {
+        let listener = match TcpListener::bind(port) {
             Ok(l) => l,
             Err(e) => {
                 wisp::println!("kv: cannot listen on port {port}: {e}");
@@ -172,21 +176,55 @@ fn main(args: wisp::Args) -> i32 {
         };
         wisp::println!("kv: listening on port {port}");
         wisp::exec::spawn(housekeeping(server.clone(), notify.clone()));
-        loop {
-            if let Ok(stream) = listener.accept().await {
-                let addr = stream
-                    .remote_endpoint()
-                    .map(|e| e.to_string())
-                    .unwrap_or_default();
-                let laddr = match wisp_net::stack::config() {
-                    Some(c) => format!("{}:{port}", c.address),
-                    None => format!("0.0.0.0:{port}"),
-                };
-                let id = server.borrow_mut().engine.connect(addr, laddr, now_ms());
-                wisp::exec::spawn(serve(stream, id, server.clone(), notify.clone()));
-            }
-        }
+        let stop = wisp::shutdown::requested();
+        wisp::exec::spawn(accept_loop(listener, port, server.clone(), notify));
+        stop.await;
+        shut_down(&server)
     })
+}
+
+/// Accepts clients and serves each on its own task.
+async fn accept_loop(
+    mut listener: TcpListener,
+    port: u16,
+    server: Rc<RefCell<Server>>,
+    notify: Rc<Notify>,
+) {
+    loop {
+        if let Ok(stream) = listener.accept().await {
+            let addr = stream
+                .remote_endpoint()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            let laddr = match wisp_net::stack::config() {
+                Some(c) => format!("{}:{port}", c.address),
+                None => format!("0.0.0.0:{port}"),
+            };
+            let id = server.borrow_mut().engine.connect(addr, laddr, now_ms());
+            wisp::exec::spawn(serve(stream, id, server.clone(), notify.clone()));
+        }
+    }
+}
+
+/// The guest was asked to stop: every record is already on the disk (each
+/// batch is appended before its replies, with no await in between, so no
+/// batch is half done here); flush them to stable storage and end.
+fn shut_down(server: &RefCell<Server>) -> i32 {
+    let mut s = server.borrow_mut();
+    let Some(aof) = s.aof.as_mut() else {
+        wisp::println!("kv: stopping (no disk)");
+        return 0;
+    };
+    match aof.flush(mono_ms()) {
+        Ok(()) => {
+            wisp::println!("kv: stopping: log flushed ({} bytes)", aof.len());
+            0
+        }
+        Err(e) => {
+            wisp::println!("kv: stopping: log flush failed: {e}");
+            1
+        }
+    }
 }
 
 /// Flushes the log when `everysec` says so and removes keys when they

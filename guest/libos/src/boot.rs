@@ -17,6 +17,13 @@ pub fn boot_page() -> &'static BootPage {
     unsafe { &*p }
 }
 
+/// The boot page, or `None` before [`init`] (no panic: callers on every
+/// executor turn must not assert).
+pub(crate) fn boot_page_ptr() -> Option<*const BootPage> {
+    let p = BOOT.load(Ordering::Acquire);
+    (!p.is_null()).then_some(p as *const BootPage)
+}
+
 /// What the monitor says about this guest's history, re-read at every call
 /// (it changes when the guest is restored from a snapshot).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

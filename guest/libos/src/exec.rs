@@ -66,6 +66,10 @@ pub fn set_io_poller(poller: IoPoller) {
     POLLER.0.set(Some(poller));
 }
 
+/// Longest wait of an executor whose only pending event is a stop request
+/// (the monitor ends the wait early when it posts one).
+const STOP_WAIT_NS: u64 = 3_600_000_000_000;
+
 /// Longest a guest blocks with an I/O poller but nothing to wake it (a PVH
 /// platform without device interrupts): the executor must come back to poll.
 const PVH_IO_POLL_NS: u64 = 50_000;
@@ -281,6 +285,8 @@ pub fn block_on<F: Future>(future: F) -> F::Output {
         let poller = POLLER.0.get();
         let io_next = poller.and_then(|p| p());
         let next = fire_timers();
+        // A stop request wakes the tasks awaiting it (or ends the guest).
+        crate::shutdown::check();
         if !READY.0.borrow().is_empty() {
             continue;
         }
@@ -293,6 +299,9 @@ pub fn block_on<F: Future>(future: F) -> F::Output {
             (Some(deadline), _) => deadline.saturating_sub(now),
             // Waiting for I/O only: block until something arrives.
             (None, Some(_)) => 1_000_000_000,
+            // Waiting only for a stop request: the monitor wakes the guest
+            // when it posts one.
+            (None, None) if crate::shutdown::has_waiters() => STOP_WAIT_NS,
             // Nothing can ever wake a task: a deadlock in the application.
             (None, None) => panic!("block_on: no task is ready and no timer is pending"),
         };

@@ -12,6 +12,7 @@
 //! * [`time`]: monotonic clock from the TSC, wall clock, blocking sleep;
 //! * [`console`]: line-buffered output, [`print!`] and [`println!`];
 //! * [`exec`]: a single-threaded async executor with timers;
+//! * [`shutdown`]: the monitor's request to stop, and what the guest does;
 //! * panic and CPU-exception reports (`panic`, `arch::x86_64::exceptions`).
 //!
 //! An application is a `#![no_std] #![no_main]` binary crate that calls
@@ -29,6 +30,7 @@ mod manifest;
 pub mod mem;
 mod panic;
 pub mod platform;
+pub mod shutdown;
 pub mod time;
 
 pub use boot::Args;

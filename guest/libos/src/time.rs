@@ -133,7 +133,9 @@ pub fn unix_time() -> Duration {
 }
 
 /// Blocks for `d`. On the Wisp monitor the vCPU waits in the monitor (one
-/// exit) rather than spinning.
+/// exit) rather than spinning. A stop request ends the guest here unless
+/// the application handles it (see [`crate::shutdown`]); then the sleep
+/// goes on.
 pub fn sleep(d: Duration) {
     let deadline = Instant::now().saturating_add(d);
     loop {
@@ -142,6 +144,8 @@ pub fn sleep(d: Duration) {
             return;
         }
         crate::platform::wait(deadline.0 - now.0);
+        // A stop request ends a waiting guest that does not handle it.
+        crate::shutdown::check();
     }
 }
 

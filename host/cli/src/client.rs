@@ -82,6 +82,17 @@ fn human_bytes(b: u64) -> String {
     }
 }
 
+/// A byte count for the stats table: `512B`, `1.5kB`, `3.2MB` (decimal
+/// units, as `docker stats`).
+fn io_bytes(b: u64) -> String {
+    match b {
+        b if b < 1000 => format!("{b}B"),
+        b if b < 1_000_000 => format!("{:.1}kB", b as f64 / 1e3),
+        b if b < 1_000_000_000 => format!("{:.1}MB", b as f64 / 1e6),
+        b => format!("{:.1}GB", b as f64 / 1e9),
+    }
+}
+
 fn human_duration(secs: u64) -> String {
     match secs {
         s if s < 60 => format!("{s}s"),
@@ -408,9 +419,25 @@ pub fn stats(socket: &Path, json_out: bool) -> anyhow::Result<u8> {
         },
         pool.join(", ")
     );
-    let mut rows =
-        vec![["NAME", "STATE", "CPU", "RSS", "EXITS", "TX", "RX", "START"].map(String::from)];
+    let mut rows = vec![[
+        "NAME",
+        "STATE",
+        "CPU",
+        "RSS",
+        "EXITS",
+        "TX",
+        "RX",
+        "NET I/O",
+        "BLOCK I/O",
+        "START",
+    ]
+    .map(String::from)];
     let opt = |x: &Value| x.as_u64().map_or("-".into(), |n| n.to_string());
+    // As `docker stats`: received / sent, read / written.
+    let pair = |a: &Value, b: &Value| match (a.as_u64(), b.as_u64()) {
+        (Some(a), Some(b)) => format!("{} / {}", io_bytes(a), io_bytes(b)),
+        _ => "-".into(),
+    };
     for vm in v["vms"].as_array().cloned().unwrap_or_default() {
         rows.push([
             vm["name"].as_str().unwrap_or("").into(),
@@ -424,6 +451,8 @@ pub fn stats(socket: &Path, json_out: bool) -> anyhow::Result<u8> {
             opt(&vm["exits"]),
             opt(&vm["tx_frames"]),
             opt(&vm["rx_frames"]),
+            pair(&vm["rx_bytes"], &vm["tx_bytes"]),
+            pair(&vm["disk_read_bytes"], &vm["disk_write_bytes"]),
             vm["start_us"]
                 .as_u64()
                 .map_or("-".into(), |u| format!("{:.3}ms", u as f64 / 1000.0)),

@@ -93,9 +93,14 @@ enum Command {
         #[arg(long, value_name = "N")]
         disk_ops: Option<u64>,
         /// Print the monitor's counters when the guest ends (exits to the
-        /// monitor, blocking waits, wake-ups, frames).
+        /// monitor, blocking waits, wake-ups, frames, network and disk bytes).
         #[arg(long)]
         stats: bool,
+        /// On SIGINT/SIGTERM the guest is asked to stop; after this long
+        /// (or at a second signal) it is stopped by force. 0: at once.
+        #[arg(long, default_value = "10s", value_parser = units::parse_duration,
+              value_name = "DUR")]
+        stop_timeout: std::time::Duration,
         /// Run without the seccomp filter (for debugging the monitor).
         #[arg(long)]
         no_seccomp: bool,
@@ -171,9 +176,10 @@ enum Command {
         #[arg(required = true)]
         names: Vec<String>,
     },
-    /// Stop VMs through their monitor; kill those not gone after the timeout.
+    /// Ask VMs to stop (they may flush and exit with their own status);
+    /// stop by force those still running after the timeout.
     Stop {
-        /// Seconds to wait before killing.
+        /// Seconds a guest has to stop by itself (0: force it at once).
         #[arg(short, long, default_value = "10")]
         time: f64,
         #[arg(required = true)]
@@ -292,6 +298,7 @@ fn main() -> ExitCode {
             detach: true,
             name,
             restart,
+            stop_timeout: _,
         } => detached(
             &socket,
             DetachedFlags {
@@ -338,6 +345,7 @@ fn main() -> ExitCode {
             disk_ops,
             quiet,
             args,
+            stop_timeout,
             ..
         } => run::run(
             &run::RunArgs {
@@ -356,6 +364,7 @@ fn main() -> ExitCode {
                 net_limits: (net_rate.unwrap_or(0), net_ops.unwrap_or(0)),
                 disk_limits: (disk_rate.unwrap_or(0), disk_ops.unwrap_or(0)),
                 stats,
+                stop_timeout,
             },
             started,
         ),
@@ -468,6 +477,8 @@ Exit status:
   0-255  the guest's own status (what its main returned)
   101    the application panicked (message and location printed)
   124    --timeout expired
+  143    stopped by force after SIGINT/SIGTERM (a guest that stops when asked
+         exits with its own status)
   125    wisp could not run the image (bad image or flags, no KVM...: one line on stderr)
   139    the guest crashed: a CPU exception (a report goes to stderr), a triple
          fault, or a broken hypercall

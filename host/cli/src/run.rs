@@ -25,6 +25,20 @@ pub struct RunArgs {
     pub seccomp_selftest: Option<ThreadKind>,
     pub quiet: bool,
     pub stats: bool,
+    /// How long a guest asked to stop (SIGINT, SIGTERM) may take before it
+    /// is stopped by force.
+    pub stop_timeout: Duration,
+}
+
+/// What ended a wait for the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Woken {
+    /// The guest ended.
+    Ended,
+    /// SIGINT or SIGTERM arrived (and was read).
+    Signal,
+    /// The deadline passed.
+    Deadline,
 }
 
 /// Blocks SIGINT and SIGTERM in this thread (and the threads it creates)
@@ -49,13 +63,12 @@ fn stop_signals() -> std::io::Result<std::os::fd::OwnedFd> {
     }
 }
 
-/// Waits until the guest ends, `deadline` passes, or a stop signal comes;
-/// returns whether a signal came.
+/// Waits until the guest ends, `deadline` passes, or a stop signal comes.
 fn wait_for_end(
     running: &wisp_monitor::RunningVm,
     signals: RawFd,
     deadline: Option<Instant>,
-) -> bool {
+) -> Woken {
     loop {
         let mut fds = [
             libc::pollfd {
@@ -79,7 +92,101 @@ fn wait_for_end(
         if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
             continue;
         }
-        return n > 0 && fds[1].revents != 0 && fds[0].revents == 0;
+        if n > 0 && fds[0].revents != 0 {
+            return Woken::Ended;
+        }
+        if n > 0 && fds[1].revents != 0 {
+            // Consumed, so that the next wait sees only a new signal.
+            let mut info = [0u8; std::mem::size_of::<libc::signalfd_siginfo>()];
+            // SAFETY: reads at most `info.len()` bytes into `info`, which we
+            // own, from the signalfd.
+            unsafe { libc::read(signals, info.as_mut_ptr().cast(), info.len()) };
+            return Woken::Signal;
+        }
+        return Woken::Deadline;
+    }
+}
+
+/// How a stop by signal went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SignalStop {
+    /// No signal came.
+    None,
+    /// The guest was asked to stop (and ended, by itself or by `--timeout`).
+    Asked,
+    /// Forced: a second signal, the stop timeout, or a guest that cannot be
+    /// asked.
+    Forced(&'static str),
+}
+
+/// Waits for the guest's end, `--timeout` (`deadline`) or a stop signal.
+/// The first SIGINT/SIGTERM asks the guest to stop and gives it
+/// `stop_timeout`; a second signal, or the end of that time, stops it by
+/// force (as `docker stop`, and as a second Ctrl-C does elsewhere).
+fn supervise(
+    running: &wisp_monitor::RunningVm,
+    signals: RawFd,
+    deadline: Option<Instant>,
+    stop_timeout: Duration,
+    quiet: bool,
+) -> SignalStop {
+    let c = running.controller();
+    let mut asked: Option<Instant> = None;
+    loop {
+        let until = match (deadline, asked) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        match wait_for_end(running, signals, until) {
+            Woken::Ended => break,
+            Woken::Signal if asked.is_none() && !stop_timeout.is_zero() => {
+                match c.request_shutdown() {
+                    Ok(true) => {
+                        if !quiet {
+                            wisp_monitor::report(format_args!(
+                                "wisp: asked the guest to stop; waiting up to {:?} \
+                                 (signal again to stop it now)",
+                                stop_timeout
+                            ));
+                        }
+                        asked = Some(Instant::now() + stop_timeout);
+                    }
+                    Ok(false) => {
+                        c.stop(StopReason::Requested);
+                        return SignalStop::Forced("the guest cannot be asked to stop");
+                    }
+                    // Ended meanwhile.
+                    Err(_) => break,
+                }
+            }
+            Woken::Signal => {
+                c.stop(StopReason::Requested);
+                return SignalStop::Forced(if asked.is_some() {
+                    "second signal"
+                } else {
+                    "stop timeout 0"
+                });
+            }
+            Woken::Deadline => {
+                // Whichever came first (poll's millisecond rounding may wake
+                // this a little early: decide by the deadlines, not now).
+                let timed_out = match (deadline, asked) {
+                    (Some(d), Some(a)) => d <= a,
+                    (d, _) => d.is_some(),
+                };
+                if timed_out {
+                    // `--timeout`: `RunningVm::wait` stops it as timed out.
+                    break;
+                }
+                c.stop(StopReason::Requested);
+                return SignalStop::Forced("stop timeout expired");
+            }
+        }
+    }
+    if asked.is_some() {
+        SignalStop::Asked
+    } else {
+        SignalStop::None
     }
 }
 
@@ -114,8 +221,8 @@ pub fn run(a: &RunArgs, started: Instant) -> anyhow::Result<u8> {
             ));
         }
     }
-    // SIGINT and SIGTERM stop the guest (and report) rather than kill the
-    // monitor: blocked here, before the guest's threads exist, so that they
+    // SIGINT and SIGTERM ask the guest to stop (then force it: see
+    // `supervise`) rather than kill the monitor: blocked here, before the guest's threads exist, so that they
     // inherit the mask and the signals wait for this thread's signalfd.
     let signals = stop_signals().context("setting up SIGINT/SIGTERM")?;
     let running = vm.start(
@@ -135,28 +242,38 @@ pub fn run(a: &RunArgs, started: Instant) -> anyhow::Result<u8> {
         }
     }
     let deadline = a.timeout.map(|t| Instant::now() + t);
-    let signalled = wait_for_end(&running, signals.as_raw_fd(), deadline);
-    if signalled {
-        running.controller().stop(StopReason::Requested);
-    }
+    let how = supervise(
+        &running,
+        signals.as_raw_fd(),
+        deadline,
+        a.stop_timeout,
+        a.quiet,
+    );
     let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
     let report = running.wait(left)?;
     match &report.outcome {
+        Outcome::Exited(status) if how == SignalStop::Asked && !a.quiet => wisp_monitor::report(
+            format_args!("wisp: guest stopped when asked (exit status {status})"),
+        ),
         Outcome::Exited(_) => {}
         Outcome::Crashed(crash) => wisp_monitor::report(format_args!("wisp: {crash}")),
         Outcome::TimedOut { rip } => wisp_monitor::report(format_args!(
             "wisp: guest stopped: --timeout of {:?} expired (guest was at rip {rip:#x})",
             a.timeout.unwrap_or_default()
         )),
-        Outcome::Stopped { rip } => {
-            wisp_monitor::report(format_args!("wisp: guest stopped (at rip {rip:#x})"))
-        }
+        Outcome::Stopped { rip } => match how {
+            SignalStop::Forced(why) => wisp_monitor::report(format_args!(
+                "wisp: guest stopped by force: {why} (guest was at rip {rip:#x})"
+            )),
+            _ => wisp_monitor::report(format_args!("wisp: guest stopped (at rip {rip:#x})")),
+        },
     }
     if a.stats {
         let c = &report.counters;
         wisp_monitor::report(format_args!(
             "wisp: stats: exits {} kicks {} waits {} blocked-waits {} wakeups {} \
-             io-sleeps {} tx-frames {} rx-frames {} interruptions {}",
+             io-sleeps {} tx-frames {} rx-frames {} interruptions {} \
+             tx-bytes {} rx-bytes {} disk-read-bytes {} disk-write-bytes {}",
             c.exits,
             c.kicks,
             c.waits,
@@ -165,7 +282,11 @@ pub fn run(a: &RunArgs, started: Instant) -> anyhow::Result<u8> {
             c.io_sleeps,
             c.tx_frames,
             c.rx_frames,
-            c.interruptions
+            c.interruptions,
+            c.tx_bytes,
+            c.rx_bytes,
+            c.disk_read_bytes,
+            c.disk_write_bytes
         ));
     }
     if let Some(t) = &report.trace {

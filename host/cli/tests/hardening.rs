@@ -378,7 +378,7 @@ fn a_crashing_or_spinning_guest_leaves_other_guests_untouched() {
     serving("after a broken hypercall");
 
     let mut spinner = wisp()
-        .args(["run"])
+        .args(["run", "--stop-timeout", "0"])
         .arg(probe())
         .args(["--", "spin"])
         .stdout(std::process::Stdio::null())
@@ -404,8 +404,8 @@ fn a_crashing_or_spinning_guest_leaves_other_guests_untouched() {
         spinner.try_wait().unwrap().is_none(),
         "still spinning while the neighbour served"
     );
-    // ...and stopping a guest (SIGTERM to its monitor) stops it at once,
-    // even while it spins at CPL3.
+    // ...and stopping a guest (SIGTERM to its monitor, no time to stop by
+    // itself) stops it at once, even while it spins at CPL3.
     // SAFETY: sends SIGTERM to our own child.
     unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
     let start = Instant::now();

@@ -126,26 +126,42 @@ fn children_of(pid: u32) -> Vec<i32> {
 
 impl Traced {
     fn start(disk: &Path, policy: &str) -> Traced {
+        Traced::start_with(policy, disk, policy, &[], Stdio::inherit(), "")
+    }
+
+    /// As [`Traced::start`], with the trace in `kv-TAG.strace` (tests run
+    /// side by side), more `wisp run` flags, its stderr sent to `stderr`,
+    /// and more system calls traced (`,NAME...`).
+    fn start_with(
+        tag: &str,
+        disk: &Path,
+        policy: &str,
+        flags: &[&str],
+        stderr: Stdio,
+        more_calls: &str,
+    ) -> Traced {
         require_kvm();
         let port = free_port();
-        let trace = scratch().join(format!("kv-{policy}.strace"));
+        let trace = scratch().join(format!("kv-{tag}.strace"));
         let _ = std::fs::remove_file(&trace);
         let strace = Command::new("strace")
             .args(["-f", "--seccomp-bpf", "-qq", "-yy", "-s", "4096", "-o"])
             .arg(&trace)
-            .args([
-                "-e",
-                "trace=pwrite64,pwritev,pwritev2,write,writev,sendto,sendmsg,fdatasync,fsync,sync_file_range",
-            ])
+            .arg("-e")
+            .arg(format!(
+                "trace=pwrite64,pwritev,pwritev2,write,writev,sendto,sendmsg,fdatasync,fsync,\
+                 sync_file_range{more_calls}"
+            ))
             .arg(wisp().get_program())
             .arg("run")
+            .args(flags)
             .arg("--disk")
             .arg(disk)
             .args(["-p", &format!("{port}:6379")])
             .arg(example("kv"))
             .args(["--", "--appendfsync", policy])
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("strace (installed by scripts/install-deps.sh)");
         let mut t = Traced {
@@ -376,4 +392,119 @@ fn no_writes_before_replying_and_never_flushes() {
         flushes.first()
     );
     t.finish();
+}
+
+/// Bytes the monitor moved with `call` (`pread64`, `pwrite64`) on the file
+/// named `disk`, from the raw trace: each call's result, joining
+/// `<unfinished ...>` calls with their completions (by thread).
+fn disk_call_bytes(trace: &str, disk: &str, call: &str) -> u64 {
+    let mut pending: std::collections::HashMap<&str, bool> = Default::default();
+    let result = |rest: &str| -> u64 {
+        rest.rsplit_once(" = ")
+            .and_then(|(_, r)| r.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no result in {rest}"))
+    };
+    let mut total = 0;
+    for line in trace.lines() {
+        let Some((pid, rest)) = line.split_once(' ') else {
+            continue;
+        };
+        let rest = rest.trim_start();
+        if rest.starts_with(&format!("{call}(")) {
+            let on_disk = rest.contains(disk);
+            if rest.ends_with("<unfinished ...>") {
+                pending.insert(pid, on_disk);
+            } else if on_disk {
+                total += result(rest);
+            }
+        } else if rest.starts_with(&format!("<... {call} resumed>"))
+            && pending.remove(pid) == Some(true)
+        {
+            total += result(rest);
+        }
+    }
+    total
+}
+
+/// A field of `wisp run --stats`' line.
+fn stat(stderr: &str, name: &str) -> u64 {
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("wisp: stats:"))
+        .unwrap_or_else(|| panic!("no stats line in {stderr}"));
+    let mut words = line.split_whitespace();
+    words
+        .by_ref()
+        .find(|w| *w == name)
+        .and_then(|_| words.next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {line}"))
+}
+
+#[test]
+fn sigterm_makes_kv_flush_its_log_whatever_the_policy() {
+    // appendfsync no: nothing ever flushes the log but the stop request.
+    let disk = fresh_disk("kv-term.img");
+    let err = scratch().join("kv-term.stderr");
+    let t = Traced::start_with(
+        "sigterm",
+        &disk,
+        "no",
+        &["--stats"],
+        Stdio::from(std::fs::File::create(&err).unwrap()),
+        ",pread64,preadv,preadv2",
+    );
+    let v = t.view.clone();
+    let n = 10;
+    set_sequentially(v.port, n);
+    // SIGTERM to `wisp run` (strace's child), just after the last reply.
+    for pid in children_of(t.strace.id()) {
+        // SAFETY: signalling the process this test started (under strace).
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+    }
+    let mut t = t;
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = t.strace.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "kv did not stop when asked"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stderr = std::fs::read_to_string(&err).unwrap();
+    // kv stopped by itself with its own status (strace exits with it).
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("guest stopped when asked (exit status 0)"),
+        "{stderr}"
+    );
+    // The last SET's record was written, then the file was flushed.
+    let calls = t.calls();
+    let last = value(n - 1);
+    let write = calls
+        .iter()
+        .rposition(|c| v.is_disk_write(c) && c.text.contains(&last))
+        .expect("the last record was written");
+    let flush = calls[write..]
+        .iter()
+        .find(|c| v.is_disk_flush(c))
+        .unwrap_or_else(|| panic!("no flush of {} after its last write", v.disk));
+    assert!(flush.end != usize::MAX, "the flush completed");
+    // `--stats`' disk bytes are exactly what the monitor read and wrote.
+    let trace = std::fs::read_to_string(&t.trace).unwrap();
+    let read = disk_call_bytes(&trace, &v.disk, "pread64");
+    let written = disk_call_bytes(&trace, &v.disk, "pwrite64");
+    assert!(read > 0 && written > 0, "read {read}, written {written}");
+    assert_eq!(stat(&stderr, "disk-read-bytes"), read, "{stderr}");
+    assert_eq!(stat(&stderr, "disk-write-bytes"), written, "{stderr}");
+    // And the log holds every key for the next boot.
+    let log = std::fs::read(&disk).unwrap();
+    let log = String::from_utf8_lossy(&log);
+    for i in 0..n {
+        assert!(log.contains(&value(i)), "key{i} is in the log");
+    }
 }

@@ -96,18 +96,42 @@ fn every_lifecycle_step_of_a_served_guest() {
     );
     assert!(metrics.contains("wisp_start_latency_seconds_count"));
     assert!(metrics.contains(&format!("wisp_vm_exits_total{{id=\"{id}\",name=\"web\"}}")));
+    // Bytes: through stats (the table too) and as Prometheus counters.
+    assert!(s["rx_bytes"].as_u64().unwrap() > 0 && s["tx_bytes"].as_u64().unwrap() > 0);
+    assert_eq!(s["disk_read_bytes"], 0, "no disk: {s}");
+    let table = d.ok(&["stats"]);
+    assert!(
+        table.contains("NET I/O") && table.contains("BLOCK I/O"),
+        "{table}"
+    );
+    for name in [
+        "wisp_vm_network_receive_bytes_total",
+        "wisp_vm_network_transmit_bytes_total",
+        "wisp_vm_disk_read_bytes_total",
+        "wisp_vm_disk_written_bytes_total",
+    ] {
+        assert!(
+            metrics.contains(&format!("# TYPE {name} counter\n")),
+            "{name}: {metrics}"
+        );
+        assert!(
+            metrics.contains(&format!("{name}{{id=\"{id}\",name=\"web\"}} ")),
+            "{name}: {metrics}"
+        );
+    }
 
-    // Stop: the guest is stopped through its monitor, status 143.
+    // Stop: the guest is asked, and httpd exits by itself with 0.
     let pid = d.vm("web")["pid"].as_i64().unwrap();
     d.ok(&["stop", "web"]);
     let vm = d.vm("web");
     assert_eq!(vm["state"], "exited");
-    assert_eq!(vm["exit"]["how"], "stopped");
-    assert_eq!(vm["exit"]["status"], 143);
+    assert_eq!(vm["exit"]["how"], "stopped", "{vm}");
+    assert_eq!(vm["exit"]["status"], 0, "{vm}");
+    assert!(d.ok(&["logs", "web"]).contains("httpd: stopping"));
     assert!(!alive(pid), "the monitor process is gone");
     assert!(get(port, Duration::from_millis(500)).is_none());
     assert!(d.ok(&["ps"]).lines().count() == 1, "ps hides ended VMs");
-    assert!(d.ok(&["ps", "-a"]).contains("exited (stopped, 143)"));
+    assert!(d.ok(&["ps", "-a"]).contains("exited (stopped, 0)"));
 
     // rm: nothing left behind.
     let dir = d.state().join("vms").join(&id);
@@ -632,4 +656,171 @@ fn two_hundred_concurrent_runs_succeed_or_fail_cleanly_and_rm_leaves_nothing() {
     });
     assert_eq!(d.json("/v1/vms?all=1").as_array().unwrap().len(), 0);
     assert!(d.child.as_mut().unwrap().try_wait().unwrap().is_none());
+}
+
+/// Waits until VM `name`'s log contains `text`.
+fn log_shows(d: &Daemon, name: &str, text: &str) {
+    until(&format!("{name}'s log shows {text:?}"), || {
+        d.ok(&["logs", name]).contains(text)
+    });
+}
+
+#[test]
+fn stop_asks_the_guest_first_and_forces_one_that_does_not_stop() {
+    let d = Daemon::start("stop", "2M:1");
+    let probe = probe().to_str().unwrap();
+    let run = |name: &str, args: &[&str]| {
+        let mut a = vec!["run", "-d", "--name", name, "-m", "2M", probe, "--"];
+        a.extend_from_slice(args);
+        d.ok(&a);
+    };
+
+    // A guest that handles the request ends with its own status.
+    run("polite", &["stop-status", "7"]);
+    log_shows(&d, "polite", "waiting for a stop request");
+    d.ok(&["stop", "polite"]);
+    let vm = d.vm("polite");
+    assert_eq!(vm["exit"]["how"], "stopped", "{vm}");
+    assert_eq!(vm["exit"]["status"], 7, "{vm}");
+    let detail = vm["exit"]["detail"].as_str().unwrap_or("");
+    assert!(detail.contains("exited with status 7 when asked"), "{vm}");
+    assert!(d.ok(&["ps", "-a"]).contains("exited (stopped, 7)"));
+
+    // A paused guest is resumed to act on it.
+    run("napping", &["stop-status", "5"]);
+    log_shows(&d, "napping", "waiting for a stop request");
+    d.ok(&["pause", "napping"]);
+    d.ok(&["stop", "napping"]);
+    let vm = d.vm("napping");
+    assert_eq!(vm["exit"]["how"], "stopped", "{vm}");
+    assert_eq!(vm["exit"]["status"], 5, "{vm}");
+
+    // One that sees the request and carries on is forced after -t, and the
+    // record says so.
+    run("deaf", &["stop-ignore"]);
+    log_shows(&d, "deaf", "waiting for a stop request");
+    d.ok(&["stop", "-t", "1", "deaf"]);
+    let vm = d.vm("deaf");
+    assert_eq!(vm["exit"]["how"], "killed", "{vm}");
+    assert_eq!(vm["exit"]["status"], 143, "{vm}");
+    let detail = vm["exit"]["detail"].as_str().unwrap_or("");
+    assert!(detail.contains("did not stop within the timeout"), "{vm}");
+    assert!(d.ok(&["logs", "deaf"]).contains("stop requested: ignored"));
+    assert!(d.ok(&["ps", "-a"]).contains("exited (killed, 143)"));
+
+    // So is one that never looks (it spins without waiting).
+    run("spinner", &["spin"]);
+    d.wait_state("spinner", "running");
+    d.ok(&["stop", "-t", "1", "spinner"]);
+    let vm = d.vm("spinner");
+    assert_eq!(vm["exit"]["how"], "killed", "{vm}");
+
+    // -t 0: stopped at once, without being asked.
+    run("hasty", &["stop-status", "9"]);
+    log_shows(&d, "hasty", "waiting for a stop request");
+    d.ok(&["stop", "-t", "0", "hasty"]);
+    let vm = d.vm("hasty");
+    assert_eq!(vm["exit"]["how"], "stopped", "{vm}");
+    assert_eq!(vm["exit"]["status"], 143, "{vm}");
+    assert!(!d.ok(&["logs", "hasty"]).contains("stop requested"));
+}
+
+/// One RESP command on `s`; returns the reply's first line and, for a bulk
+/// reply, its payload.
+fn resp(s: &mut TcpStream, args: &[&str]) -> String {
+    let mut cmd = format!("*{}\r\n", args.len());
+    for a in args {
+        cmd.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+    }
+    s.write_all(cmd.as_bytes()).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = s.read(&mut buf).expect("reply");
+        assert!(n > 0, "kv closed the connection");
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got).into_owned();
+        let Some(line_end) = text.find("\r\n") else {
+            continue;
+        };
+        let line = &text[..line_end];
+        match line.strip_prefix('$') {
+            Some("-1") => return "(nil)".into(),
+            Some(len) => {
+                let len: usize = len.parse().unwrap();
+                if got.len() >= line_end + 2 + len + 2 {
+                    return text[line_end + 2..line_end + 2 + len].to_string();
+                }
+            }
+            None => return line.to_string(),
+        }
+    }
+}
+
+fn run_kv(d: &Daemon, name: &str, disk: &Path) -> TcpStream {
+    let port = free_port();
+    d.ok(&[
+        "run",
+        "-d",
+        "--name",
+        name,
+        "-p",
+        &format!("{port}:6379"),
+        "--disk",
+        disk.to_str().unwrap(),
+        example("kv").to_str().unwrap(),
+        "--",
+        "--appendfsync",
+        "no",
+    ]);
+    log_shows(d, name, "listening on port 6379");
+    let mut s = None;
+    until("kv answers", || {
+        s = TcpStream::connect(("127.0.0.1", port)).ok();
+        s.is_some()
+    });
+    let mut s = s.unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    assert_eq!(resp(&mut s, &["PING"]), "+PONG");
+    s
+}
+
+#[test]
+fn kv_stopped_by_request_flushes_its_log_and_a_restart_finds_every_key() {
+    let d = Daemon::start("kvstop", "64M:1");
+    let disk = scratch().join("toolstack-kv-stop.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    let mut s = run_kv(&d, "kv", &disk);
+    for i in 0..20 {
+        let (k, v) = (format!("key{i}"), format!("value-{i}"));
+        assert_eq!(resp(&mut s, &["SET", &k, &v]), "+OK");
+    }
+    // Disk bytes are counted (the log's header, then each record).
+    let stats: Value = serde_json::from_str(&d.ok(&["stats", "--format", "json"])).unwrap();
+    let st = &stats["vms"][0];
+    assert!(st["disk_write_bytes"].as_u64().unwrap() >= 512 * 21, "{st}");
+    assert!(st["disk_read_bytes"].as_u64().unwrap() >= 512, "{st}");
+    // Stopped just after the last write: kv is told, flushes, exits 0.
+    d.ok(&["stop", "kv"]);
+    let vm = d.vm("kv");
+    assert_eq!(vm["exit"]["how"], "stopped", "{vm}");
+    assert_eq!(vm["exit"]["status"], 0, "{vm}");
+    assert!(
+        d.ok(&["logs", "kv"]).contains("kv: stopping: log flushed"),
+        "{}",
+        d.ok(&["logs", "kv"])
+    );
+    // Started again on the same log: every key is there.
+    let mut s = run_kv(&d, "kv2", &disk);
+    for i in 0..20 {
+        assert_eq!(
+            resp(&mut s, &["GET", &format!("key{i}")]),
+            format!("value-{i}")
+        );
+    }
+    d.ok(&["stop", "kv2"]);
+    let _ = std::fs::remove_file(&disk);
 }

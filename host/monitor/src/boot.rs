@@ -133,6 +133,8 @@ pub fn write_boot_page(
     if trace {
         page.flags |= FLAG_TRACE_BOOT;
     }
+    // This monitor can post a stop request (`Controller::request_shutdown`).
+    page.flags |= wisp_abi::boot::FLAG_SHUTDOWN_NOTICE;
     for &(start, len) in &layout.free {
         page.push_region(start, len);
     }

@@ -90,6 +90,14 @@ pub struct Counters {
     /// Frames moved from / to the guest by the I/O thread.
     pub tx_frames: AtomicU64,
     pub rx_frames: AtomicU64,
+    /// Bytes of those frames (Ethernet frames as the guest sent or received
+    /// them: the virtio-net header is not counted).
+    pub tx_bytes: AtomicU64,
+    pub rx_bytes: AtomicU64,
+    /// Data bytes the disk read into / wrote from guest memory (completed
+    /// read and write requests; headers, status and flushes not counted).
+    pub disk_read_bytes: AtomicU64,
+    pub disk_write_bytes: AtomicU64,
 }
 
 /// A snapshot of [`Counters`].
@@ -104,6 +112,10 @@ pub struct CounterValues {
     pub io_sleeps: u64,
     pub tx_frames: u64,
     pub rx_frames: u64,
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
+    pub disk_read_bytes: u64,
+    pub disk_write_bytes: u64,
 }
 
 /// State shared by a guest's vCPU thread, its I/O thread and its handle.
@@ -124,10 +136,23 @@ pub(crate) struct Shared {
     /// [`monotonic_ns`] when the guest reported reaching `main` (its MARK
     /// hypercall, sent when the boot page asks for a boot trace); 0 before.
     pub main_reached_ns: AtomicU64,
+    /// Where the guest's shutdown word is (`None`: it cannot be told).
+    pub notice: Option<ShutdownNotice>,
+    /// [`Controller::request_shutdown`] was called.
+    pub shutdown_requested: AtomicBool,
+}
+
+/// The guest's shutdown word (`wisp_abi::boot::BootPage::shutdown`): the
+/// controller stores a request there directly, from whichever thread asks,
+/// while the guest runs.
+pub(crate) struct ShutdownNotice {
+    pub mem: vm_memory::GuestMemoryMmap,
+    /// Guest-physical address of the boot page.
+    pub boot_page: u64,
 }
 
 impl Shared {
-    pub fn new(has_io_thread: bool) -> std::io::Result<Shared> {
+    pub fn new(has_io_thread: bool, notice: Option<ShutdownNotice>) -> std::io::Result<Shared> {
         Ok(Shared {
             control: Mutex::new(ControlState {
                 request: Request::Run,
@@ -143,6 +168,8 @@ impl Shared {
             vcpu_tid: AtomicI32::new(0),
             counters: Counters::default(),
             main_reached_ns: AtomicU64::new(0),
+            notice,
+            shutdown_requested: AtomicBool::new(false),
         })
     }
 
@@ -233,6 +260,10 @@ impl Shared {
             io_sleeps: l(&c.io_sleeps),
             tx_frames: l(&c.tx_frames),
             rx_frames: l(&c.rx_frames),
+            tx_bytes: l(&c.tx_bytes),
+            rx_bytes: l(&c.rx_bytes),
+            disk_read_bytes: l(&c.disk_read_bytes),
+            disk_write_bytes: l(&c.disk_write_bytes),
         }
     }
 }
@@ -245,6 +276,8 @@ pub enum ControlError {
     PauseTimeout(Duration),
     #[error("the guest is not paused")]
     NotPaused,
+    #[error("the guest's boot page could not take the shutdown request")]
+    Notice,
 }
 
 /// Controls a running guest; cheap to clone, usable from any thread.
@@ -338,6 +371,61 @@ impl Controller {
         }
         s.changed.notify_all();
         s.deliver();
+    }
+
+    /// Asks the guest to stop by itself (as SIGTERM asks a process): stores
+    /// the request in its boot page's shutdown word and wakes it if it is
+    /// blocked in its wait, so that it sees the request at once. Costs the
+    /// guest no exit: a running guest reads the word on its executor's next
+    /// turn. Returns whether the guest could be told (`false`: its boot page
+    /// offers no shutdown word, e.g. an image from before it; only a
+    /// [`Controller::stop`] ends such a guest). The caller decides how long
+    /// to wait before forcing it with [`Controller::stop`]; a paused guest
+    /// sees the request when resumed.
+    pub fn request_shutdown(&self) -> Result<bool, ControlError> {
+        use vm_memory::{Bytes, GuestAddress};
+        let s = &self.shared;
+        {
+            let g = s.lock();
+            if g.vcpu == ThreadState::Ended || matches!(g.request, Request::Stop(_)) {
+                return Err(ControlError::Ended);
+            }
+        }
+        let Some(n) = &s.notice else {
+            return Ok(false);
+        };
+        // A guest whose page lacks the flag (restored from a snapshot of a
+        // monitor from before the word) never looks at it.
+        let flags_at = n.boot_page + core::mem::offset_of!(wisp_abi::boot::BootPage, flags) as u64;
+        let flags: u32 = n
+            .mem
+            .load(GuestAddress(flags_at), Ordering::SeqCst)
+            .map_err(|_| ControlError::Notice)?;
+        if flags & wisp_abi::boot::FLAG_SHUTDOWN_NOTICE == 0 {
+            return Ok(false);
+        }
+        s.shutdown_requested.store(true, Ordering::SeqCst);
+        let at = n.boot_page + core::mem::offset_of!(wisp_abi::boot::BootPage, shutdown) as u64;
+        // One aligned 4-byte store (the ABI asserts the alignment), which
+        // the guest's volatile load sees whole.
+        n.mem
+            .store(
+                wisp_abi::boot::SHUTDOWN_STOP,
+                GuestAddress(at),
+                Ordering::SeqCst,
+            )
+            .map_err(|_| ControlError::Notice)?;
+        // As a delivery: a guest about to wait does not block, one blocked
+        // returns (the eventfd stays readable until its next wait reads it).
+        s.events.store(true, Ordering::SeqCst);
+        let _ = s.vcpu_wake.write(1);
+        Ok(true)
+    }
+
+    /// Whether [`Controller::request_shutdown`] was called: a guest that
+    /// then exits stopped by request, one then stopped was forced.
+    pub fn shutdown_requested(&self) -> bool {
+        self.shared.shutdown_requested.load(Ordering::SeqCst)
     }
 
     /// Runs `f` on the paused vCPU thread with the guest's KVM objects and

@@ -341,6 +341,20 @@ impl MmioBus {
             .collect()
     }
 
+    /// Data bytes the disks read and wrote so far (see
+    /// [`crate::devices::virtio::block::BlockStats`]).
+    pub fn disk_bytes(&self) -> (u64, u64) {
+        let mut sum = (0, 0);
+        for (_, dev) in &self.devices {
+            if let BusDevice::Block(b) = dev {
+                let st = lock(b).device.stats;
+                sum.0 += st.read_bytes;
+                sum.1 += st.write_bytes;
+            }
+        }
+        sum
+    }
+
     /// A backstop for a lost transmit notification, called when the guest
     /// is about to wait: a driver that publishes its available index and
     /// then reads `avail_event` without a full fence between them (as

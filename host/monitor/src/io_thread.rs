@@ -69,6 +69,7 @@ impl IoThread {
                     backend_ready[i] = true;
                     continue;
                 }
+                let (tx_bytes, rx_bytes) = (net.stats.tx_bytes, net.stats.rx_bytes);
                 let tx = net.process_tx();
                 let due = net.backend().next_timeout().is_some_and(|t| t.is_zero());
                 if tx > 0 || backend_ready[i] || due {
@@ -82,6 +83,10 @@ impl IoThread {
                 let c = &self.shared.counters;
                 c.tx_frames.fetch_add(tx as u64, Ordering::Relaxed);
                 c.rx_frames.fetch_add(rx as u64, Ordering::Relaxed);
+                c.tx_bytes
+                    .fetch_add(net.stats.tx_bytes - tx_bytes, Ordering::Relaxed);
+                c.rx_bytes
+                    .fetch_add(net.stats.rx_bytes - rx_bytes, Ordering::Relaxed);
                 work += tx + rx;
                 delivered += rx;
                 for t in [net.backend().next_timeout(), net.rx_delay(), net.tx_delay()]
@@ -185,8 +190,13 @@ impl IoThread {
         for nic in &self.nics {
             let mut d = lock(&nic.device);
             if d.device.is_active() {
-                d.device.process_tx();
+                let before = d.device.stats.tx_bytes;
+                let n = d.device.process_tx();
                 d.device.backend().poll();
+                let c = &self.shared.counters;
+                c.tx_frames.fetch_add(n as u64, Ordering::Relaxed);
+                c.tx_bytes
+                    .fetch_add(d.device.stats.tx_bytes - before, Ordering::Relaxed);
             }
         }
         self.shared.set_io(ThreadState::Ended);

@@ -110,6 +110,12 @@ impl VcpuThread {
                     if !self.bus.write(addr, data) {
                         return Ok(no_device(addr));
                     }
+                    // A disk request completes during its notification
+                    // (this write): publish the disk's byte counts.
+                    let (read, written) = self.bus.disk_bytes();
+                    let c = &self.shared.counters;
+                    c.disk_read_bytes.store(read, Ordering::Relaxed);
+                    c.disk_write_bytes.store(written, Ordering::Relaxed);
                     continue;
                 }
                 VcpuExit::Shutdown => {

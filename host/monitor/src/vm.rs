@@ -608,7 +608,12 @@ impl Vm {
         let mut devices = self.devices;
         let tracker = crate::migration::Tracker::new(&self.machine, devices.take_listeners())?;
         let (bus, nics) = devices.split(&self.machine.vm, &self.machine.vcpu);
-        let shared = Arc::new(Shared::new(!nics.is_empty()).map_err(VmError::Thread)?);
+        let notice = control::ShutdownNotice {
+            mem: self.machine.ram.mem.clone(),
+            boot_page: self.boot_page,
+        };
+        let shared =
+            Arc::new(Shared::new(!nics.is_empty(), Some(notice)).map_err(VmError::Thread)?);
         // Filters are built before any thread runs guest work.
         // A worker runs under the filter already.
         let vcpu_filter = (!opts.no_seccomp && worker.is_none())

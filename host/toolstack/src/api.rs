@@ -206,6 +206,10 @@ fn stats(vms: &Vms) -> serde_json::Value {
             "wakeups": g.as_ref().map(|g| g.wakeups),
             "tx_frames": g.as_ref().map(|g| g.tx_frames),
             "rx_frames": g.as_ref().map(|g| g.rx_frames),
+            "tx_bytes": g.as_ref().map(|g| g.tx_bytes),
+            "rx_bytes": g.as_ref().map(|g| g.rx_bytes),
+            "disk_read_bytes": g.as_ref().map(|g| g.disk_read_bytes),
+            "disk_write_bytes": g.as_ref().map(|g| g.disk_write_bytes),
             "start_us": r.start_us,
             "restarts": r.restarts,
         }));
@@ -274,7 +278,7 @@ fn prometheus(vms: &Vms) -> String {
         rows.push((l, r.pid.and_then(process::usage), vms.guest_stats(vm), r));
     }
     type Get = fn(&(f64, u64), &crate::proto::GuestStats) -> f64;
-    let per_vm: [(&str, &str, &str, Get); 7] = [
+    let per_vm: [(&str, &str, &str, Get); 11] = [
         (
             "wisp_vm_cpu_seconds_total",
             "counter",
@@ -316,6 +320,30 @@ fn prometheus(vms: &Vms) -> String {
             "counter",
             "Network frames delivered to the guest.",
             |_, g| g.rx_frames as f64,
+        ),
+        (
+            "wisp_vm_network_transmit_bytes_total",
+            "counter",
+            "Bytes of the network frames sent by the guest (Ethernet frames).",
+            |_, g| g.tx_bytes as f64,
+        ),
+        (
+            "wisp_vm_network_receive_bytes_total",
+            "counter",
+            "Bytes of the network frames delivered to the guest (Ethernet frames).",
+            |_, g| g.rx_bytes as f64,
+        ),
+        (
+            "wisp_vm_disk_read_bytes_total",
+            "counter",
+            "Bytes the guest's disk read into guest memory.",
+            |_, g| g.disk_read_bytes as f64,
+        ),
+        (
+            "wisp_vm_disk_written_bytes_total",
+            "counter",
+            "Bytes the guest's disk wrote from guest memory.",
+            |_, g| g.disk_write_bytes as f64,
         ),
     ];
     for (name, kind, help, get) in per_vm {

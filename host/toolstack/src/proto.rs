@@ -105,8 +105,16 @@ pub enum Started {
 pub enum ControlRequest {
     Pause,
     Resume,
-    /// Stops the guest through its controller (the monitor then exits).
+    /// Stops the guest through its controller, at once (the monitor then
+    /// exits). After a [`ControlRequest::Shutdown`], this is the forced
+    /// stop: the exit record then says `killed`.
     Stop,
+    /// Asks the guest to stop by itself (its boot page's shutdown word);
+    /// the daemon forces it with [`ControlRequest::Stop`] after the stop
+    /// timeout. Fails if the guest cannot be asked (an image from before
+    /// the shutdown word). A monitor from before this request answers
+    /// "bad control request": the daemon then stops it at once.
+    Shutdown,
     Stats,
     /// Saves the guest into the file that comes with the request
     /// (`SCM_RIGHTS`), then stops it unless `leave_running`.
@@ -160,6 +168,16 @@ pub struct GuestStats {
     pub tx_frames: u64,
     pub rx_frames: u64,
     pub main_ns: Option<u64>,
+    /// Network bytes sent and received by the guest (Ethernet frames), and
+    /// data bytes its disk read and wrote (absent from older monitors).
+    #[serde(default)]
+    pub tx_bytes: u64,
+    #[serde(default)]
+    pub rx_bytes: u64,
+    #[serde(default)]
+    pub disk_read_bytes: u64,
+    #[serde(default)]
+    pub disk_write_bytes: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -175,7 +193,9 @@ pub enum ControlReply {
 pub struct ExitRecord {
     /// The status the monitor exits with (as `wisp run`'s).
     pub status: u8,
-    /// `exited`, `crashed`, `stopped`, or `error`.
+    /// `exited`, `crashed`, `stopped` (the guest exited when asked to stop,
+    /// or was stopped without being asked), `killed` (asked to stop, it did
+    /// not within the timeout and was stopped by force), `saved` or `error`.
     pub how: String,
     /// The crash report or error, one paragraph.
     pub detail: Option<String>,

@@ -481,6 +481,11 @@ fn answer(running: &RunningVm, conn: UnixStream, saved: &Cell<bool>) {
                     c.stop(StopReason::Requested);
                     Ok(())
                 }
+                ControlRequest::Shutdown => match c.request_shutdown() {
+                    Ok(true) => Ok(()),
+                    Ok(false) => Err("the guest cannot be asked to stop".into()),
+                    Err(e) => Err(e.to_string()),
+                },
                 ControlRequest::Stats => Ok(()),
                 ControlRequest::Migrate { meta, to } => {
                     match crate::migration::send_in_shell(running, files.pop(), meta, to) {
@@ -559,15 +564,26 @@ fn stats(c: &Controller) -> GuestStats {
         tx_frames: v.tx_frames,
         rx_frames: v.rx_frames,
         main_ns: c.main_reached_ns(),
+        tx_bytes: v.tx_bytes,
+        rx_bytes: v.rx_bytes,
+        disk_read_bytes: v.disk_read_bytes,
+        disk_write_bytes: v.disk_write_bytes,
     }
 }
 
 /// Records how the guest ended and exits with its status, leaving the VM's
 /// teardown to the kernel.
 fn finish(running: RunningVm, exit: OwnedFd, saved: bool) -> i32 {
+    let asked = running.controller().shutdown_requested();
     let (record, machine) = match running.wait(None) {
         Ok(report) => {
             let (how, detail) = match &report.outcome {
+                Outcome::Exited(s) if asked => (
+                    "stopped",
+                    Some(format!(
+                        "the guest exited with status {s} when asked to stop"
+                    )),
+                ),
                 Outcome::Exited(_) => ("exited", None),
                 Outcome::Crashed(c) => ("crashed", Some(c.to_string())),
                 Outcome::Stopped { .. } if crate::migration::migrated_to().is_some() => (
@@ -577,6 +593,13 @@ fn finish(running: RunningVm, exit: OwnedFd, saved: bool) -> i32 {
                 Outcome::Stopped { rip } if saved => (
                     "saved",
                     Some(format!("saved to a snapshot at rip {rip:#x}")),
+                ),
+                Outcome::Stopped { rip } if asked => (
+                    "killed",
+                    Some(format!(
+                        "the guest did not stop within the timeout after it was asked: \
+                         stopped by force at rip {rip:#x}"
+                    )),
                 ),
                 Outcome::TimedOut { rip } | Outcome::Stopped { rip } => {
                     ("stopped", Some(format!("stopped at rip {rip:#x}")))

@@ -152,8 +152,10 @@ pub struct SaveRequest {
 }
 
 pub const DEFAULT_MEMORY: u64 = 64 << 20;
-/// How long `stop` waits by default before it kills.
+/// How long `stop` waits by default before it forces the guest.
 pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a monitor has, after a forced stop, before it is killed.
+const FORCE_GRACE: Duration = Duration::from_secs(5);
 /// Backoff before a restart: doubles per restart up to the cap.
 const RESTART_BACKOFF: Duration = Duration::from_millis(100);
 const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(10);
@@ -1000,8 +1002,12 @@ impl Vms {
         r.save(&self.state_dir).map_err(internal("saving"))
     }
 
-    /// Stops the guest through its monitor; kills the monitor if it has not
-    /// ended after `timeout`.
+    /// Stops the guest as `docker stop` does: asks it to stop by itself
+    /// (it may flush and exit with its own status: `stopped`), and after
+    /// `timeout` stops it by force through its monitor (`killed`); a monitor
+    /// that does not end then is killed with SIGKILL. A paused guest is
+    /// resumed so that it can act on the request. A zero `timeout`, or a
+    /// guest that cannot be asked, is stopped by force at once.
     pub fn stop(&self, vm: &Arc<Vm>, timeout: Duration) -> Result<Record, VmError> {
         let _op = lock(&vm.op);
         let r = Vms::require_state(
@@ -1014,10 +1020,40 @@ impl Vms {
             vm.changed.notify_all();
             return Ok(vm.snapshot());
         }
-        // A monitor that does not answer is killed after the timeout too.
-        let _ = self.control(vm, ControlRequest::Stop);
-        if !vm.wait_not_live(timeout) {
-            self.kill_process(vm);
+        let asked = if timeout.is_zero() {
+            Err(VmError::Conflict("no time to stop".into()))
+        } else {
+            self.control(vm, ControlRequest::Shutdown)
+        };
+        match asked {
+            Ok(_) => {
+                if r.state == State::Paused {
+                    let _ = self.control(vm, ControlRequest::Resume);
+                }
+                if !vm.wait_not_live(timeout) {
+                    // Forced through the monitor (its record then says
+                    // `killed`); one that does not end is killed.
+                    let _ = self.control(vm, ControlRequest::Stop);
+                    if !vm.wait_not_live(FORCE_GRACE) {
+                        self.kill_process(vm);
+                    }
+                }
+            }
+            // The monitor does not answer: killed after the timeout.
+            Err(VmError::Unavailable(_)) => {
+                if !vm.wait_not_live(timeout) {
+                    self.kill_process(vm);
+                }
+            }
+            // It cannot be asked (an image or a monitor from before the
+            // request) or there is no time (`-t 0`): stopped at once by its
+            // monitor, which answers; killed if that does not end it.
+            Err(_) => {
+                let _ = self.control(vm, ControlRequest::Stop);
+                if !vm.wait_not_live(timeout.max(FORCE_GRACE)) {
+                    self.kill_process(vm);
+                }
+            }
         }
         Ok(vm.snapshot())
     }

@@ -323,6 +323,26 @@ fn main(args: wisp::Args) -> i32 {
             println!("idle");
             wisp::time::sleep(Duration::from_millis(num(1)));
         }
+        // Waits for a stop request, says so, and exits with ARG (its own
+        // status: the stop was handled by the application).
+        "stop-status" => {
+            let status = num(1) as i32;
+            return wisp::exec::block_on(async move {
+                println!("waiting for a stop request");
+                wisp::shutdown::requested().await;
+                println!("stop requested: exiting with {status}");
+                status
+            });
+        }
+        // Notices a stop request and carries on (must be stopped by force).
+        "stop-ignore" => wisp::exec::block_on(async {
+            println!("waiting for a stop request");
+            wisp::shutdown::requested().await;
+            println!("stop requested: ignored");
+            loop {
+                wisp::exec::sleep(Duration::from_secs(3600)).await;
+            }
+        }),
         other => {
             println!("probe: unknown action '{other}'");
             return 2;

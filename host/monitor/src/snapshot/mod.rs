@@ -836,6 +836,8 @@ impl Snapshot {
         page.restore_count = page.restore_count.wrapping_add(1);
         page.clone_id = opts.clone_id;
         page.seed = crate::boot::random_seed();
+        // A stop asked of the saved guest is not asked of this one.
+        page.shutdown = wisp_abi::boot::SHUTDOWN_NONE;
         for (slot, e) in page.devices.iter_mut().zip(devices.entries()) {
             slot.mac = e.mac;
             // The configuration copy holds the MAC address too.

@@ -43,6 +43,10 @@ pub struct BlockStats {
     pub writes: u64,
     pub flushes: u64,
     pub errors: u64,
+    /// Data bytes moved by completed reads (disk to guest) and writes
+    /// (guest to disk).
+    pub read_bytes: u64,
+    pub write_bytes: u64,
 }
 
 pub struct Block {
@@ -147,6 +151,7 @@ impl Block {
                     off += len as u64;
                 }
                 self.stats.reads += 1;
+                self.stats.read_bytes += total;
                 (S_OK, total as u32)
             }
             T_OUT => {
@@ -168,6 +173,7 @@ impl Block {
                     off += len as u64;
                 }
                 self.stats.writes += 1;
+                self.stats.write_bytes += total;
                 (S_OK, 0)
             }
             T_FLUSH => {

@@ -44,6 +44,10 @@ pub struct NetStats {
     pub tx_frames: u64,
     pub rx_frames: u64,
     pub rx_dropped: u64,
+    /// Bytes of the frames sent and delivered (the Ethernet frame; the
+    /// virtio-net header before it is not counted).
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
 }
 
 pub struct Net {
@@ -323,6 +327,7 @@ impl Net {
                     }
                     self.backend.send(&frame[HDR_LEN..]);
                     self.stats.tx_frames += 1;
+                    self.stats.tx_bytes += payload;
                 }
                 heads.push(head);
             }
@@ -416,6 +421,7 @@ impl Net {
             }
             let len = if fits {
                 self.stats.rx_frames += 1;
+                self.stats.rx_bytes += frame.len() as u64;
                 delivered += 1;
                 total as u32
             } else {
