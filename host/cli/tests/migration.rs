@@ -477,8 +477,11 @@ fn garbage_and_truncated_streams_are_refused_and_the_daemon_works_on() {
 
     // Nothing was left behind, and the daemon works on: a real guest
     // migrates to it.
-    let ps = b.ok(&["ps", "-a"]);
-    assert_eq!(ps.lines().count(), 1, "{ps}");
+    // (The refusal reaches the sender before the daemon has removed the
+    // VM it was creating: wait for that, and fail if it stays.)
+    until("the refused VMs are removed", || {
+        b.ok(&["ps", "-a"]).lines().count() == 1
+    });
     let img = probe().to_str().unwrap();
     a.ok(&[
         "run", "-d", "--name", "ok", "-m", "16M", img, "--", "dirty", "1", "5",
