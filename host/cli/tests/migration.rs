@@ -359,34 +359,105 @@ fn children(parent: u32) -> Vec<i32> {
     out
 }
 
+/// A man in the middle between a source and the destination's listener
+/// at `dest`: the source's bytes go through as they come; each reply of
+/// the destination is shown to `cut` first and forwarded only if it
+/// returns false (true: both connections are closed there). Returns the
+/// proxy's address and, when it ends, the replies it saw.
+fn proxy(
+    dest: &str,
+    mut cut: impl FnMut(Kind) -> bool + Send + 'static,
+) -> (String, std::thread::JoinHandle<Vec<Kind>>) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let dest = dest.to_string();
+    let h = std::thread::spawn(move || {
+        let (src, _) = l.accept().unwrap();
+        let dst = TcpStream::connect(&dest).unwrap();
+        let (mut from, mut to) = (src.try_clone().unwrap(), dst.try_clone().unwrap());
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut from, &mut to);
+            let _ = to.shutdown(std::net::Shutdown::Write);
+        });
+        let mut seen = Vec::new();
+        let mut r = Conn::new(&dst, Duration::from_secs(120));
+        let mut w = Conn::new(&src, Duration::from_secs(10));
+        while let Ok((k, payload)) = r.recv() {
+            seen.push(k);
+            if cut(k) || w.send(k, &[&payload]).is_err() {
+                break;
+            }
+        }
+        let _ = src.shutdown(std::net::Shutdown::Both);
+        let _ = dst.shutdown(std::net::Shutdown::Both);
+        seen
+    });
+    (addr, h)
+}
+
+/// The VMs a daemon lists (`ps -a`), header left out.
+fn listed(d: &Daemon) -> Vec<String> {
+    d.ok(&["ps", "-a"])
+        .lines()
+        .skip(1)
+        .map(str::to_string)
+        .collect()
+}
+
+/// Checks that the source's guest `c` runs on after a failed migration,
+/// every page intact, counting on, and stops as usual.
+fn source_runs_on(a: &Daemon) {
+    let rec = a.vm("c");
+    assert_eq!(rec["state"], "running", "{rec}");
+    let n = passes(&a.ok(&["logs", "c"])).0.len();
+    let after = wait_passes(a, "c", n + 3);
+    let log = a.ok(&["logs", "c"]);
+    assert!(!passes(&log).1, "a page was lost: {log}");
+    for w in after.windows(2) {
+        assert_eq!(w[1], w[0] + 1, "{after:?}");
+    }
+    a.ok(&["stop", "c"]);
+    assert_eq!(a.wait_state("c", "exited")["exit"]["how"], "stopped");
+}
+
 #[test]
 fn a_receiver_killed_mid_migration_leaves_the_source_running() {
-    let (a, mut b, to) = pair("kill", "256M:1");
+    let (a, mut b, to) = pair("kill", "64M:1");
     let img = probe().to_str().unwrap();
-    // 160 MiB rewritten without pause: the pre-copy never converges and
-    // runs its every round, which leaves time to kill the receiver.
     a.ok(&[
-        "run", "-d", "--name", "c", "-m", "256M", img, "--", "dirty", "160", "0",
+        "run", "-d", "--name", "c", "-m", "64M", img, "--", "dirty", "16", "1",
     ]);
     wait_passes(&a, "c", 3);
+    // The destination is killed once it has taken in the first full copy:
+    // its SYNCED is held until it is dead (the source waits for it), so
+    // the kill lands mid-migration whatever the timing.
+    let (dead_tx, dead_rx) = std::sync::mpsc::channel::<()>();
+    let (synced_tx, synced_rx) = std::sync::mpsc::channel::<()>();
+    let (via, p) = proxy(&to, move |k| {
+        if k == Kind::Synced {
+            let _ = synced_tx.send(());
+            let _ = dead_rx.recv();
+        }
+        false
+    });
     let daemon_pid = b.child.as_ref().unwrap().id();
-    let vms = b.state().join("vms");
     let mig = std::thread::scope(|s| {
-        let h = s.spawn(|| migrate(&a, "c", &to, &[]));
-        // The destination creates the VM when the stream starts arriving.
-        until("the migration arrives", || {
-            std::fs::read_dir(&vms).is_ok_and(|mut d| d.next().is_some())
-        });
+        let h = s.spawn(|| migrate(&a, "c", &via, &[]));
+        synced_rx.recv().expect("the destination took in round 0");
         // SIGKILL the destination daemon and its monitor processes.
         let kids = children(daemon_pid);
+        assert!(!kids.is_empty(), "the destination's monitor runs");
         b.kill9();
         for pid in kids {
             // SAFETY: plain kill of a process the destination daemon
             // (started by this test) started.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
+        dead_tx.send(()).unwrap();
         h.join().unwrap()
     });
+    let seen = p.join().unwrap();
+    assert_eq!(seen, [Kind::Synced], "the destination got no further");
     assert!(
         !mig.status.success(),
         "migration succeeded: {}",
@@ -394,19 +465,28 @@ fn a_receiver_killed_mid_migration_leaves_the_source_running() {
     );
     let err = stderr(&mig);
     assert!(err.contains("migration to"), "{err}");
-    // The source guest runs on, every page intact, and keeps counting.
-    let rec = a.vm("c");
-    assert_eq!(rec["state"], "running", "{rec}");
-    let n = passes(&a.ok(&["logs", "c"])).0.len();
-    let after = wait_passes(&a, "c", n + 3);
-    let log = a.ok(&["logs", "c"]);
-    assert!(!passes(&log).1, "a page was lost: {log}");
-    for w in after.windows(2) {
-        assert_eq!(w[1], w[0] + 1, "{after:?}");
-    }
-    // And it can still be stopped as usual.
-    a.ok(&["stop", "c"]);
-    assert_eq!(a.wait_state("c", "exited")["exit"]["how"], "stopped");
+    source_runs_on(&a);
+}
+
+#[test]
+fn a_connection_cut_before_go_leaves_only_the_source_running() {
+    let (a, b, to) = pair("cut", "32M:1");
+    let img = probe().to_str().unwrap();
+    a.ok(&[
+        "run", "-d", "--name", "c", "-m", "32M", img, "--", "dirty", "4", "1",
+    ]);
+    wait_passes(&a, "c", 3);
+    // Everything reaches the destination; its first answer past the
+    // pre-copy (the guest built, waiting for GO) never reaches the source.
+    let (via, p) = proxy(&to, |k| k != Kind::Synced);
+    let o = migrate(&a, "c", &via, &[]);
+    let seen = p.join().unwrap();
+    assert!(!o.status.success(), "migration succeeded: {}", stdout(&o));
+    assert_eq!(seen.last(), Some(&Kind::Ready), "{seen:?}");
+    // The destination never started it: the VM it was creating is gone
+    // (a destination that ran it would list it, running, for good).
+    until("the destination drops the VM", || listed(&b).is_empty());
+    source_runs_on(&a);
 }
 
 /// Sends `bytes` to the listener at `to`, then reads its answer: the
