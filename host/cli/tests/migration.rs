@@ -575,6 +575,46 @@ fn garbage_and_truncated_streams_are_refused_and_the_daemon_works_on() {
     wait_passes(&b, "ok", 3);
 }
 
+#[test]
+fn stalled_connections_are_bounded_and_do_not_block_the_daemon() {
+    let (a, b, to) = pair("stall", "16M:1");
+    // Senders that connect and send nothing hold every place...
+    let stalled: Vec<TcpStream> = (0..wisp_toolstack::migration::MAX_INCOMING)
+        .map(|_| TcpStream::connect(&to).unwrap())
+        .collect();
+    // (the listener accepts in order and takes a place at the accept)
+    // ... one more is refused at once, and the daemon answers meanwhile.
+    let extra = TcpStream::connect(&to).unwrap();
+    let mut c = Conn::new(&extra, Duration::from_secs(3));
+    match c.recv() {
+        Ok((Kind::Failed, m)) => {
+            let m = String::from_utf8_lossy(&m).into_owned();
+            assert!(m.contains("too many"), "{m}");
+        }
+        other => panic!("the extra connection got {other:?}"),
+    }
+    assert!(listed(&b).is_empty());
+    // The stalled ones are given up on (a whole start has a time limit),
+    // and their places come back: a real guest migrates.
+    for s in &stalled {
+        let mut c = Conn::new(s, Duration::from_secs(20));
+        match c.recv() {
+            Ok((Kind::Failed, m)) => {
+                let m = String::from_utf8_lossy(&m).into_owned();
+                assert!(m.contains("finish within"), "{m}");
+            }
+            other => panic!("a stalled connection got {other:?}"),
+        }
+    }
+    let img = probe().to_str().unwrap();
+    a.ok(&[
+        "run", "-d", "--name", "c", "-m", "16M", img, "--", "dirty", "1", "5",
+    ]);
+    wait_passes(&a, "c", 3);
+    let o = migrate(&a, "c", &to, &[]);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+}
+
 /// Benchmark (run by hand, prints figures; asserts none):
 /// `cargo test --release -p wisp --test migration -- --ignored --nocapture bench`
 ///

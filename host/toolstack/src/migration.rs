@@ -20,6 +20,7 @@
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -65,8 +66,38 @@ pub struct MigrateRequest {
     pub publish: Option<Vec<String>>,
 }
 
+/// Most migrations a daemon receives at once. Each holds a thread and,
+/// once its META is read, a monitor process with the guest's memory (the
+/// listener is not authenticated): any more are refused at once, and
+/// their sources resume their guests.
+pub const MAX_INCOMING: usize = 4;
+
+/// Migrations being received now.
+static ARRIVING: AtomicUsize = AtomicUsize::new(0);
+
+/// One of the [`MAX_INCOMING`] places, given back when dropped.
+struct Place;
+
+impl Place {
+    fn take() -> Option<Place> {
+        ARRIVING
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < MAX_INCOMING).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Place)
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        ARRIVING.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Binds the migration listener and serves it on a thread of its own:
-/// each connection is handed to [`Vms::receive_migration`].
+/// each connection is handed to [`Vms::receive_migration`], at most
+/// [`MAX_INCOMING`] at once.
 pub fn listen(vms: Arc<Vms>, addr: SocketAddr) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr)?;
     let bound = listener.local_addr()?;
@@ -76,10 +107,21 @@ pub fn listen(vms: Arc<Vms>, addr: SocketAddr) -> std::io::Result<SocketAddr> {
             for conn in listener.incoming() {
                 match conn {
                     Ok(c) => {
+                        let Some(place) = Place::take() else {
+                            // A fresh socket's buffer takes the short
+                            // reply without waiting.
+                            let _ = c.set_nonblocking(true);
+                            refuse(&c, "too many migrations arriving; try again later");
+                            continue;
+                        };
                         let vms = vms.clone();
-                        let spawned = std::thread::Builder::new()
-                            .stack_size(256 << 10)
-                            .spawn(move || vms.receive_migration(c));
+                        let spawned =
+                            std::thread::Builder::new()
+                                .stack_size(256 << 10)
+                                .spawn(move || {
+                                    let _place = place;
+                                    vms.receive_migration(c)
+                                });
                         if let Err(e) = spawned {
                             crate::log(format_args!("cannot serve a migration: {e}"));
                         }

@@ -444,6 +444,8 @@ pub struct ReceiveReport {
 /// Returns the guest's memory size and the sender's meta bytes.
 pub fn read_start(conn: &dyn AsRawFd, timeout: Duration) -> Result<(u64, Vec<u8>), MigrationError> {
     let mut c = Conn::new(conn, timeout);
+    // The whole start, not each read of it, within `timeout`.
+    c.deadline = Some((Instant::now() + timeout, timeout));
     let size = c.read_header()?;
     crate::layout::check_memory(size)
         .map_err(|e| MigrationError::Protocol(format!("memory size {size}: {e}")))?;
