@@ -575,6 +575,48 @@ fn garbage_and_truncated_streams_are_refused_and_the_daemon_works_on() {
     wait_passes(&b, "ok", 3);
 }
 
+/// Open descriptors and threads of process `pid`.
+fn fds_and_threads(pid: u64) -> (usize, usize) {
+    let count = |d: String| std::fs::read_dir(d).map_or(0, |d| d.count());
+    (
+        count(format!("/proc/{pid}/fd")),
+        count(format!("/proc/{pid}/task")),
+    )
+}
+
+#[test]
+fn failed_migrations_leak_nothing_and_a_later_one_succeeds() {
+    let (a, b, to) = pair("again", "32M:1");
+    let img = probe().to_str().unwrap();
+    a.ok(&[
+        "run", "-d", "--name", "c", "-m", "32M", img, "--", "dirty", "2", "2",
+    ]);
+    wait_passes(&a, "c", 3);
+    let pid = a.vm("c")["pid"].as_u64().unwrap();
+    let before = fds_and_threads(pid);
+    // Cut during the pre-copy, then after the pause (before GO), twice.
+    for point in [Kind::Synced, Kind::Ready, Kind::Synced, Kind::Ready] {
+        let (via, p) = proxy(&to, move |k| k == point);
+        let o = migrate(&a, "c", &via, &[]);
+        assert!(!o.status.success(), "migration succeeded: {}", stdout(&o));
+        assert_eq!(p.join().unwrap().last(), Some(&point));
+        assert_eq!(a.vm("c")["state"], "running");
+        until("the destination drops the VM", || listed(&b).is_empty());
+        until("the source monitor is back to its descriptors", || {
+            fds_and_threads(pid) == before
+        });
+    }
+    let (n, bad) = passes(&a.ok(&["logs", "c"]));
+    assert!(!bad, "a page was lost");
+    let last = *n.last().unwrap();
+    let o = migrate(&a, "c", &to, &[]);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    assert_eq!(a.wait_state("c", "exited")["exit"]["how"], "migrated");
+    let after = wait_passes(&b, "c", 5);
+    assert!(after[0] > last, "{last} then {after:?}");
+    assert!(!passes(&b.ok(&["logs", "c"])).1, "a page was lost");
+}
+
 #[test]
 fn stalled_connections_are_bounded_and_do_not_block_the_daemon() {
     let (a, b, to) = pair("stall", "16M:1");
