@@ -164,9 +164,29 @@ fn kv_keys_survive_migration_and_a_client_reconnects() {
 
 #[test]
 fn a_guest_with_a_disk_migrates_and_the_destination_writes_it() {
-    let (a, b, to) = pair("disk", "64M:1");
+    let a = Daemon::start("diska", "64M:1");
+    let to = format!("127.0.0.1:{}", free_port());
+    let disks = a.dir.join("disks");
+    std::fs::create_dir_all(&disks).unwrap();
+    let b = Daemon::start_with(
+        "diskb",
+        "64M:1",
+        &[
+            "--migration-listen",
+            &to,
+            "--migration-disks",
+            disks.to_str().unwrap(),
+        ],
+    );
+    // A source may name only files under that directory.
+    let meta = serde_json::json!({
+        "name": "x", "image": "/x", "memory": 64u64 << 20, "publish": [],
+        "disk": "/etc/hostname", "disk_read_only": true, "cpus": null,
+    });
+    let m = send_raw(&to, &stream_start(64 << 20, &meta));
+    assert!(m.contains("not under"), "{m}");
     let kv = example("kv");
-    let disk = a.dir.join("kv.disk");
+    let disk = disks.join("kv.disk");
     std::fs::File::create(&disk)
         .unwrap()
         .set_len(8 << 20)
@@ -539,6 +559,11 @@ fn garbage_and_truncated_streams_are_refused_and_the_daemon_works_on() {
     assert!(m.contains("version 9"), "{m}");
     let m = send_raw(&to, &stream_start(3, &meta("v2")));
     assert!(m.contains("memory"), "{m}");
+    // A disk, to a daemon not given a directory for them.
+    let mut with_disk = meta("v5");
+    with_disk["disk"] = "/etc/hostname".into();
+    let m = send_raw(&to, &stream_start(16 << 20, &with_disk));
+    assert!(m.contains("takes none"), "{m}");
 
     // A good start, then a page outside memory.
     let mut s = stream_start(16 << 20, &meta("v3"));

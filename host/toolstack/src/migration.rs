@@ -20,6 +20,7 @@
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -98,7 +99,16 @@ impl Drop for Place {
 /// Binds the migration listener and serves it on a thread of its own:
 /// each connection is handed to [`Vms::receive_migration`], at most
 /// [`MAX_INCOMING`] at once.
-pub fn listen(vms: Arc<Vms>, addr: SocketAddr) -> std::io::Result<SocketAddr> {
+///
+/// The source names the disk of the guest it sends; only a regular file
+/// under `disks` is accepted (the listener is not authenticated: without
+/// this, any peer could have any file this daemon can open attached to a
+/// guest it controls).
+pub fn listen(
+    vms: Arc<Vms>,
+    addr: SocketAddr,
+    disks: Option<PathBuf>,
+) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr)?;
     let bound = listener.local_addr()?;
     std::thread::Builder::new()
@@ -115,12 +125,13 @@ pub fn listen(vms: Arc<Vms>, addr: SocketAddr) -> std::io::Result<SocketAddr> {
                             continue;
                         };
                         let vms = vms.clone();
+                        let disks = disks.clone();
                         let spawned =
                             std::thread::Builder::new()
                                 .stack_size(256 << 10)
                                 .spawn(move || {
                                     let _place = place;
-                                    vms.receive_migration(c)
+                                    vms.receive_migration(c, disks.as_deref())
                                 });
                         if let Err(e) = spawned {
                             crate::log(format_args!("cannot serve a migration: {e}"));
