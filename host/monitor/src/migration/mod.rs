@@ -245,7 +245,19 @@ pub fn send(
     };
     let mut paused_at = None;
     let result = (|| {
-        vm.tracker.start()?;
+        // Tracking is switched on with the guest paused (both threads out
+        // of guest memory): a device that checked a write just before the
+        // switch, and landed it after round 0 had copied the page, would
+        // otherwise leave that write recorded nowhere. The pause's lock
+        // hand-over also makes the switch visible to both threads.
+        if !was_paused {
+            ctl.pause()?;
+        }
+        let started = vm.tracker.start();
+        if !was_paused {
+            ctl.resume()?;
+        }
+        started?;
         c.write_header(report.memory_size)?;
         c.send(Kind::Meta, &[&opts.meta])?;
         // Round 0: everything the guest ever touched.
