@@ -12,6 +12,7 @@ pub struct DaemonArgs {
     pub pool: Vec<String>,
     pub log_size: u64,
     pub migration_listen: Option<std::net::SocketAddr>,
+    pub migration_disks: Option<PathBuf>,
 }
 
 /// Parses `--pool SIZE:COUNT`.
@@ -49,6 +50,7 @@ pub fn daemon(a: DaemonArgs) -> anyhow::Result<u8> {
         log_limit: a.log_size,
         exe,
         migration_listen: a.migration_listen,
+        migration_disks: a.migration_disks,
     })?;
     Ok(0)
 }

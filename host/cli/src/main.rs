@@ -149,6 +149,10 @@ enum Command {
         /// (e.g. 127.0.0.1:7070).
         #[arg(long, value_name = "ADDR:PORT")]
         migration_listen: Option<std::net::SocketAddr>,
+        /// Disks of arriving guests must be files under DIR (the source
+        /// names the path); without it, a guest with a disk is refused.
+        #[arg(long, value_name = "DIR")]
+        migration_disks: Option<PathBuf>,
     },
     /// List VMs started with `run -d` (NAME ID STATE IMAGE MEMORY UPTIME PORTS).
     Ps {
@@ -373,12 +377,14 @@ fn main() -> ExitCode {
             pool,
             log_size,
             migration_listen,
+            migration_disks,
         } => daemon::daemon(daemon::DaemonArgs {
             socket,
             state_dir,
             pool,
             log_size,
             migration_listen,
+            migration_disks,
         }),
         Command::Ps { all, format } => client::ps(&socket, all, format == "json"),
         Command::Logs { name, follow } => client::logs(&socket, &name, follow),

@@ -130,11 +130,8 @@ fn syscalls(kind: ThreadKind) -> Vec<i64> {
             libc::SYS_ftruncate,
             libc::SYS_pwrite64,
             libc::SYS_pread64,
-            // A live migration on one host: the published listeners stop
-            // listening at its pause (shutdown) and listen again if it
-            // fails (listen).
-            libc::SYS_shutdown,
-            libc::SYS_listen,
+            // (shutdown and listen, for a live migration: with their
+            // arguments checked, see `allow_list`)
         ],
     });
     v
@@ -160,6 +157,18 @@ fn ioctls(kind: ThreadKind) -> &'static [u64] {
 fn cond(arg: u8, value: u64) -> Result<SeccompCondition, SeccompError> {
     SeccompCondition::new(arg, SeccompCmpArgLen::Qword, SeccompCmpOp::Eq, value)
         .map_err(|e| SeccompError::Build(e.to_string()))
+}
+
+/// An `int` argument equal to `value` (its low 32 bits: the upper half
+/// of the register is not defined for an `int`).
+fn cond32(arg: u8, value: u32) -> Result<SeccompCondition, SeccompError> {
+    SeccompCondition::new(
+        arg,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::Eq,
+        u64::from(value),
+    )
+    .map_err(|e| SeccompError::Build(e.to_string()))
 }
 
 /// A thread's filter: one BPF program, so one install per thread (each
@@ -266,6 +275,18 @@ fn allow_list(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
         rules.insert(libc::SYS_ioctl, ioctl_rules);
     }
     if kind == ThreadKind::Control {
+        // A live migration on one host: the published listeners stop
+        // listening at its pause (`shutdown(fd, SHUT_RD)`) and listen
+        // again if it fails (`listen(fd, HOST_BACKLOG)`); nothing else.
+        rules.insert(
+            libc::SYS_shutdown,
+            vec![SeccompRule::new(vec![cond32(1, libc::SHUT_RD as u32)?]).map_err(build)?],
+        );
+        let backlog = crate::net::user::HOST_BACKLOG as u32;
+        rules.insert(
+            libc::SYS_listen,
+            vec![SeccompRule::new(vec![cond32(1, backlog)?]).map_err(build)?],
+        );
         // Only the teardown child's shape (see the CLI's `teardown`).
         let teardown_clone = (libc::CLONE_VM | libc::CLONE_FILES) as u64;
         rules.insert(
@@ -321,6 +342,48 @@ mod tests {
         assert_ne!(v.program, i.program);
         for f in [&v, &i, &c] {
             assert_eq!(f.program[..prefix.len()], prefix[..]);
+        }
+    }
+
+    /// The control thread may stop a listener listening and make it
+    /// listen again, as a migration does, and no other shutdown or listen
+    /// (in a forked child: a refused call kills the process).
+    #[test]
+    fn control_thread_shutdown_and_listen_are_narrowed() {
+        let filter = program(ThreadKind::Control).expect("control filter");
+        let backlog = crate::net::user::HOST_BACKLOG;
+        for (how, listen_backlog, allowed) in [
+            (libc::SHUT_RD, backlog, true),
+            (libc::SHUT_WR, backlog, false),
+            (libc::SHUT_RD, 1, false),
+        ] {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&l);
+            // SAFETY: the child only installs the prepared filter, makes
+            // two syscalls and leaves with _exit.
+            let pid = unsafe { libc::fork() };
+            assert!(pid >= 0);
+            if pid == 0 {
+                // SAFETY: as above, in the child.
+                unsafe {
+                    if apply(&filter).is_err() {
+                        libc::_exit(2);
+                    }
+                    libc::shutdown(fd, how);
+                    libc::listen(fd, listen_backlog);
+                    libc::_exit(0);
+                }
+            }
+            let mut status = 0;
+            // SAFETY: waits for the child forked above.
+            assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+            let killed = libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS;
+            let clean = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+            assert_eq!(
+                (clean, killed),
+                (allowed, !allowed),
+                "shutdown how {how}, listen backlog {listen_backlog}: status {status:#x}"
+            );
         }
     }
 

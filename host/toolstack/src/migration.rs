@@ -20,6 +20,8 @@
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -65,9 +67,48 @@ pub struct MigrateRequest {
     pub publish: Option<Vec<String>>,
 }
 
+/// Most migrations a daemon receives at once. Each holds a thread and,
+/// once its META is read, a monitor process with the guest's memory (the
+/// listener is not authenticated): any more are refused at once, and
+/// their sources resume their guests.
+pub const MAX_INCOMING: usize = 4;
+
+/// Migrations being received now.
+static ARRIVING: AtomicUsize = AtomicUsize::new(0);
+
+/// One of the [`MAX_INCOMING`] places, given back when dropped.
+struct Place;
+
+impl Place {
+    fn take() -> Option<Place> {
+        ARRIVING
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < MAX_INCOMING).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Place)
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        ARRIVING.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Binds the migration listener and serves it on a thread of its own:
-/// each connection is handed to [`Vms::receive_migration`].
-pub fn listen(vms: Arc<Vms>, addr: SocketAddr) -> std::io::Result<SocketAddr> {
+/// each connection is handed to [`Vms::receive_migration`], at most
+/// [`MAX_INCOMING`] at once.
+///
+/// The source names the disk of the guest it sends; only a regular file
+/// under `disks` is accepted (the listener is not authenticated: without
+/// this, any peer could have any file this daemon can open attached to a
+/// guest it controls).
+pub fn listen(
+    vms: Arc<Vms>,
+    addr: SocketAddr,
+    disks: Option<PathBuf>,
+) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr)?;
     let bound = listener.local_addr()?;
     std::thread::Builder::new()
@@ -76,10 +117,22 @@ pub fn listen(vms: Arc<Vms>, addr: SocketAddr) -> std::io::Result<SocketAddr> {
             for conn in listener.incoming() {
                 match conn {
                     Ok(c) => {
+                        let Some(place) = Place::take() else {
+                            // A fresh socket's buffer takes the short
+                            // reply without waiting.
+                            let _ = c.set_nonblocking(true);
+                            refuse(&c, "too many migrations arriving; try again later");
+                            continue;
+                        };
                         let vms = vms.clone();
-                        let spawned = std::thread::Builder::new()
-                            .stack_size(256 << 10)
-                            .spawn(move || vms.receive_migration(c));
+                        let disks = disks.clone();
+                        let spawned =
+                            std::thread::Builder::new()
+                                .stack_size(256 << 10)
+                                .spawn(move || {
+                                    let _place = place;
+                                    vms.receive_migration(c, disks.as_deref())
+                                });
                         if let Err(e) = spawned {
                             crate::log(format_args!("cannot serve a migration: {e}"));
                         }

@@ -101,14 +101,14 @@ impl Vms {
     /// of the stream, checks what it asks for, and creates the VM from it
     /// (a shell receives the rest). Anything refused is told to the
     /// source, which then resumes its guest.
-    pub fn receive_migration(self: &Arc<Self>, conn: TcpStream) {
+    pub fn receive_migration(self: &Arc<Self>, conn: TcpStream, disks: Option<&Path>) {
         let request_ns = monotonic_ns();
         let peer = conn
             .peer_addr()
             .map_or_else(|_| "?".to_string(), |a| a.to_string());
         let result = (|| {
             let (size, meta) = migration::read_meta(&conn)?;
-            let (name, spec) = check_meta(meta)?;
+            let (name, spec) = check_meta(meta, disks)?;
             conn.set_nonblocking(true)
                 .and_then(|_| conn.set_nodelay(true))
                 .map_err(|e| format!("migration socket: {e}"))?;
@@ -171,20 +171,19 @@ fn request_migrate(
         .map_err(|_| VmError::Unavailable("the VM's monitor ended or sent no reply".into()))
 }
 
-/// Checks a META as a run request is checked; returns the VM's name and
-/// spec.
-fn check_meta(m: Meta) -> Result<(String, Spec), String> {
+/// Checks a META as a run request is checked, and its disk against
+/// `disks` (see [`check_disk`]); returns the VM's name and spec.
+fn check_meta(mut m: Meta, disks: Option<&Path>) -> Result<(String, Spec), String> {
     wisp_monitor::layout::check_memory(m.memory).map_err(|e| format!("memory: {e}"))?;
     record::check_name(&m.name)?;
     for p in &m.publish {
         p.parse::<wisp_monitor::net::user::PortForward>()
             .map_err(|e| format!("publish: {e}"))?;
     }
-    if let Some(d) = &m.disk {
-        if !Path::new(d).is_absolute() {
-            return Err(format!("disk '{d}' is not an absolute path"));
-        }
-        open_disk(d, m.disk_read_only).map_err(|e| format!("disk {d}: {e}"))?;
+    if let Some(d) = m.disk.take() {
+        let d = check_disk(&d, disks)?;
+        open_disk(&d, m.disk_read_only).map_err(|e| format!("disk {d}: {e}"))?;
+        m.disk = Some(d);
     }
     if let Some(c) = m.cpus {
         if !(c > 0.0 && c <= 1.0) {
@@ -205,4 +204,56 @@ fn check_meta(m: Meta) -> Result<(String, Spec), String> {
             snapshot: None,
         },
     ))
+}
+
+/// The disk a META names, if it is a regular file under `disks` (the
+/// directory the daemon was given for them): its path with every link
+/// resolved, which the VM then opens.
+fn check_disk(d: &str, disks: Option<&Path>) -> Result<String, String> {
+    let dir = disks.ok_or_else(|| {
+        format!("the guest has a disk ({d}), and this daemon takes none by migration (wisp daemon --migration-disks DIR)")
+    })?;
+    if !Path::new(d).is_absolute() {
+        return Err(format!("disk '{d}' is not an absolute path"));
+    }
+    let real = std::fs::canonicalize(d).map_err(|e| format!("disk {d}: {e}"))?;
+    let root = std::fs::canonicalize(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    if !real.starts_with(&root) {
+        return Err(format!("disk {d} is not under {}", dir.display()));
+    }
+    let meta = std::fs::metadata(&real).map_err(|e| format!("disk {d}: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!("disk {d} is not a regular file"));
+    }
+    real.into_os_string()
+        .into_string()
+        .map_err(|_| format!("disk {d}: not UTF-8"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_disk;
+
+    #[test]
+    fn disks_only_from_the_given_directory() {
+        let dir = std::env::temp_dir().join(format!("wisp-disks-{}", std::process::id()));
+        let inside = dir.join("in");
+        std::fs::create_dir_all(&inside).unwrap();
+        let f = inside.join("d.img");
+        std::fs::write(&f, [0u8; 512]).unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", inside.join("link")).unwrap();
+        let f = f.to_str().unwrap();
+        assert!(check_disk(f, None).unwrap_err().contains("takes none"));
+        assert_eq!(check_disk(f, Some(&inside)).unwrap(), f);
+        let up = format!("{}/../in/d.img", inside.display());
+        assert_eq!(check_disk(&up, Some(&inside)).unwrap(), f);
+        let e = check_disk("/etc/hostname", Some(&inside)).unwrap_err();
+        assert!(e.contains("not under"), "{e}");
+        let link = inside.join("link");
+        let e = check_disk(link.to_str().unwrap(), Some(&inside)).unwrap_err();
+        assert!(e.contains("not under"), "{e}");
+        let e = check_disk(inside.to_str().unwrap(), Some(&dir)).unwrap_err();
+        assert!(e.contains("regular file"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -255,6 +255,47 @@ fn main(args: wisp::Args) -> i32 {
                 }
             }
         }
+        // Pages only the disk device writes: each pass first checks that
+        // the buffer still holds the region the last pass read, then reads
+        // the next region into it (the host wrote each 8-byte word of the
+        // disk as its own offset). A migration that lost a device write
+        // shows as CORRUPT on the destination.
+        "disk-hold" => {
+            const REGION: usize = 64 << 10;
+            let period = num(1);
+            let mut disk = match wisp_blk::Disk::open() {
+                Ok(d) => d,
+                Err(e) => {
+                    println!("no disk: {e:?}");
+                    return 2;
+                }
+            };
+            let regions = (disk.capacity() as usize / REGION).max(1) as u64;
+            let mut buf = alloc::vec![0u8; REGION];
+            let holds = |buf: &[u8], r: u64| {
+                buf.chunks_exact(8).enumerate().all(|(i, w)| {
+                    u64::from_le_bytes(w.try_into().unwrap_or([0; 8]))
+                        == r * REGION as u64 + i as u64 * 8
+                })
+            };
+            let mut pass: u64 = 0;
+            loop {
+                if pass > 0 && !holds(&buf, (pass - 1) % regions) {
+                    println!("CORRUPT buffer lost region {}", (pass - 1) % regions);
+                    return 3;
+                }
+                let r = pass % regions;
+                if disk.read_now(r * (REGION as u64 / 512), &mut buf).is_err() || !holds(&buf, r) {
+                    println!("CORRUPT read of region {r}");
+                    return 3;
+                }
+                pass += 1;
+                println!("pass {pass} region {r}");
+                if period > 0 {
+                    wisp::time::sleep(Duration::from_millis(period));
+                }
+            }
+        }
         "clock" => println!("unix {}", wisp::time::unix_time().as_secs()),
         "clock-source" => println!(
             "{:?} tsc {} kHz, halts when idle: {}",

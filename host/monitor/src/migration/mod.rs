@@ -12,13 +12,17 @@
 //!   pause; vCPU + device state read
 //!   last dirty pages + STATE      ---->  STATE decoded and checked as a
 //!                                        snapshot's; restored from the
-//!                                        memfd (clock re-based) -> start
-//!   wait                          <----  RUNNING (confirm) or FAILED
+//!                                        memfd (clock re-based), built
+//!   wait                          <----  READY (or FAILED)
+//!   GO                            ---->  start (never without GO)
+//!   wait                          <----  RUNNING (confirm)
 //!   stop the guest (it runs there)
 //! ```
 //! Until RUNNING arrives, nothing is lost: any error (connection cut,
 //! receiver killed, a FAILED reply, a timeout) switches tracking off and
-//! resumes the guest where it was. The state sections are the snapshot's
+//! resumes the guest where it was. The destination starts nothing before
+//! GO, so a failure before GO leaves exactly one copy running (the
+//! source's); only a cut between GO and RUNNING can leave two. The state sections are the snapshot's
 //! ([`crate::snapshot`]), not a second format.
 //!
 //! What does not move: host connections of the user-mode network (their
@@ -51,6 +55,8 @@ pub enum MigrationError {
     Io(std::io::Error),
     #[error("no progress on the connection for {0:?}")]
     Timeout(Duration),
+    #[error("the migration did not finish within {0:?}")]
+    Deadline(Duration),
     #[error("bad migration stream: {0}")]
     Protocol(String),
     #[error("the destination refused the guest: {0}")]
@@ -239,7 +245,19 @@ pub fn send(
     };
     let mut paused_at = None;
     let result = (|| {
-        vm.tracker.start()?;
+        // Tracking is switched on with the guest paused (both threads out
+        // of guest memory): a device that checked a write just before the
+        // switch, and landed it after round 0 had copied the page, would
+        // otherwise leave that write recorded nowhere. The pause's lock
+        // hand-over also makes the switch visible to both threads.
+        if !was_paused {
+            ctl.pause()?;
+        }
+        let started = vm.tracker.start();
+        if !was_paused {
+            ctl.resume()?;
+        }
+        started?;
         c.write_header(report.memory_size)?;
         c.send(Kind::Meta, &[&opts.meta])?;
         // Round 0: everything the guest ever touched.
@@ -303,15 +321,16 @@ pub fn send(
             state.extend_from_slice(b);
         }
         c.send(Kind::State, &[&state])?;
-        match c.recv()? {
-            (Kind::Running, _) => Ok(()),
-            (Kind::Failed, msg) => Err(MigrationError::Refused(
-                String::from_utf8_lossy(&msg).into_owned(),
-            )),
-            (k, _) => Err(MigrationError::Protocol(format!(
-                "the destination answered {k:?}"
-            ))),
-        }
+        // The destination builds the guest but does not start it before
+        // GO: a destination that is slow, fails or is cut off before GO
+        // never runs it, and the guest resumes here.
+        expect(&mut c, Kind::Ready)?;
+        c.send(Kind::Go, &[])?;
+        // From here until RUNNING is read, a cut connection leaves it open
+        // whether the destination read GO: the guest resumes here, and
+        // runs twice if it did (the window is the destination's start of
+        // its threads and one write; see design.md).
+        expect(&mut c, Kind::Running)
     })();
     report.bytes_sent = c.sent;
     match result {
@@ -347,13 +366,19 @@ pub fn send(
 /// behind (or still setting itself up).
 fn sync(c: &mut Conn<'_>) -> Result<(), MigrationError> {
     c.send(Kind::Sync, &[])?;
+    expect(c, Kind::Synced)
+}
+
+/// Reads the receiver's next reply, which must be `want` (FAILED is its
+/// refusal).
+fn expect(c: &mut Conn<'_>, want: Kind) -> Result<(), MigrationError> {
     match c.recv()? {
-        (Kind::Synced, _) => Ok(()),
+        (k, _) if k == want => Ok(()),
         (Kind::Failed, msg) => Err(MigrationError::Refused(
             String::from_utf8_lossy(&msg).into_owned(),
         )),
         (k, _) => Err(MigrationError::Protocol(format!(
-            "the destination answered {k:?} to SYNC"
+            "the destination answered {k:?}, not {want:?}"
         ))),
     }
 }
@@ -407,6 +432,17 @@ fn send_pages(vm: &RunningVm, c: &mut Conn<'_>, pages: &[u64]) -> Result<(), Mig
     Ok(())
 }
 
+/// Most SYNC messages a receiver takes (a sender's pre-copy rounds are
+/// bounded: [`SendOptions::max_rounds`], 12 by default); page data is
+/// bounded likewise, to this many times the guest's pages (plus two: the
+/// first full copy and the final one).
+pub const MAX_SYNCS: u32 = 64;
+
+/// Longest a whole receive may take, from the first page to GO, however
+/// each step progresses: a sender that trickles cannot hold a receiving
+/// monitor for ever.
+pub const RECEIVE_LIMIT: Duration = Duration::from_secs(600);
+
 /// What a receive did.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ReceiveReport {
@@ -420,6 +456,8 @@ pub struct ReceiveReport {
 /// Returns the guest's memory size and the sender's meta bytes.
 pub fn read_start(conn: &dyn AsRawFd, timeout: Duration) -> Result<(u64, Vec<u8>), MigrationError> {
     let mut c = Conn::new(conn, timeout);
+    // The whole start, not each read of it, within `timeout`.
+    c.deadline = Some((Instant::now() + timeout, timeout));
     let size = c.read_header()?;
     crate::layout::check_memory(size)
         .map_err(|e| MigrationError::Protocol(format!("memory size {size}: {e}")))?;
@@ -450,14 +488,23 @@ pub fn receive(
         )));
     }
     let mut c = Conn::new(conn, timeout);
+    c.deadline = Some((Instant::now() + RECEIVE_LIMIT, RECEIVE_LIMIT));
     let file = crate::memory::memfd(mem_size).map_err(|e| MigrationError::Memory(e.to_string()))?;
     let pages = mem_size / PAGE as u64;
     let mut seen = vec![0u64; pages.div_ceil(64) as usize];
     let mut report = ReceiveReport::default();
+    let mut syncs = 0u32;
     loop {
         match c.recv()? {
             (Kind::Pages, payload) => {
-                for (n, bytes) in stream::decode_pages(&payload, pages)? {
+                let batch = stream::decode_pages(&payload, pages)?;
+                if report.pages_received + batch.len() as u64 > pages * u64::from(MAX_SYNCS + 2) {
+                    return Err(MigrationError::Protocol(format!(
+                        "more than {} times the guest's pages sent",
+                        MAX_SYNCS + 2
+                    )));
+                }
+                for (n, bytes) in batch {
                     file.write_all_at(bytes, n * PAGE as u64)
                         .map_err(|e| MigrationError::Memory(e.to_string()))?;
                     report.pages_received += 1;
@@ -468,13 +515,29 @@ pub fn receive(
                     }
                 }
             }
-            (Kind::Sync, _) => c.send(Kind::Synced, &[])?,
+            (Kind::Sync, _) => {
+                syncs += 1;
+                if syncs > MAX_SYNCS {
+                    return Err(MigrationError::Protocol(format!(
+                        "more than {MAX_SYNCS} pre-copy rounds"
+                    )));
+                }
+                c.send(Kind::Synced, &[])?
+            }
             (Kind::State, payload) => {
                 let sections = stream::decode_state(&payload)?;
                 let state = crate::snapshot::parts::decode_state(&sections, mem_size)?;
                 let snap = Snapshot::from_parts(file, mem_size, report.pages, state);
                 let vm = snap.restore(cfg, RestoreOptions::default())?;
-                return Ok((vm, report));
+                // Built, not started: it starts only once the sender has
+                // committed (GO); without GO it is dropped here.
+                c.send(Kind::Ready, &[])?;
+                match c.recv()? {
+                    (Kind::Go, _) => return Ok((vm, report)),
+                    (k, _) => {
+                        return Err(MigrationError::Protocol(format!("expected GO, got {k:?}")))
+                    }
+                }
             }
             (k, _) => {
                 return Err(MigrationError::Protocol(format!(
@@ -509,5 +572,56 @@ mod tests {
         assert_eq!(pages_of(&b), vec![63, 64, 99]);
         mark(&mut b, 4096 * 200, 10, 4096 * 100);
         assert_eq!(pages_of(&b).len(), 3);
+    }
+
+    fn config(memory: u64) -> VmConfig {
+        VmConfig {
+            memory,
+            args: vec![],
+            trace_boot: false,
+            nics: vec![],
+            publish: vec![],
+            net_limits: (0, 0),
+            disk_limits: (0, 0),
+            disk: None,
+        }
+    }
+
+    /// A sender that never ends its pre-copy (SYNC after SYNC, or the same
+    /// pages again and again) is cut off after a bounded number.
+    #[test]
+    fn a_sender_that_never_stops_is_refused() {
+        use std::os::unix::net::UnixStream;
+        let t = Duration::from_secs(5);
+        let size = 1 << 20;
+        let (a, b) = UnixStream::pair().unwrap();
+        let sender = std::thread::spawn(move || {
+            let mut w = Conn::new(&a, t);
+            for _ in 0..1000 {
+                if w.send(Kind::Sync, &[]).is_err() || w.recv().is_err() {
+                    break;
+                }
+            }
+        });
+        let e = receive(&b, size, &config(size), t).err().unwrap();
+        assert!(e.to_string().contains("pre-copy rounds"), "{e}");
+        sender.join().unwrap();
+
+        let (a, b) = UnixStream::pair().unwrap();
+        let sender = std::thread::spawn(move || {
+            let mut w = Conn::new(&a, t);
+            let mut p = 1u32.to_le_bytes().to_vec();
+            p.extend_from_slice(&3u64.to_le_bytes());
+            p.extend_from_slice(&[1u8; PAGE]);
+            for _ in 0..100_000 {
+                if w.send(Kind::Pages, &[&p]).is_err() {
+                    break;
+                }
+            }
+        });
+        let e = receive(&b, size, &config(size), t).err().unwrap();
+        assert!(e.to_string().contains("times the guest's pages"), "{e}");
+        drop(b);
+        sender.join().unwrap();
     }
 }

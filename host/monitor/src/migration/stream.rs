@@ -9,7 +9,9 @@
 //!   SYNC    (empty) after each pre-copy round: the receiver answers
 //!           SYNCED once it has taken in everything before it
 //!   STATE   the snapshot's four state sections, each a u32-length blob
-//! reply    RUNNING (empty) or FAILED (a UTF-8 message)
+//!   GO      (empty) after READY: the receiver may start the guest
+//! replies  SYNCED; READY (empty: the guest is built, not started) and,
+//!          after GO, RUNNING (empty); or FAILED (a UTF-8 message)
 //! ```
 //! Everything is little-endian. The sender is untrusted: every length is
 //! bounded before anything is allocated, every page number is checked
@@ -27,7 +29,7 @@ use super::MigrationError;
 
 pub const MAGIC: [u8; 8] = *b"WISPMIGR";
 /// Bump on any change of the stream; the receiver refuses another.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 pub const HEADER_LEN: usize = 24;
 const FRAME_LEN: usize = 12;
 pub const PAGE: usize = 4096;
@@ -45,9 +47,11 @@ pub enum Kind {
     Pages = 2,
     State = 3,
     Sync = 4,
+    Go = 5,
     Running = 16,
     Failed = 17,
     Synced = 18,
+    Ready = 19,
 }
 
 impl Kind {
@@ -57,9 +61,11 @@ impl Kind {
             2 => Kind::Pages,
             3 => Kind::State,
             4 => Kind::Sync,
+            5 => Kind::Go,
             16 => Kind::Running,
             17 => Kind::Failed,
             18 => Kind::Synced,
+            19 => Kind::Ready,
             _ => return None,
         })
     }
@@ -69,7 +75,7 @@ impl Kind {
             Kind::Meta => MAX_META,
             Kind::Pages => 4 + BATCH * (8 + PAGE),
             Kind::State => MAX_STATE,
-            Kind::Running | Kind::Sync | Kind::Synced => 0,
+            Kind::Running | Kind::Sync | Kind::Synced | Kind::Go | Kind::Ready => 0,
             Kind::Failed => MAX_FAILED,
         }
     }
@@ -81,6 +87,9 @@ pub struct Conn<'a> {
     fd: RawFd,
     _owner: &'a dyn AsRawFd,
     pub timeout: Duration,
+    /// When the whole exchange must be over, whatever progress each step
+    /// makes (a receiver's bound on a sender that trickles).
+    pub deadline: Option<(Instant, Duration)>,
     /// Bytes written so far.
     pub sent: u64,
 }
@@ -91,15 +100,26 @@ impl<'a> Conn<'a> {
             fd: owner.as_raw_fd(),
             _owner: owner,
             timeout,
+            deadline: None,
             sent: 0,
         }
+    }
+
+    /// When the next read or write must be done by: `timeout` from now,
+    /// or the deadline if that is sooner.
+    fn step_until(&self) -> Instant {
+        let step = Instant::now() + self.timeout;
+        self.deadline.map_or(step, |(d, _)| d.min(step))
     }
 
     fn wait(&self, events: libc::c_short, until: Instant) -> Result<(), MigrationError> {
         loop {
             let left = until.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(MigrationError::Timeout(self.timeout));
+                return Err(match self.deadline {
+                    Some((d, total)) if Instant::now() >= d => MigrationError::Deadline(total),
+                    _ => MigrationError::Timeout(self.timeout),
+                });
             }
             let mut p = libc::pollfd {
                 fd: self.fd,
@@ -122,7 +142,7 @@ impl<'a> Conn<'a> {
     }
 
     pub fn write_all(&mut self, mut buf: &[u8]) -> Result<(), MigrationError> {
-        let until = Instant::now() + self.timeout;
+        let until = self.step_until();
         while !buf.is_empty() {
             self.wait(libc::POLLOUT, until)?;
             // SAFETY: writes from `buf`, which we own, to an open descriptor.
@@ -144,7 +164,7 @@ impl<'a> Conn<'a> {
     }
 
     pub fn read_exact(&mut self, mut buf: &mut [u8]) -> Result<(), MigrationError> {
-        let until = Instant::now() + self.timeout;
+        let until = self.step_until();
         while !buf.is_empty() {
             self.wait(libc::POLLIN, until)?;
             // SAFETY: reads into `buf`, which we own and may hold any bytes.
