@@ -203,66 +203,6 @@ impl GuestRam {
     }
 }
 
-/// Guest RAM being registered as KVM memory slot 0 on a short thread of
-/// its own, while the caller goes on (creates the vCPU, loads the image).
-///
-/// `KVM_SET_USER_MEMORY_REGION` spends ~25 µs of CPU but then waits for an
-/// SRCU grace period (`synchronize_srcu_expedited`), which kernel workers
-/// end: ~70 µs on an idle host, milliseconds on a busy one. Nothing before
-/// the first `KVM_RUN` needs the slot, so that wait can overlap the rest
-/// of the start.
-pub struct PendingSlot(std::thread::JoinHandle<std::io::Result<()>>);
-
-/// `KVM_SET_USER_MEMORY_REGION` (`_IOW(KVMIO, 0x46, struct
-/// kvm_userspace_memory_region)`).
-const KVM_SET_USER_MEMORY_REGION: libc::c_ulong = 0x4020_ae46;
-
-impl PendingSlot {
-    /// Starts registering all of `ram` as slot 0 of `vm`. The thread works
-    /// on its own duplicate of the VM's descriptor, so nothing it touches
-    /// can be closed (or the number reused) under it.
-    ///
-    /// # Safety
-    /// `ram`'s mapping must outlive the VM's use of the slot: it must not
-    /// be unmapped before the slot is deleted or the VM destroyed.
-    pub unsafe fn start(
-        vm: std::os::fd::BorrowedFd<'_>,
-        ram: &GuestRam,
-    ) -> std::io::Result<PendingSlot> {
-        let vm = vm.try_clone_to_owned()?;
-        let region = kvm_bindings::kvm_userspace_memory_region {
-            slot: 0,
-            flags: 0,
-            guest_phys_addr: 0,
-            memory_size: ram.size,
-            userspace_addr: ram.host_addr,
-        };
-        let thread = std::thread::Builder::new()
-            .name("wisp-memslot".into())
-            .stack_size(64 << 10)
-            .spawn(move || {
-                use std::os::fd::AsRawFd;
-                // SAFETY: the ioctl reads `region`, which lives across the
-                // call; the caller keeps the memory it names mapped (see
-                // `start`); `vm` is our own open descriptor of the VM.
-                let rc =
-                    unsafe { libc::ioctl(vm.as_raw_fd(), KVM_SET_USER_MEMORY_REGION, &region) };
-                if rc < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            })?;
-        Ok(PendingSlot(thread))
-    }
-
-    /// Waits until the slot is registered.
-    pub fn wait(self) -> std::io::Result<()> {
-        self.0
-            .join()
-            .unwrap_or_else(|_| Err(std::io::Error::other("the memory slot thread panicked")))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,6 +16,7 @@ use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use wisp_abi::manifest::{DEVICE_BLOCK, DEVICE_NET};
 
@@ -29,7 +30,7 @@ use crate::image::Image;
 use crate::io_thread::IoThread;
 use crate::kvm::{self, KvmError};
 use crate::layout::{self, Layout, LayoutError};
-use crate::memory::{GuestRam, MemoryError, PendingSlot};
+use crate::memory::{GuestRam, MemoryError};
 use crate::net::tap::Tap;
 use crate::net::user::{PortForward, UserNet};
 use crate::net::{BackendKind, NetBackend, NicConfig};
@@ -149,8 +150,6 @@ pub enum VmError {
     Seccomp(#[from] seccomp::SeccompError),
     #[error("starting the guest's threads: {0}")]
     Thread(std::io::Error),
-    #[error("KVM set memory region failed: {0}")]
-    MemorySlot(std::io::Error),
     #[error("the guest's vCPU thread died unexpectedly")]
     VcpuThreadDied,
 }
@@ -197,22 +196,19 @@ impl Shell {
         layout::check_memory(memory)?;
         let kvm = host_kvm()?;
         let vm = kvm.create_vm().map_err(kvm_call("create VM"))?;
+        let vcpu = vm.create_vcpu(0).map_err(kvm_call("create vCPU"))?;
         let ram = GuestRam::new(memory)?;
-        // The slot's registration mostly waits (see `PendingSlot`): on
-        // another thread, while the vCPU is created and the image loaded.
-        // SAFETY: `vm`'s descriptor stays open for the borrow; `ram` lives
-        // as long as the VM (both in `Machine`, dropped VM first) and the
-        // slot covers exactly it.
-        let slot = unsafe {
-            let fd = std::os::fd::BorrowedFd::borrow_raw(std::os::fd::AsRawFd::as_raw_fd(&vm));
-            PendingSlot::start(fd, &ram)
-        }
-        .map_err(VmError::Thread)?;
-        let vcpu = vm.create_vcpu(0).map_err(kvm_call("create vCPU"));
-        // Joined before any error returns: the thread must not outlive us.
-        let slot = slot.wait().map_err(VmError::MemorySlot);
-        let vcpu = vcpu?;
-        slot?;
+        let region = kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: ram.size,
+            userspace_addr: ram.host_addr,
+        };
+        // SAFETY: the region maps `size` bytes owned by `ram`, which lives
+        // as long as the VM (both in `Machine`, dropped VM first); the slot
+        // is new and covers exactly it.
+        unsafe { vm.set_user_memory_region(region) }.map_err(kvm_call("set memory region"))?;
         Ok(Shell {
             machine: Machine { vcpu, vm, ram },
             ready_at: Instant::now(),
