@@ -176,6 +176,95 @@ fn a_console_flood_is_cut_to_the_rate_limit() {
     );
 }
 
+/// Bytes waiting in the pipe whose read end is `fd`.
+fn pipe_bytes(fd: &impl std::os::fd::AsRawFd) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int to the pointer given.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) };
+    assert_eq!(r, 0, "FIONREAD: {}", std::io::Error::last_os_error());
+    n as usize
+}
+
+/// Waits for `child` for at most `limit` (a bound that only catches a
+/// hang); kills it and fails if it is still running.
+fn ends_within(child: &mut std::process::Child, limit: Duration, what: &str) {
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not end");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_console_nobody_reads_does_not_hold_the_guest_or_its_stop() {
+    use std::io::Read;
+    use std::process::Stdio;
+    require_kvm();
+    // stdout a pipe that is read only until the flood starts, then left
+    // full; stderr read to the end.
+    let mut child = wisp()
+        .args(["run", "--stop-timeout", "0"])
+        .arg(probe())
+        .args(["--", "console-flood", "forever"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let mut first = [0u8; 1];
+    out.read_exact(&mut first).unwrap();
+    // The pipe fills (64 KiB): the next write would block for good.
+    let start = Instant::now();
+    while pipe_bytes(&out) < 60 << 10 {
+        assert!(start.elapsed() < Duration::from_secs(30), "the pipe never filled");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The guest goes on (its next writes are dropped): a stop request
+    // reaches it and the run ends.
+    // SAFETY: kill(2) on the child's pid, which it still is (not waited).
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    ends_within(&mut child, Duration::from_secs(60), "wisp run with a full stdout");
+    let status = child.wait().unwrap();
+    let err = err.join().unwrap();
+    assert_eq!(status.code(), Some(143), "{status:?}: {err}");
+    assert!(err.contains("its reader did not read"), "{err}");
+    drop(out);
+
+    // Nor is the guest held: a finite flood (64 MiB) to a stdout nobody
+    // ever reads runs to its end and exits by itself.
+    let mut child = wisp()
+        .arg("run")
+        .arg(probe())
+        .args(["--", "console-flood"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    ends_within(&mut child, Duration::from_secs(60), "a flood to a full stdout");
+    let status = child.wait().unwrap();
+    let err = err.join().unwrap();
+    assert_eq!(status.code(), Some(0), "{status:?}: {err}");
+    assert!(err.contains("its reader did not read"), "{err}");
+    drop(out);
+}
+
 #[test]
 fn net_rate_limit_caps_throughput() {
     require_kvm();

@@ -698,6 +698,7 @@ impl Vm {
                     quota: None,
                     console_limit: TokenBucket::new(CONSOLE_RATE, CONSOLE_BURST),
                     console_dropped: 0,
+                    console_unread: 0,
                 };
                 let outcome = match r {
                     Ok(q) => {
