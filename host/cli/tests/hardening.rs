@@ -204,64 +204,65 @@ fn a_console_nobody_reads_does_not_hold_the_guest_or_its_stop() {
     use std::io::Read;
     use std::process::Stdio;
     require_kvm();
-    // stdout a pipe that is read only until the flood starts, then left
-    // full; stderr read to the end.
-    let mut child = wisp()
-        .args(["run", "--stop-timeout", "0"])
-        .arg(probe())
-        .args(["--", "console-flood", "forever"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let err = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    let mut first = [0u8; 1];
-    out.read_exact(&mut first).unwrap();
-    // The pipe fills (64 KiB): the next write would block for good.
-    let start = Instant::now();
-    while pipe_bytes(&out) < 60 << 10 {
-        assert!(start.elapsed() < Duration::from_secs(30), "the pipe never filled");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    // The guest goes on (its next writes are dropped): a stop request
-    // reaches it and the run ends.
-    // SAFETY: kill(2) on the child's pid, which it still is (not waited).
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
-    ends_within(&mut child, Duration::from_secs(60), "wisp run with a full stdout");
-    let status = child.wait().unwrap();
-    let err = err.join().unwrap();
-    assert_eq!(status.code(), Some(143), "{status:?}: {err}");
-    assert!(err.contains("its reader did not read"), "{err}");
-    drop(out);
+    let spawn = |args: &[&str]| {
+        let mut child = wisp()
+            .args(["run", "--stop-timeout", "0"])
+            .arg(probe())
+            .arg("--")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut err = child.stderr.take().unwrap();
+        let err = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = err.read_to_string(&mut s);
+            s
+        });
+        let out = child.stdout.take().unwrap();
+        (child, out, err)
+    };
 
-    // Nor is the guest held: a finite flood (64 MiB) to a stdout nobody
-    // ever reads runs to its end and exits by itself.
-    let mut child = wisp()
-        .arg("run")
-        .arg(probe())
-        .args(["--", "console-flood"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let err = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    ends_within(&mut child, Duration::from_secs(60), "a flood to a full stdout");
+    // A finite flood (64 MiB, more than the rate limit's burst and the
+    // pipe's 64 KiB) to a stdout nobody ever reads: the guest is not held
+    // by the write, runs to its end and exits by itself; what the pipe
+    // did not take is dropped and counted.
+    let (mut child, out, err) = spawn(&["console-flood"]);
+    ends_within(
+        &mut child,
+        Duration::from_secs(60),
+        "a flood to a full stdout",
+    );
     let status = child.wait().unwrap();
     let err = err.join().unwrap();
     assert_eq!(status.code(), Some(0), "{status:?}: {err}");
     assert!(err.contains("its reader did not read"), "{err}");
+    drop(out);
+
+    // A flood without end, stdout read only until it starts, then left
+    // full: a stop request reaches the guest and the run ends.
+    let (mut child, mut out, err) = spawn(&["console-flood", "forever"]);
+    let mut first = [0u8; 1];
+    out.read_exact(&mut first).unwrap();
+    let start = Instant::now();
+    while pipe_bytes(&out) < 60 << 10 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the pipe never filled"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: kill(2) on the child's pid, which it still is (not waited).
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    ends_within(
+        &mut child,
+        Duration::from_secs(60),
+        "wisp run with a full stdout",
+    );
+    let status = child.wait().unwrap();
+    let err = err.join().unwrap();
+    assert_eq!(status.code(), Some(143), "{status:?}: {err}");
     drop(out);
 }
 

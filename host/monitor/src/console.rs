@@ -51,18 +51,19 @@ impl ConsoleOut {
             revents: 0,
         };
         let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
-        loop {
-            // SAFETY: one valid pollfd, for the length given.
-            let r = unsafe { libc::poll(&mut p, 1, ms) };
-            if r >= 0 {
-                // POLLERR/POLLHUP: the write reports it.
-                return Ok(r > 0);
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
-            }
+        // SAFETY: one valid pollfd, for the length given.
+        let r = unsafe { libc::poll(&mut p, 1, ms) };
+        if r >= 0 {
+            // POLLERR/POLLHUP: the write reports it.
+            return Ok(r > 0);
         }
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            // A kick: the controller wants the vCPU thread (pause, stop);
+            // it does not wait for the reader.
+            return Ok(false);
+        }
+        Err(e)
     }
 }
 
