@@ -266,6 +266,77 @@ fn a_console_nobody_reads_does_not_hold_the_guest_or_its_stop() {
     drop(out);
 }
 
+/// Whether process `pid`'s vCPU thread is blocked in a sleep or a poll
+/// (`/proc/PID/task/TID/syscall`: the system call it is in).
+fn vcpu_thread_blocked(pid: u32) -> bool {
+    const WAITS: [i64; 4] = [
+        libc::SYS_nanosleep,
+        libc::SYS_clock_nanosleep,
+        libc::SYS_poll,
+        libc::SYS_ppoll,
+    ];
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().any(|t| {
+        let p = t.path();
+        let comm = std::fs::read_to_string(p.join("comm")).unwrap_or_default();
+        let call = std::fs::read_to_string(p.join("syscall")).unwrap_or_default();
+        let nr = call.split_whitespace().next().and_then(|n| n.parse().ok());
+        comm.trim() == "wisp-vcpu" && nr.is_some_and(|n: i64| WAITS.contains(&n))
+    })
+}
+
+/// A stop reaches a guest the disk's rate limit holds: the limit's wait
+/// (on the vCPU thread) ends for it.
+#[test]
+fn a_stop_ends_a_guest_held_by_the_disk_rate_limit() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    require_kvm();
+    // 1 MiB, each 8-byte word holding its own offset (what `disk-hold`
+    // checks), read 64 KiB a time.
+    let disk = scratch().join("disk-rate-stop.disk");
+    let words: Vec<u8> = (0..(1u64 << 20) / 8)
+        .flat_map(|i| (i * 8).to_le_bytes())
+        .collect();
+    std::fs::write(&disk, words).unwrap();
+    // 1 KiB/s: the first read comes out of the 64 KiB burst, the second
+    // waits for a minute.
+    let mut child = wisp()
+        .args(["run", "--stop-timeout", "0", "--disk-rate", "1k", "--disk"])
+        .arg(&disk)
+        .arg(probe())
+        .args(["--", "disk-hold", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().map(Result::unwrap).unwrap_or_default();
+    assert!(first.starts_with("pass 1 "), "{first}");
+    // The second read is held: the vCPU thread blocks in a sleep or a poll
+    // (this guest makes no other waits).
+    let start = Instant::now();
+    while !vcpu_thread_blocked(child.id()) {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the vCPU never waited"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: kill(2) on the child's pid, which it still is (not waited).
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    ends_within(
+        &mut child,
+        Duration::from_secs(30),
+        "a guest held by its disk limit",
+    );
+    assert_eq!(child.wait().unwrap().code(), Some(143));
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(rest.iter().all(|l| !l.contains("CORRUPT")), "{rest:?}");
+}
+
 #[test]
 fn net_rate_limit_caps_throughput() {
     require_kvm();

@@ -331,6 +331,25 @@ fn wait_on(s: &Shared, d: Duration) {
     let _ = s.vcpu_wake.read();
 }
 
+/// Ends a disk's rate-limit wait on the vCPU thread when a control
+/// request (pause, stop, a job for the paused vCPU) is made: the request
+/// in flight then goes through without the rest of its wait (counted
+/// against the limit), and the thread answers the request.
+pub(crate) struct ControlWake(pub Arc<Shared>);
+
+impl crate::ratelimit::Wake for ControlWake {
+    fn sleep(&self, d: Duration) -> bool {
+        let needed = || self.0.request() != Request::Run;
+        if needed() {
+            return true;
+        }
+        // A request sets itself, then writes the eventfd: one made after
+        // the check above ends this wait.
+        wait_on(&self.0, d);
+        needed()
+    }
+}
+
 fn no_device(addr: u64) -> Outcome {
     crashed_protocol(format!(
         "guest accessed {addr:#x}, where there is no memory or device"

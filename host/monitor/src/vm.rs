@@ -614,6 +614,7 @@ impl Vm {
         };
         let shared =
             Arc::new(Shared::new(!nics.is_empty(), Some(notice)).map_err(VmError::Thread)?);
+        bus.set_disk_wake(Arc::new(vcpu_thread::ControlWake(shared.clone())));
         // Filters are built before any thread runs guest work.
         // A worker runs under the filter already.
         let vcpu_filter = (!opts.no_seccomp && worker.is_none())
