@@ -12,7 +12,19 @@ pub struct DaemonArgs {
     pub pool: Vec<String>,
     pub log_size: u64,
     pub migration_listen: Option<std::net::SocketAddr>,
-    pub migration_disks: Option<PathBuf>,
+    pub migration_policy: wisp_toolstack::migration::Policy,
+}
+
+/// Parses `--migration-ports LO-HI` (1 <= LO <= HI).
+pub fn parse_port_range(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
+    let bad = || format!("'{s}' is not a port range LO-HI (e.g. 8000-8999)");
+    let (lo, hi) = s.split_once('-').ok_or_else(bad)?;
+    let lo: u16 = lo.trim().parse().map_err(|_| bad())?;
+    let hi: u16 = hi.trim().parse().map_err(|_| bad())?;
+    if lo == 0 || lo > hi {
+        return Err(bad());
+    }
+    Ok(lo..=hi)
 }
 
 /// Parses `--pool SIZE:COUNT`.
@@ -50,7 +62,7 @@ pub fn daemon(a: DaemonArgs) -> anyhow::Result<u8> {
         log_limit: a.log_size,
         exe,
         migration_listen: a.migration_listen,
-        migration_disks: a.migration_disks,
+        migration_policy: a.migration_policy,
     })?;
     Ok(0)
 }
@@ -59,4 +71,18 @@ pub fn daemon(a: DaemonArgs) -> anyhow::Result<u8> {
 pub fn shell(memory: u64) -> u8 {
     let status = wisp_toolstack::shell_main(memory);
     status.clamp(0, 255) as u8
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_port_range;
+
+    #[test]
+    fn port_ranges() {
+        assert_eq!(parse_port_range("8000-8999"), Ok(8000..=8999));
+        assert_eq!(parse_port_range("80-80"), Ok(80..=80));
+        for bad in ["0-10", "10-9", "8000", "a-b", "1-70000", ""] {
+            assert!(parse_port_range(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -153,6 +153,14 @@ enum Command {
         /// names the path); without it, a guest with a disk is refused.
         #[arg(long, value_name = "DIR")]
         migration_disks: Option<PathBuf>,
+        /// Most memory an arriving guest may have (a bigger one is
+        /// refused; at most 4 arrive at once).
+        #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = units::parse_memory)]
+        migration_max_memory: u64,
+        /// Host ports an arriving guest may publish, LO-HI (e.g.
+        /// 8000-8999); without it, a guest that publishes ports is refused.
+        #[arg(long, value_name = "LO-HI", value_parser = daemon::parse_port_range)]
+        migration_ports: Option<std::ops::RangeInclusive<u16>>,
     },
     /// List VMs started with `run -d` (NAME ID STATE IMAGE MEMORY UPTIME PORTS).
     Ps {
@@ -378,13 +386,19 @@ fn main() -> ExitCode {
             log_size,
             migration_listen,
             migration_disks,
+            migration_max_memory,
+            migration_ports,
         } => daemon::daemon(daemon::DaemonArgs {
             socket,
             state_dir,
             pool,
             log_size,
             migration_listen,
-            migration_disks,
+            migration_policy: wisp_toolstack::migration::Policy {
+                disks: migration_disks,
+                max_memory: migration_max_memory,
+                ports: migration_ports,
+            },
         }),
         Command::Ps { all, format } => client::ps(&socket, all, format == "json"),
         Command::Logs { name, follow } => client::logs(&socket, &name, follow),

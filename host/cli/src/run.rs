@@ -226,7 +226,8 @@ pub fn run(a: &RunArgs, started: Instant) -> anyhow::Result<u8> {
     // inherit the mask and the signals wait for this thread's signalfd.
     let signals = stop_signals().context("setting up SIGINT/SIGTERM")?;
     let running = vm.start(
-        Box::new(std::io::stdout()),
+        // Never blocks the vCPU thread on a reader that does not read.
+        Box::new(wisp_monitor::console::ConsoleOut::stdout()),
         StartOptions {
             cpu_quota: a.cpus,
             no_seccomp: a.no_seccomp,

@@ -176,6 +176,167 @@ fn a_console_flood_is_cut_to_the_rate_limit() {
     );
 }
 
+/// Bytes waiting in the pipe whose read end is `fd`.
+fn pipe_bytes(fd: &impl std::os::fd::AsRawFd) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int to the pointer given.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) };
+    assert_eq!(r, 0, "FIONREAD: {}", std::io::Error::last_os_error());
+    n as usize
+}
+
+/// Waits for `child` for at most `limit` (a bound that only catches a
+/// hang); kills it and fails if it is still running.
+fn ends_within(child: &mut std::process::Child, limit: Duration, what: &str) {
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not end");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_console_nobody_reads_does_not_hold_the_guest_or_its_stop() {
+    use std::io::Read;
+    use std::process::Stdio;
+    require_kvm();
+    let spawn = |args: &[&str]| {
+        let mut child = wisp()
+            .args(["run", "--stop-timeout", "0"])
+            .arg(probe())
+            .arg("--")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut err = child.stderr.take().unwrap();
+        let err = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = err.read_to_string(&mut s);
+            s
+        });
+        let out = child.stdout.take().unwrap();
+        (child, out, err)
+    };
+
+    // A finite flood (64 MiB, more than the rate limit's burst and the
+    // pipe's 64 KiB) to a stdout nobody ever reads: the guest is not held
+    // by the write, runs to its end and exits by itself; what the pipe
+    // did not take is dropped and counted.
+    let (mut child, out, err) = spawn(&["console-flood"]);
+    ends_within(
+        &mut child,
+        Duration::from_secs(60),
+        "a flood to a full stdout",
+    );
+    let status = child.wait().unwrap();
+    let err = err.join().unwrap();
+    assert_eq!(status.code(), Some(0), "{status:?}: {err}");
+    assert!(err.contains("its reader did not read"), "{err}");
+    drop(out);
+
+    // A flood without end, stdout read only until it starts, then left
+    // full: a stop request reaches the guest and the run ends.
+    let (mut child, mut out, err) = spawn(&["console-flood", "forever"]);
+    let mut first = [0u8; 1];
+    out.read_exact(&mut first).unwrap();
+    let start = Instant::now();
+    while pipe_bytes(&out) < 60 << 10 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the pipe never filled"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: kill(2) on the child's pid, which it still is (not waited).
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    ends_within(
+        &mut child,
+        Duration::from_secs(60),
+        "wisp run with a full stdout",
+    );
+    let status = child.wait().unwrap();
+    let err = err.join().unwrap();
+    assert_eq!(status.code(), Some(143), "{status:?}: {err}");
+    drop(out);
+}
+
+/// Whether process `pid`'s vCPU thread is blocked in a sleep or a poll
+/// (`/proc/PID/task/TID/syscall`: the system call it is in).
+fn vcpu_thread_blocked(pid: u32) -> bool {
+    const WAITS: [i64; 4] = [
+        libc::SYS_nanosleep,
+        libc::SYS_clock_nanosleep,
+        libc::SYS_poll,
+        libc::SYS_ppoll,
+    ];
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().any(|t| {
+        let p = t.path();
+        let comm = std::fs::read_to_string(p.join("comm")).unwrap_or_default();
+        let call = std::fs::read_to_string(p.join("syscall")).unwrap_or_default();
+        let nr = call.split_whitespace().next().and_then(|n| n.parse().ok());
+        comm.trim() == "wisp-vcpu" && nr.is_some_and(|n: i64| WAITS.contains(&n))
+    })
+}
+
+/// A stop reaches a guest the disk's rate limit holds: the limit's wait
+/// (on the vCPU thread) ends for it.
+#[test]
+fn a_stop_ends_a_guest_held_by_the_disk_rate_limit() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    require_kvm();
+    // 1 MiB, each 8-byte word holding its own offset (what `disk-hold`
+    // checks), read 64 KiB a time.
+    let disk = scratch().join("disk-rate-stop.disk");
+    let words: Vec<u8> = (0..(1u64 << 20) / 8)
+        .flat_map(|i| (i * 8).to_le_bytes())
+        .collect();
+    std::fs::write(&disk, words).unwrap();
+    // 1 KiB/s: the first read comes out of the 64 KiB burst, the second
+    // waits for a minute.
+    let mut child = wisp()
+        .args(["run", "--stop-timeout", "0", "--disk-rate", "1k", "--disk"])
+        .arg(&disk)
+        .arg(probe())
+        .args(["--", "disk-hold", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().map(Result::unwrap).unwrap_or_default();
+    assert!(first.starts_with("pass 1 "), "{first}");
+    // The second read is held: the vCPU thread blocks in a sleep or a poll
+    // (this guest makes no other waits).
+    let start = Instant::now();
+    while !vcpu_thread_blocked(child.id()) {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the vCPU never waited"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: kill(2) on the child's pid, which it still is (not waited).
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    ends_within(
+        &mut child,
+        Duration::from_secs(30),
+        "a guest held by its disk limit",
+    );
+    assert_eq!(child.wait().unwrap().code(), Some(143));
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(rest.iter().all(|l| !l.contains("CORRUPT")), "{rest:?}");
+}
+
 #[test]
 fn net_rate_limit_caps_throughput() {
     require_kvm();

@@ -15,12 +15,20 @@ use common::*;
 use serde_json::Value;
 use wisp_monitor::migration::stream::{Conn, Kind};
 
+/// The `--migration-ports` of destinations whose guests publish the
+/// ports `free_port` gives.
+const ANY_PORT: &str = "1024-65535";
+
 /// A source daemon and a destination daemon listening for migrations.
 fn pair(tag: &str, pool: &str) -> (Daemon, Daemon, String) {
     let a = Daemon::start(&format!("{tag}a"), pool);
     let port = free_port();
     let to = format!("127.0.0.1:{port}");
-    let b = Daemon::start_with(&format!("{tag}b"), pool, &["--migration-listen", &to]);
+    let b = Daemon::start_with(
+        &format!("{tag}b"),
+        pool,
+        &["--migration-listen", &to, "--migration-ports", ANY_PORT],
+    );
     (a, b, to)
 }
 
@@ -176,6 +184,8 @@ fn a_guest_with_a_disk_migrates_and_the_destination_writes_it() {
             &to,
             "--migration-disks",
             disks.to_str().unwrap(),
+            "--migration-ports",
+            ANY_PORT,
         ],
     );
     // A source may name only files under that directory.
@@ -660,6 +670,71 @@ fn garbage_and_truncated_streams_are_refused_and_the_daemon_works_on() {
     let o = migrate(&a, "ok", &to, &[]);
     assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
     wait_passes(&b, "ok", 3);
+}
+
+/// What an unauthenticated peer may ask of the destination is bounded by
+/// its operator: the guest's memory (`--migration-max-memory`, 256 MiB
+/// by default) and the host ports it publishes (`--migration-ports`;
+/// none without it).
+#[test]
+fn memory_and_published_ports_are_bounded_by_the_destination() {
+    let meta = |name: &str, mem: u64, publish: &[String]| {
+        serde_json::json!({
+            "name": name, "image": "/x", "memory": mem,
+            "publish": publish, "disk": null, "cpus": null,
+        })
+    };
+    let allowed = free_port();
+    let outside = if allowed > 1024 {
+        allowed - 1
+    } else {
+        allowed + 1
+    };
+    let rule = |port: u16| vec![format!("127.0.0.1:{port}:80")];
+
+    // Defaults: no ports, at most 256 MiB.
+    let to = format!("127.0.0.1:{}", free_port());
+    let d = Daemon::start_with("limd", "16M:1", &["--migration-listen", &to]);
+    let m = send_raw(&to, &stream_start(512 << 20, &meta("big", 512 << 20, &[])));
+    assert!(m.contains("--migration-max-memory"), "{m}");
+    let m = send_raw(
+        &to,
+        &stream_start(16 << 20, &meta("p", 16 << 20, &rule(allowed))),
+    );
+    assert!(m.contains("publishes no ports"), "{m}");
+
+    // Given bounds.
+    let to = format!("127.0.0.1:{}", free_port());
+    let range = format!("{allowed}-{allowed}");
+    let b = Daemon::start_with(
+        "limb",
+        "16M:1",
+        &[
+            "--migration-listen",
+            &to,
+            "--migration-max-memory",
+            "32M",
+            "--migration-ports",
+            &range,
+        ],
+    );
+    let m = send_raw(&to, &stream_start(64 << 20, &meta("big", 64 << 20, &[])));
+    assert!(m.contains("more than this daemon takes"), "{m}");
+    let mut two = rule(allowed);
+    two.extend(rule(outside));
+    let m = send_raw(&to, &stream_start(16 << 20, &meta("p", 16 << 20, &two)));
+    assert!(
+        m.contains(&format!("host port {outside} is outside")),
+        "{m}"
+    );
+    // Nothing was created for any of them.
+    for d in [&d, &b] {
+        assert_eq!(d.ok(&["ps", "-a"]).lines().count(), 1);
+    }
+    // A bad range is refused at start.
+    let o = b.wisp(&["daemon", "--migration-ports", "9000-8000"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("port range"), "{}", stderr(&o));
 }
 
 /// Open descriptors and threads of process `pid`.

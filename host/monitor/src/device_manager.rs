@@ -341,6 +341,16 @@ impl MmioBus {
             .collect()
     }
 
+    /// Lets `wake` end the disks' rate-limit waits (see
+    /// [`crate::ratelimit::Wake`]).
+    pub fn set_disk_wake(&self, wake: Arc<dyn crate::ratelimit::Wake>) {
+        for (_, dev) in &self.devices {
+            if let BusDevice::Block(b) = dev {
+                lock(b).device.limits.wake = Some(wake.clone());
+            }
+        }
+    }
+
     /// Data bytes the disks read and wrote so far (see
     /// [`crate::devices::virtio::block::BlockStats`]).
     pub fn disk_bytes(&self) -> (u64, u64) {

@@ -21,6 +21,7 @@
 //! Devices obey the same map ([`devices::guest_access`]).
 
 pub mod boot;
+pub mod console;
 pub mod control;
 pub mod crash;
 pub mod device_manager;

@@ -30,6 +30,14 @@ impl Clock for SystemClock {
     }
 }
 
+/// What ends a limit's wait early: the disk's limit stalls the vCPU
+/// thread, which a pause or stop of the guest must not wait for.
+pub trait Wake: Send + Sync {
+    /// Blocks for at most `d`; true if the thread is needed elsewhere now
+    /// (the wait is then abandoned).
+    fn sleep(&self, d: Duration) -> bool;
+}
+
 /// A token bucket: `rate` tokens a second, holding at most `capacity`.
 #[derive(Clone, Debug)]
 pub struct TokenBucket<C: Clock = SystemClock> {
@@ -101,6 +109,14 @@ impl<C: Clock> TokenBucket<C> {
     /// them. Used where the guest is stopped in an exit anyway, so stalling
     /// it is the limit.
     pub fn take_blocking(&mut self, n: u64) {
+        self.take_blocking_or(n, None);
+    }
+
+    /// [`TokenBucket::take_blocking`], sleeping through `wake` if given:
+    /// when it says the thread is needed, the wait ends at once and the
+    /// tokens are taken all the same (the bucket owes them, so the next
+    /// take waits for them: the limit holds over time).
+    pub fn take_blocking_or(&mut self, n: u64, wake: Option<&dyn Wake>) {
         let n = n.min(self.capacity as u64);
         loop {
             let wait = self.time_until(n);
@@ -108,16 +124,35 @@ impl<C: Clock> TokenBucket<C> {
                 self.tokens -= n as f64;
                 return;
             }
-            self.clock.sleep(wait);
+            match wake {
+                Some(w) if w.sleep(wait) => {
+                    self.tokens -= n as f64;
+                    return;
+                }
+                Some(_) => {}
+                None => self.clock.sleep(wait),
+            }
         }
     }
 }
 
 /// Optional limits on bytes and operations per second.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Limits<C: Clock = SystemClock> {
     pub bytes: Option<TokenBucket<C>>,
     pub ops: Option<TokenBucket<C>>,
+    /// Ends [`Limits::wait_for`]'s waits early (none: they sleep through).
+    pub wake: Option<std::sync::Arc<dyn Wake>>,
+}
+
+impl<C: Clock + std::fmt::Debug> std::fmt::Debug for Limits<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Limits")
+            .field("bytes", &self.bytes)
+            .field("ops", &self.ops)
+            .field("wake", &self.wake.is_some())
+            .finish()
+    }
 }
 
 /// No limits.
@@ -126,6 +161,7 @@ impl<C: Clock> Default for Limits<C> {
         Limits {
             bytes: None,
             ops: None,
+            wake: None,
         }
     }
 }
@@ -154,18 +190,22 @@ impl<C: Clock + Clone> Limits<C> {
             }),
             ops: (ops_per_sec > 0)
                 .then(|| TokenBucket::with_clock(ops_per_sec, (ops_per_sec / 10).max(1), clock)),
+            wake: None,
         }
     }
 }
 
 impl<C: Clock> Limits<C> {
-    /// Stalls until one operation of `len` bytes is allowed.
+    /// Stalls until one operation of `len` bytes is allowed, or until
+    /// [`Limits::wake`] ends the wait (the operation is then let through,
+    /// and counted against the limit).
     pub fn wait_for(&mut self, len: u64) {
+        let wake = self.wake.as_deref();
         if let Some(b) = self.ops.as_mut() {
-            b.take_blocking(1);
+            b.take_blocking_or(1, wake);
         }
         if let Some(b) = self.bytes.as_mut() {
-            b.take_blocking(len);
+            b.take_blocking_or(len, wake);
         }
     }
 
@@ -369,6 +409,49 @@ mod tests {
         let slept: Duration = clock.sleeps().iter().sum();
         assert!(slept >= ms(100), "{slept:?}");
         assert!(l.time_until(1) > Duration::ZERO);
+    }
+
+    /// A wake that sleeps on the fake clock for up to `until_needed`
+    /// (in all), then says the thread is needed.
+    struct FakeWake {
+        clock: FakeClock,
+        until_needed: Mutex<Duration>,
+    }
+
+    impl Wake for FakeWake {
+        fn sleep(&self, d: Duration) -> bool {
+            let mut left = self.until_needed.lock().unwrap();
+            let slept = d.min(*left);
+            *left -= slept;
+            self.clock.sleep(slept);
+            slept < d
+        }
+    }
+
+    #[test]
+    fn a_wake_ends_the_wait_and_the_limit_still_holds() {
+        let clock = FakeClock::new();
+        // 10 ops/s: a burst of one op; each next op waits 100 ms.
+        let mut l = Limits::with_clock(0, 10, clock.clone());
+        l.wake = Some(Arc::new(FakeWake {
+            clock: clock.clone(),
+            until_needed: Mutex::new(ms(30)),
+        }));
+        l.wait_for(512);
+        // Needed after 30 ms of the 100: the op goes through then...
+        l.wait_for(512);
+        let slept: Duration = clock.sleeps().iter().sum();
+        assert!(close(slept, ms(30)), "{slept:?}");
+        // ...and is owed: the next one waits for it and its own (170 ms).
+        assert!(close(l.time_until(1), ms(170)), "{:?}", l.time_until(1));
+        // A wake that is not needed sleeps the whole wait.
+        l.wake = Some(Arc::new(FakeWake {
+            clock: clock.clone(),
+            until_needed: Mutex::new(Duration::from_secs(10)),
+        }));
+        l.wait_for(512);
+        let slept: Duration = clock.sleeps().iter().sum();
+        assert!(close(slept, ms(170)), "{slept:?}");
     }
 
     #[test]

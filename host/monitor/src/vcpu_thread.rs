@@ -34,6 +34,8 @@ pub(crate) struct VcpuThread {
     pub quota: Option<CpuQuota>,
     pub console_limit: TokenBucket,
     pub console_dropped: u64,
+    /// Console bytes dropped because the console's reader did not read.
+    pub console_unread: u64,
 }
 
 fn kvm_call(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -197,7 +199,7 @@ impl VcpuThread {
         if allowed < len {
             self.console_dropped += len - allowed;
         } else {
-            self.report_dropped();
+            self.report_over_rate();
         }
         let mut buf = vec![0u8; allowed as usize];
         if self
@@ -207,17 +209,54 @@ impl VcpuThread {
             .read_slice(&mut buf, GuestAddress(addr))
             .is_ok()
         {
-            self.console.write_all(&buf).map_err(VmError::Console)?;
+            self.write_console(&buf)?;
         }
         Ok(())
     }
 
+    /// Writes `buf` to the console; what a console that would block does
+    /// not take (a reader that does not read, see [`crate::console`]) is
+    /// dropped and counted, so that the guest is not held by its reader.
+    fn write_console(&mut self, mut buf: &[u8]) -> Result<(), VmError> {
+        while !buf.is_empty() {
+            match self.console.write(buf) {
+                Ok(0) => return Err(VmError::Console(std::io::ErrorKind::WriteZero.into())),
+                Ok(n) => buf = &buf[n..],
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    self.console_unread += buf.len() as u64;
+                    return Ok(());
+                }
+                Err(e) => return Err(VmError::Console(e)),
+            }
+        }
+        // The reader reads again: what it missed is reported once.
+        self.report_unread();
+        Ok(())
+    }
+
+    /// Reports every console byte dropped and not yet reported.
     fn report_dropped(&mut self) {
+        self.report_over_rate();
+        self.report_unread();
+    }
+
+    fn report_over_rate(&mut self) {
         if self.console_dropped > 0 {
             crate::report(format_args!(
                 "wisp: {} bytes of guest console output dropped (limit {} KiB/s)",
                 std::mem::take(&mut self.console_dropped),
                 CONSOLE_RATE >> 10
+            ));
+        }
+    }
+
+    fn report_unread(&mut self) {
+        if self.console_unread > 0 {
+            crate::report(format_args!(
+                "wisp: {} bytes of guest console output dropped (its reader did not read for {} ms)",
+                std::mem::take(&mut self.console_unread),
+                crate::console::STALL_LIMIT.as_millis()
             ));
         }
     }
@@ -290,6 +329,25 @@ fn wait_on(s: &Shared, d: Duration) {
     // SAFETY: one valid pollfd and a valid timespec; no signal mask change.
     unsafe { libc::ppoll(&mut fd, 1, &ts, std::ptr::null()) };
     let _ = s.vcpu_wake.read();
+}
+
+/// Ends a disk's rate-limit wait on the vCPU thread when a control
+/// request (pause, stop, a job for the paused vCPU) is made: the request
+/// in flight then goes through without the rest of its wait (counted
+/// against the limit), and the thread answers the request.
+pub(crate) struct ControlWake(pub Arc<Shared>);
+
+impl crate::ratelimit::Wake for ControlWake {
+    fn sleep(&self, d: Duration) -> bool {
+        let needed = || self.0.request() != Request::Run;
+        if needed() {
+            return true;
+        }
+        // A request sets itself, then writes the eventfd: one made after
+        // the check above ends this wait.
+        wait_on(&self.0, d);
+        needed()
+    }
 }
 
 fn no_device(addr: u64) -> Outcome {

@@ -618,6 +618,7 @@ impl Vm {
         };
         let shared =
             Arc::new(Shared::new(!nics.is_empty(), Some(notice)).map_err(VmError::Thread)?);
+        bus.set_disk_wake(Arc::new(vcpu_thread::ControlWake(shared.clone())));
         // Filters are built before any thread runs guest work.
         // A worker runs under the filter already.
         let vcpu_filter = (!opts.no_seccomp && worker.is_none())
@@ -702,6 +703,7 @@ impl Vm {
                     quota: None,
                     console_limit: TokenBucket::new(CONSOLE_RATE, CONSOLE_BURST),
                     console_dropped: 0,
+                    console_unread: 0,
                 };
                 let outcome = match r {
                     Ok(q) => {

@@ -23,9 +23,8 @@ pub struct Config {
     pub exe: PathBuf,
     /// Where to accept live migrations from other daemons (TCP).
     pub migration_listen: Option<std::net::SocketAddr>,
-    /// The only directory whose files an arriving guest may have as its
-    /// disk (none: no disks by migration).
-    pub migration_disks: Option<PathBuf>,
+    /// What arriving guests may have (disk, memory, host ports).
+    pub migration_policy: crate::migration::Policy,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -103,8 +102,8 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         cfg.state_dir.display()
     ));
     if let Some(addr) = cfg.migration_listen {
-        let disks = cfg.migration_disks.clone();
-        let bound = crate::migration::listen(vms.clone(), addr, disks)
+        let policy = cfg.migration_policy.clone();
+        let bound = crate::migration::listen(vms.clone(), addr, policy)
             .map_err(io(format!("binding the migration listener {addr}")))?;
         crate::log(format_args!("accepting migrations on {bound}"));
     }

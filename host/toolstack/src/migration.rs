@@ -19,6 +19,7 @@
 //! connection or a receiver killed on the way resumes it.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::ops::RangeInclusive;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -67,6 +68,37 @@ pub struct MigrateRequest {
     pub publish: Option<Vec<String>>,
 }
 
+/// What a daemon accepts from arriving guests. The listener is not
+/// authenticated, so everything a META asks for is the peer's choice:
+/// without these bounds any peer could make this daemon allocate memory,
+/// bind host ports or attach files as it likes.
+#[derive(Clone, Debug)]
+pub struct Policy {
+    /// The only directory whose regular files an arriving guest may have
+    /// as its disk (none: a guest with a disk is refused).
+    pub disks: Option<PathBuf>,
+    /// Most memory one arriving guest may have (at most
+    /// [`MAX_INCOMING`] of them arrive at once).
+    pub max_memory: u64,
+    /// The host ports an arriving guest may publish (none: a guest that
+    /// publishes any port is refused).
+    pub ports: Option<RangeInclusive<u16>>,
+}
+
+/// [`Policy::max_memory`] unless the operator says otherwise: room for
+/// the usual small unikernel, not for a peer to take the host's memory.
+pub const DEFAULT_MAX_MEMORY: u64 = 256 << 20;
+
+impl Default for Policy {
+    fn default() -> Policy {
+        Policy {
+            disks: None,
+            max_memory: DEFAULT_MAX_MEMORY,
+            ports: None,
+        }
+    }
+}
+
 /// Most migrations a daemon receives at once. Each holds a thread and,
 /// once its META is read, a monitor process with the guest's memory (the
 /// listener is not authenticated): any more are refused at once, and
@@ -98,17 +130,9 @@ impl Drop for Place {
 
 /// Binds the migration listener and serves it on a thread of its own:
 /// each connection is handed to [`Vms::receive_migration`], at most
-/// [`MAX_INCOMING`] at once.
-///
-/// The source names the disk of the guest it sends; only a regular file
-/// under `disks` is accepted (the listener is not authenticated: without
-/// this, any peer could have any file this daemon can open attached to a
-/// guest it controls).
-pub fn listen(
-    vms: Arc<Vms>,
-    addr: SocketAddr,
-    disks: Option<PathBuf>,
-) -> std::io::Result<SocketAddr> {
+/// [`MAX_INCOMING`] at once, each checked against `policy`.
+pub fn listen(vms: Arc<Vms>, addr: SocketAddr, policy: Policy) -> std::io::Result<SocketAddr> {
+    let policy = Arc::new(policy);
     let listener = TcpListener::bind(addr)?;
     let bound = listener.local_addr()?;
     std::thread::Builder::new()
@@ -125,13 +149,13 @@ pub fn listen(
                             continue;
                         };
                         let vms = vms.clone();
-                        let disks = disks.clone();
+                        let policy = policy.clone();
                         let spawned =
                             std::thread::Builder::new()
                                 .stack_size(256 << 10)
                                 .spawn(move || {
                                     let _place = place;
-                                    vms.receive_migration(c, disks.as_deref())
+                                    vms.receive_migration(c, &policy)
                                 });
                         if let Err(e) = spawned {
                             crate::log(format_args!("cannot serve a migration: {e}"));

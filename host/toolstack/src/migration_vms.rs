@@ -1,30 +1,44 @@
 //! Live migration in the VM table (a child of [`crate::vms`]): sending a
 //! VM to another daemon, and creating the VM a migration brings in.
 
+use std::cell::RefCell;
 use std::net::{TcpStream, ToSocketAddrs};
+use std::ops::RangeInclusive;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use wisp_monitor::control::monotonic_ns;
 
 use super::{lock, open_disk, Vm, VmError, Vms};
-use crate::migration::{self, Meta, MigrateRequest};
+use crate::migration::{self, Meta, MigrateRequest, Policy};
 use crate::proto::{ControlReply, ControlRequest, MigrateFigures};
 use crate::record::{self, RestartPolicy, Spec, State};
 
-/// Connections of migrations being received, by the name of the VM they
-/// create, until its launch hands them to a shell: (connection, memory).
-static INCOMING: Mutex<Vec<(String, OwnedFd, u64)>> = Mutex::new(Vec::new());
+/// The connection of a migration being received, with its memory size,
+/// from the moment its META is accepted until the launch of the VM it
+/// creates hands it to a shell.
+pub(super) type Incoming = (OwnedFd, u64);
 
-/// The incoming connection for the VM named `name`, if its launch is that
-/// of a migration.
-pub(super) fn take_incoming(name: &str) -> Option<(OwnedFd, u64)> {
-    let mut t = lock(&INCOMING);
-    let i = t.iter().position(|(n, _, _)| n == name)?;
-    let (_, fd, size) = t.swap_remove(i);
-    Some((fd, size))
+thread_local! {
+    /// The connection this thread's [`Vms::receive_migration`] is
+    /// creating a VM for. Per thread, not in a table by the VM's name: the
+    /// create and its launch run on the serving thread, so a `wisp run
+    /// --name X` served on another thread at the same moment cannot take
+    /// the connection of a migration of a guest named X.
+    static INCOMING: RefCell<Option<Incoming>> = const { RefCell::new(None) };
+}
+
+/// The incoming connection for the VM this thread launches, if its launch
+/// is that of a migration.
+pub(super) fn take_incoming() -> Option<Incoming> {
+    INCOMING.with(|i| i.borrow_mut().take())
+}
+
+/// Offers `i` to the next launch on this thread (see [`INCOMING`]).
+fn offer_incoming(i: Incoming) {
+    INCOMING.with(|slot| *slot.borrow_mut() = Some(i));
 }
 
 impl Vms {
@@ -101,28 +115,22 @@ impl Vms {
     /// of the stream, checks what it asks for, and creates the VM from it
     /// (a shell receives the rest). Anything refused is told to the
     /// source, which then resumes its guest.
-    pub fn receive_migration(self: &Arc<Self>, conn: TcpStream, disks: Option<&Path>) {
+    pub fn receive_migration(self: &Arc<Self>, conn: TcpStream, policy: &Policy) {
         let request_ns = monotonic_ns();
         let peer = conn
             .peer_addr()
             .map_or_else(|_| "?".to_string(), |a| a.to_string());
         let result = (|| {
             let (size, meta) = migration::read_meta(&conn)?;
-            let (name, spec) = check_meta(meta, disks)?;
+            let (name, spec) = check_meta(meta, policy)?;
             conn.set_nonblocking(true)
                 .and_then(|_| conn.set_nodelay(true))
                 .map_err(|e| format!("migration socket: {e}"))?;
             let fd = OwnedFd::from(conn.try_clone().map_err(|e| e.to_string())?);
-            {
-                let mut t = lock(&INCOMING);
-                if t.iter().any(|(n, _, _)| *n == name) {
-                    return Err(format!("a migration of '{name}' is already arriving"));
-                }
-                t.push((name.clone(), fd, size));
-            }
-            let created = self.create(Some(name.clone()), spec, request_ns);
+            offer_incoming((fd, size));
+            let created = self.create(Some(name), spec, request_ns);
             // Not taken if the create failed before its launch.
-            drop(take_incoming(&name));
+            drop(take_incoming());
             created.map_err(|e| e.to_string())
         })();
         match result {
@@ -171,17 +179,23 @@ fn request_migrate(
         .map_err(|_| VmError::Unavailable("the VM's monitor ended or sent no reply".into()))
 }
 
-/// Checks a META as a run request is checked, and its disk against
-/// `disks` (see [`check_disk`]); returns the VM's name and spec.
-fn check_meta(mut m: Meta, disks: Option<&Path>) -> Result<(String, Spec), String> {
+/// Checks a META as a run request is checked, and what it asks of this
+/// host against `policy`: its memory, its published ports (see
+/// [`check_ports`]) and its disk (see [`check_disk`]); returns the VM's
+/// name and spec.
+fn check_meta(mut m: Meta, policy: &Policy) -> Result<(String, Spec), String> {
     wisp_monitor::layout::check_memory(m.memory).map_err(|e| format!("memory: {e}"))?;
-    record::check_name(&m.name)?;
-    for p in &m.publish {
-        p.parse::<wisp_monitor::net::user::PortForward>()
-            .map_err(|e| format!("publish: {e}"))?;
+    if m.memory > policy.max_memory {
+        return Err(format!(
+            "the guest has {} MiB of memory, more than this daemon takes by migration ({} MiB, wisp daemon --migration-max-memory)",
+            m.memory >> 20,
+            policy.max_memory >> 20
+        ));
     }
+    record::check_name(&m.name)?;
+    check_ports(&m.publish, policy.ports.as_ref())?;
     if let Some(d) = m.disk.take() {
-        let d = check_disk(&d, disks)?;
+        let d = check_disk(&d, policy.disks.as_deref())?;
         open_disk(&d, m.disk_read_only).map_err(|e| format!("disk {d}: {e}"))?;
         m.disk = Some(d);
     }
@@ -204,6 +218,34 @@ fn check_meta(mut m: Meta, disks: Option<&Path>) -> Result<(String, Spec), Strin
             snapshot: None,
         },
     ))
+}
+
+/// Checks the `-p` rules a META asks this host to publish: each must
+/// parse and its host port lie in `ports` (the daemon's
+/// `--migration-ports`); without a range, any rule is refused.
+fn check_ports(publish: &[String], ports: Option<&RangeInclusive<u16>>) -> Result<(), String> {
+    for p in publish {
+        let rule = p
+            .parse::<wisp_monitor::net::user::PortForward>()
+            .map_err(|e| format!("publish: {e}"))?;
+        let port = rule.host.port();
+        match ports {
+            None => {
+                return Err(format!(
+                    "the guest publishes {p}, and this daemon publishes no ports for arriving guests (wisp daemon --migration-ports LO-HI)"
+                ))
+            }
+            Some(r) if !r.contains(&port) => {
+                return Err(format!(
+                    "the guest publishes {p}: host port {port} is outside this daemon's --migration-ports {}-{}",
+                    r.start(),
+                    r.end()
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
 }
 
 /// The disk a META names, if it is a regular file under `disks` (the
@@ -232,7 +274,35 @@ fn check_disk(d: &str, disks: Option<&Path>) -> Result<String, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::check_disk;
+    use super::{check_disk, check_ports, offer_incoming, take_incoming};
+
+    /// A connection offered for one migration's launch is not found by a
+    /// launch on another thread (a `wisp run` of a VM with the same name
+    /// served at that moment), and is found once by its own.
+    #[test]
+    fn an_incoming_connection_goes_only_to_its_own_launch() {
+        let (x, _y) = std::os::unix::net::UnixStream::pair().unwrap();
+        offer_incoming((x.into(), 16 << 20));
+        let other = std::thread::spawn(|| take_incoming().is_some());
+        assert!(!other.join().unwrap(), "another thread took the connection");
+        assert_eq!(take_incoming().map(|(_, size)| size), Some(16 << 20));
+        assert!(take_incoming().is_none());
+    }
+
+    #[test]
+    fn published_ports_only_inside_the_given_range() {
+        let rules = |r: &[&str]| r.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(check_ports(&[], None).is_ok());
+        let e = check_ports(&rules(&["8080:80"]), None).unwrap_err();
+        assert!(e.contains("no ports"), "{e}");
+        let range = 8000..=8099;
+        assert!(check_ports(&rules(&["8080:80", "127.0.0.1:8000:1/udp"]), Some(&range)).is_ok());
+        let e = check_ports(&rules(&["8080:80", "22:22"]), Some(&range)).unwrap_err();
+        assert!(e.contains("host port 22 is outside"), "{e}");
+        let e = check_ports(&rules(&["8100:80"]), Some(&range)).unwrap_err();
+        assert!(e.contains("outside"), "{e}");
+        assert!(check_ports(&rules(&["x:80"]), Some(&range)).is_err());
+    }
 
     #[test]
     fn disks_only_from_the_given_directory() {

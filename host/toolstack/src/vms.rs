@@ -612,13 +612,13 @@ impl Vms {
 
     /// Hands the VM's spec to a shell and starts supervising it.
     fn launch(self: &Arc<Self>, vm: &Arc<Vm>, request_ns: u64) -> Result<(), VmError> {
-        let (id, spec, name) = {
+        let (id, spec) = {
             let r = lock(&vm.record);
-            (r.id.clone(), r.spec.clone(), r.name.clone())
+            (r.id.clone(), r.spec.clone())
         };
-        // A VM a migration brings in: its connection goes in the image's
-        // place.
-        let incoming = migration_vms::take_incoming(&name);
+        // A VM a migration brings in (created on this thread): its
+        // connection goes in the image's place.
+        let incoming = migration_vms::take_incoming();
         let dir = self.dir(&id);
         // For a restore, the snapshot goes in the image's place and for a
         // migration the connection from the source; an image comes

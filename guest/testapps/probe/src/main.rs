@@ -339,9 +339,11 @@ fn main(args: wisp::Args) -> i32 {
             unsafe { core::arch::asm!("in al, dx", in("dx") 0x3f8u16, out("al") _) }
         }
         "console-flood" => {
-            // 64 MiB as fast as the console takes it, in 64 KiB writes.
+            // 64 MiB as fast as the console takes it, in 64 KiB writes
+            // (`console-flood forever`: without end).
             let chunk = alloc::vec![b'x'; 64 * 1024];
-            for _ in 0..1024 {
+            let n = if arg(1) == "forever" { u64::MAX } else { 1024 };
+            for _ in 0..n {
                 wisp::platform::console_write(&chunk);
             }
             wisp::platform::console_write(b"\nflood done\n");
