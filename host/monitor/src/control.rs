@@ -502,6 +502,29 @@ impl Controller {
             t => Some(t),
         }
     }
+
+    /// Blocks until the guest reaches `main` (returns when, as
+    /// [`Controller::main_reached_ns`]), its vCPU thread ends, or `timeout`
+    /// passes. Woken by the vCPU thread, not by polling: a poller would
+    /// take the CPU from the booting guest on a busy host.
+    pub fn wait_for_main(&self, timeout: std::time::Duration) -> Option<u64> {
+        let until = std::time::Instant::now() + timeout;
+        let mut g = self.shared.lock();
+        loop {
+            if let Some(t) = self.main_reached_ns() {
+                return Some(t);
+            }
+            let now = std::time::Instant::now();
+            if g.vcpu == ThreadState::Ended || now >= until {
+                return None;
+            }
+            g = self
+                .shared
+                .changed
+                .wait_timeout(g, until - now)
+                .map_or_else(|p| p.into_inner().0, |r| r.0);
+        }
+    }
 }
 
 /// `CLOCK_MONOTONIC` in nanoseconds: the same clock in every process of the

@@ -183,6 +183,10 @@ impl VcpuThread {
                             Ordering::SeqCst,
                             Ordering::SeqCst,
                         );
+                        // Taken and released so that a waiter either saw
+                        // the time or is in its wait when notified.
+                        drop(self.shared.lock());
+                        self.shared.changed.notify_all();
                     }
                     mark(&mut self.trace, "guest main() reached")
                 }

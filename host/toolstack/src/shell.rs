@@ -373,24 +373,10 @@ fn redirect_stdio(log: RawFd) {
     }
 }
 
-/// Waits (briefly, in short sleeps) until the guest reaches `main` or ends.
+/// Waits (at most [`MAIN_WAIT`]) until the guest reaches `main` or ends;
+/// the vCPU thread wakes this thread when it does.
 fn wait_for_main(running: &RunningVm) -> Option<u64> {
-    let c = running.controller();
-    let until = monotonic_ns() + MAIN_WAIT.as_nanos() as u64;
-    loop {
-        if let Some(t) = c.main_reached_ns() {
-            return Some(t);
-        }
-        if readable(running.done_fd(), 0) || monotonic_ns() > until {
-            return c.main_reached_ns();
-        }
-        let ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 20_000,
-        };
-        // SAFETY: a plain sleep with a valid timespec.
-        unsafe { libc::nanosleep(&ts, std::ptr::null_mut()) };
-    }
+    running.controller().wait_for_main(MAIN_WAIT)
 }
 
 fn readable(fd: RawFd, timeout_ms: i32) -> bool {
