@@ -7,6 +7,7 @@
 //! Each warm start waits until the pool is full again, so every one is
 //! served by a ready shell. Usage: `bench-toolstack [ROUNDS]` (default 30),
 //! after `cargo build --release`; `scripts/bench-toolstack.sh` does both.
+//! `WISP_BIN=/path/to/wisp` measures another build (e.g. a baseline).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -177,7 +178,10 @@ fn main() -> anyhow::Result<()> {
         .transpose()?
         .unwrap_or(30);
     let repo = repo().canonicalize()?;
-    let wisp = repo.join("target/release/wisp");
+    // WISP_BIN: another build of `wisp` to measure (e.g. a baseline).
+    let wisp = std::env::var_os("WISP_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo.join("target/release/wisp"));
     let dir = PathBuf::from(format!("/tmp/wisp-bench-ts-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
