@@ -41,6 +41,10 @@ const MAIN_WAIT: Duration = Duration::from_secs(2);
 /// area from 4 KiB, 48 KiB of image from 1 MiB (the smallest Wisp images
 /// are about that size).
 const PREFAULT: [(u64, u64); 2] = [(0x1000, 0x8000), (0x10_0000, 0xC000)];
+/// Bytes of image buffer a waiting shell allocates and touches, so that
+/// reading the image after the request takes no page faults (a larger
+/// image grows the buffer then).
+const IMAGE_BUFFER: usize = 128 << 10;
 /// How long a control connection may take to send its request.
 const REQUEST_WAIT_MS: i32 = 1000;
 
@@ -94,6 +98,7 @@ pub fn run(memory: u64, channel: UnixStream) -> i32 {
     for (start, len) in PREFAULT {
         let _ = shell.prefault(start, len);
     }
+    let image_buffer = touched_buffer(IMAGE_BUFFER);
     // Compiled while the shell waits in the pool, not on the start path.
     if let Err(e) = seccomp::precompile() {
         wisp_monitor::report(format_args!("wisp shell: {e}"));
@@ -135,7 +140,7 @@ pub fn run(memory: u64, channel: UnixStream) -> i32 {
         }
         // The pre-created VM takes the snapshot's memory and state.
         (None, Some(clone_id)) => restore(shell, &handoff, &files, clone_id, worker),
-        (None, None) => start(shell, &handoff, &files, worker),
+        (None, None) => start(shell, &handoff, &files, worker, image_buffer),
     };
     let running = match started {
         Ok(r) => r,
@@ -285,9 +290,11 @@ fn start(
     h: &Handoff,
     files: &Files,
     worker: Option<Arc<Worker>>,
+    buffer: Vec<u8>,
 ) -> Result<(RunningVm, Vec<Published>, u64), String> {
     // The daemon's sealed copy, shared with other shells: read by offset.
-    let bytes = read_image(&files.image).map_err(|e| format!("reading the image: {e}"))?;
+    let bytes =
+        read_image(&files.image, buffer).map_err(|e| format!("reading the image: {e}"))?;
     let image = Image::parse(bytes).map_err(|e| format!("not a bootable Wisp image: {e}"))?;
     let publish = h
         .publish
@@ -352,17 +359,32 @@ fn start(
 }
 
 /// The whole image file, read with `pread` (the descriptor's offset may be
-/// shared with other shells).
-fn read_image(fd: &OwnedFd) -> std::io::Result<Vec<u8>> {
+/// shared with other shells) into `bytes` (see [`touched_buffer`]).
+fn read_image(fd: &OwnedFd, mut bytes: Vec<u8>) -> std::io::Result<Vec<u8>> {
     use std::os::unix::fs::FileExt;
     let f = std::fs::File::from(fd.try_clone()?);
     let len = f.metadata()?.len();
     if len > wisp_monitor::image::MAX_IMAGE_FILE {
         return Err(std::io::Error::other("the image is too large"));
     }
-    let mut bytes = vec![0u8; len as usize];
+    bytes.clear();
+    bytes.resize(len as usize, 0);
     f.read_exact_at(&mut bytes, 0)?;
     Ok(bytes)
+}
+
+/// An empty buffer of `capacity` bytes whose pages are already faulted in.
+fn touched_buffer(capacity: usize) -> Vec<u8> {
+    let mut b = vec![0u8; capacity];
+    // `vec!` of zeros may come from untouched `calloc`/`mmap` pages: write
+    // one byte per page so that they are really there.
+    for i in (0..capacity).step_by(4096) {
+        // SAFETY: `i` is inside the buffer; a volatile write keeps the
+        // compiler from dropping the touch.
+        unsafe { std::ptr::write_volatile(b.as_mut_ptr().add(i), 0) };
+    }
+    b.clear();
+    b
 }
 
 fn redirect_stdio(log: RawFd) {
