@@ -78,7 +78,7 @@ impl Files {
 /// Runs a shell on `channel` for a guest of `memory` bytes; returns the
 /// process's exit status.
 pub fn run(memory: u64, channel: UnixStream) -> i32 {
-    let shell = match Shell::create(memory) {
+    let mut shell = match Shell::create(memory) {
         Ok(s) => s,
         Err(e) => {
             let _ = proto::send(
@@ -98,6 +98,8 @@ pub fn run(memory: u64, channel: UnixStream) -> i32 {
     for (start, len) in PREFAULT {
         let _ = shell.prefault(start, len);
     }
+    // Without it, the load sets them (as a cold boot does).
+    let _ = shell.preset_sregs();
     let image_buffer = touched_buffer(IMAGE_BUFFER);
     // Compiled while the shell waits in the pool, not on the start path.
     if let Err(e) = seccomp::precompile() {
