@@ -274,7 +274,8 @@ impl Shell {
         };
         let vcpu = &self.machine.vcpu;
         let sregs = vcpu::sregs_for(
-            vcpu.get_sregs().map_err(kvm_call("get special registers"))?,
+            vcpu.get_sregs()
+                .map_err(kvm_call("get special registers"))?,
             &t,
         );
         vcpu.set_sregs(&sregs)

@@ -295,8 +295,7 @@ fn start(
     buffer: Vec<u8>,
 ) -> Result<(RunningVm, Vec<Published>, u64), String> {
     // The daemon's sealed copy, shared with other shells: read by offset.
-    let bytes =
-        read_image(&files.image, buffer).map_err(|e| format!("reading the image: {e}"))?;
+    let bytes = read_image(&files.image, buffer).map_err(|e| format!("reading the image: {e}"))?;
     let image = Image::parse(bytes).map_err(|e| format!("not a bootable Wisp image: {e}"))?;
     let publish = h
         .publish
