@@ -136,6 +136,9 @@ pub(crate) struct Shared {
     /// [`monotonic_ns`] when the guest reported reaching `main` (its MARK
     /// hypercall, sent when the boot page asks for a boot trace); 0 before.
     pub main_reached_ns: AtomicU64,
+    /// [`monotonic_ns`] when the monitor handled that MARK (after its
+    /// exit): `main_reached_ns` when the guest gave no usable TSC.
+    pub main_exit_ns: AtomicU64,
     /// Where the guest's shutdown word is (`None`: it cannot be told).
     pub notice: Option<ShutdownNotice>,
     /// [`Controller::request_shutdown`] was called.
@@ -168,6 +171,7 @@ impl Shared {
             vcpu_tid: AtomicI32::new(0),
             counters: Counters::default(),
             main_reached_ns: AtomicU64::new(0),
+            main_exit_ns: AtomicU64::new(0),
             notice,
             shutdown_requested: AtomicBool::new(false),
         })
@@ -498,6 +502,16 @@ impl Controller {
     /// with a boot trace (it only reports `main` then).
     pub fn main_reached_ns(&self) -> Option<u64> {
         match self.shared.main_reached_ns.load(Ordering::SeqCst) {
+            0 => None,
+            t => Some(t),
+        }
+    }
+
+    /// When the monitor handled the guest's `main` mark, after its exit
+    /// (what [`Controller::main_reached_ns`] was before the guest dated the
+    /// mark with its TSC).
+    pub fn main_exit_ns(&self) -> Option<u64> {
+        match self.shared.main_exit_ns.load(Ordering::SeqCst) {
             0 => None,
             t => Some(t),
         }

@@ -154,9 +154,9 @@ pub fn run(memory: u64, channel: UnixStream) -> i32 {
     let (running, published, started_ns) = running;
     // A restored or migrated guest is past `main`: it runs from the
     // moment it started.
-    let main_ns = match (handoff.snapshot, handoff.migration) {
-        (None, None) => wait_for_main(&running),
-        _ => Some(started_ns),
+    let (main_ns, main_exit_ns) = match (handoff.snapshot, handoff.migration) {
+        (None, None) => (wait_for_main(&running), running.controller().main_exit_ns()),
+        _ => (Some(started_ns), None),
     };
     let _ = proto::send(
         &channel,
@@ -164,6 +164,7 @@ pub fn run(memory: u64, channel: UnixStream) -> i32 {
             published,
             started_ns,
             main_ns,
+            main_exit_ns,
         },
         &[],
     );
