@@ -23,7 +23,9 @@ pub const PORT_EXIT: u16 = PORT_BASE + 2;
 /// `eax` = address of a [`CrashReport`]: the guest took a CPU exception.
 pub const PORT_CRASH: u16 = PORT_BASE + 3;
 /// `eax` = one of the `MARK_*` values: a boot-trace timestamp, only sent when
-/// the boot page has [`crate::boot::FLAG_TRACE_BOOT`].
+/// the boot page has [`crate::boot::FLAG_TRACE_BOOT`]; `rsi` = the guest's
+/// TSC when it reached the mark (0: not given), so that the monitor dates
+/// the mark before the exit that reports it.
 pub const PORT_MARK: u16 = PORT_BASE + 4;
 /// Number of hypercall ports.
 pub const PORT_COUNT: u16 = 5;

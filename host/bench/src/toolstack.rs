@@ -1,12 +1,15 @@
 //! Warm-start benchmark of the toolstack: `run` requests to a `wisp daemon`
 //! served from its pool of pre-started shells, timed from the request
-//! reaching the daemon to the guest's `main` (the daemon's `start_us`),
+//! reaching the daemon to the guest's `main` (the daemon's `start_us`,
+//! dated from the TSC the guest passes with its mark; `main_exit_us`, when
+//! the monitor handled that mark after its exit, is printed beside it),
 //! beside a static C process spawn and a cold `wisp run hello` (process
 //! start to exit), interleaved so that machine noise hits all alike.
 //!
 //! Each warm start waits until the pool is full again, so every one is
 //! served by a ready shell. Usage: `bench-toolstack [ROUNDS]` (default 30),
 //! after `cargo build --release`; `scripts/bench-toolstack.sh` does both.
+//! `WISP_BIN=/path/to/wisp` measures another build (e.g. a baseline).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -177,7 +180,10 @@ fn main() -> anyhow::Result<()> {
         .transpose()?
         .unwrap_or(30);
     let repo = repo().canonicalize()?;
-    let wisp = repo.join("target/release/wisp");
+    // WISP_BIN: another build of `wisp` to measure (e.g. a baseline).
+    let wisp = std::env::var_os("WISP_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo.join("target/release/wisp"));
     let dir = PathBuf::from(format!("/tmp/wisp-bench-ts-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
@@ -227,6 +233,7 @@ fn main() -> anyhow::Result<()> {
             std::thread::sleep(Duration::from_millis(10));
         }
         let (mut warm_main, mut warm_launch, mut warm_reply) = (vec![], vec![], vec![]);
+        let mut warm_exit = vec![];
         let (mut spawn, mut cold) = (vec![], vec![]);
         let body = json!({ "image": image.to_string_lossy(), "memory": 2 << 20 });
         for i in 0..rounds + 2 {
@@ -246,6 +253,9 @@ fn main() -> anyhow::Result<()> {
                 let main_us = v["start_us"].as_f64().context("no start_us")?;
                 warm_main.push(main_us / 1e3);
                 warm_launch.push(v["launch_us"].as_f64().unwrap_or(0.0) / 1e3);
+                // A daemon from before `main_exit_us`: its `start_us` is it.
+                let exit_us = v["main_exit_us"].as_f64().unwrap_or(main_us);
+                warm_exit.push(exit_us / 1e3);
                 warm_reply.push(reply_ms);
                 spawn.push(s.as_secs_f64() * 1e3);
                 cold.push(w.as_secs_f64() * 1e3);
@@ -271,6 +281,11 @@ fn main() -> anyhow::Result<()> {
         let m = row(
             "warm start from the pool: request -> guest main()",
             warm_main,
+            base,
+        );
+        row(
+            "  request -> monitor saw main's mark (after its exit)",
+            warm_exit,
             base,
         );
         row(

@@ -418,6 +418,12 @@ fn starts_take_pooled_shells_and_the_pool_refills() {
     d.ok(&["run", "-d", "--name", "a", "-m", "2M", hello]);
     let vm = d.wait_state("a", "exited");
     assert_eq!(vm["from_pool"], true, "{vm}");
+    // `main` is dated from the guest's TSC: after the request (a dating
+    // that went wrong lands before it, and counts as 0) and no later than
+    // the monitor handled the mark that reported it.
+    let us = |k: &str| vm[k].as_u64().unwrap_or_else(|| panic!("no {k}: {vm}"));
+    assert!(us("start_us") > 0, "{vm}");
+    assert!(us("start_us") <= us("main_exit_us"), "{vm}");
     assert!(d.ok(&["logs", "a"]).contains("Hello from Wisp!"));
     let after = d.json("/v1/pool")["counters"].clone();
     assert_eq!(

@@ -136,6 +136,9 @@ pub(crate) struct Shared {
     /// [`monotonic_ns`] when the guest reported reaching `main` (its MARK
     /// hypercall, sent when the boot page asks for a boot trace); 0 before.
     pub main_reached_ns: AtomicU64,
+    /// [`monotonic_ns`] when the monitor handled that MARK (after its
+    /// exit): `main_reached_ns` when the guest gave no usable TSC.
+    pub main_exit_ns: AtomicU64,
     /// Where the guest's shutdown word is (`None`: it cannot be told).
     pub notice: Option<ShutdownNotice>,
     /// [`Controller::request_shutdown`] was called.
@@ -168,6 +171,7 @@ impl Shared {
             vcpu_tid: AtomicI32::new(0),
             counters: Counters::default(),
             main_reached_ns: AtomicU64::new(0),
+            main_exit_ns: AtomicU64::new(0),
             notice,
             shutdown_requested: AtomicBool::new(false),
         })
@@ -500,6 +504,39 @@ impl Controller {
         match self.shared.main_reached_ns.load(Ordering::SeqCst) {
             0 => None,
             t => Some(t),
+        }
+    }
+
+    /// When the monitor handled the guest's `main` mark, after its exit
+    /// (what [`Controller::main_reached_ns`] was before the guest dated the
+    /// mark with its TSC).
+    pub fn main_exit_ns(&self) -> Option<u64> {
+        match self.shared.main_exit_ns.load(Ordering::SeqCst) {
+            0 => None,
+            t => Some(t),
+        }
+    }
+
+    /// Blocks until the guest reaches `main` (returns when, as
+    /// [`Controller::main_reached_ns`]), its vCPU thread ends, or `timeout`
+    /// passes. Woken by the vCPU thread, not by polling: a poller would
+    /// take the CPU from the booting guest on a busy host.
+    pub fn wait_for_main(&self, timeout: std::time::Duration) -> Option<u64> {
+        let until = std::time::Instant::now() + timeout;
+        let mut g = self.shared.lock();
+        loop {
+            if let Some(t) = self.main_reached_ns() {
+                return Some(t);
+            }
+            let now = std::time::Instant::now();
+            if g.vcpu == ThreadState::Ended || now >= until {
+                return None;
+            }
+            g = self
+                .shared
+                .changed
+                .wait_timeout(g, until - now)
+                .map_or_else(|p| p.into_inner().0, |r| r.0);
         }
     }
 }

@@ -31,7 +31,33 @@ fn segment(selector: u16, type_: u8, code: bool) -> kvm_segment {
 /// Sets the special registers (segments, descriptor tables, control
 /// registers) for CPL3 long mode.
 pub fn setup_sregs(vcpu: &VcpuFd, layout: &Layout) -> Result<(), kvm_ioctls::Error> {
-    let mut sregs: kvm_sregs = vcpu.get_sregs()?;
+    let sregs = sregs_for(vcpu.get_sregs()?, &SystemTables::of(layout));
+    vcpu.set_sregs(&sregs)
+}
+
+/// Where the CPU's system structures are: what the special registers
+/// depend on besides constants.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SystemTables {
+    pub pml4: u64,
+    pub gdt: u64,
+    pub idt: u64,
+    pub tss: u64,
+}
+
+impl SystemTables {
+    pub fn of(layout: &Layout) -> SystemTables {
+        SystemTables {
+            pml4: layout.pml4,
+            gdt: layout.gdt,
+            idt: layout.idt,
+            tss: layout.tss,
+        }
+    }
+}
+
+/// `sregs` (the vCPU's own) set for CPL3 long mode with `t`.
+pub fn sregs_for(mut sregs: kvm_sregs, t: &SystemTables) -> kvm_sregs {
     sregs.cs = segment(x86::USER_CS, 0xb, true);
     let data = segment(x86::USER_DS, 0x3, false);
     sregs.ds = data;
@@ -40,7 +66,7 @@ pub fn setup_sregs(vcpu: &VcpuFd, layout: &Layout) -> Result<(), kvm_ioctls::Err
     sregs.gs = data;
     sregs.ss = data;
     sregs.tr = kvm_segment {
-        base: layout.tss,
+        base: t.tss,
         limit: x86::TSS_SIZE as u32 - 1,
         selector: x86::TSS_SEL,
         type_: 0xb, // busy 64-bit TSS
@@ -60,15 +86,15 @@ pub fn setup_sregs(vcpu: &VcpuFd, layout: &Layout) -> Result<(), kvm_ioctls::Err
         unusable: 1,
         ..Default::default()
     };
-    sregs.gdt.base = layout.gdt;
+    sregs.gdt.base = t.gdt;
     sregs.gdt.limit = (x86::GDT_ENTRIES * 8 - 1) as u16;
-    sregs.idt.base = layout.idt;
+    sregs.idt.base = t.idt;
     sregs.idt.limit = (x86::EXCEPTION_VECTORS * 16 - 1) as u16;
     sregs.cr0 = cr::CR0;
-    sregs.cr3 = layout.pml4;
+    sregs.cr3 = t.pml4;
     sregs.cr4 = cr::CR4;
     sregs.efer = cr::EFER;
-    vcpu.set_sregs(&sregs)
+    sregs
 }
 
 /// Sets the general registers: entry point, stack, boot page.

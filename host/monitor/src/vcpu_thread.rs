@@ -179,18 +179,56 @@ impl VcpuThread {
                 Ok(Hypercall::Mark(m)) => {
                     if m == wisp_abi::hypercall::MARK_MAIN {
                         let now = control::monotonic_ns();
-                        let _ = (self.shared.main_reached_ns).compare_exchange(
+                        let reached = now.saturating_sub(self.since_mark_ns());
+                        let _ = (self.shared.main_exit_ns).compare_exchange(
                             0,
                             now,
                             Ordering::SeqCst,
                             Ordering::SeqCst,
                         );
+                        let _ = (self.shared.main_reached_ns).compare_exchange(
+                            0,
+                            reached,
+                            Ordering::SeqCst,
+                            Ordering::SeqCst,
+                        );
+                        // Taken and released so that a waiter either saw
+                        // the time or is in its wait when notified.
+                        drop(self.shared.lock());
+                        self.shared.changed.notify_all();
                     }
                     mark(&mut self.trace, "guest main() reached")
                 }
                 Err(e) => return Ok(crashed_protocol(e.to_string())),
             }
         }
+    }
+
+    /// How long ago (ns) the guest reached the mark it reports now, from
+    /// the TSC it passed in `rsi` and the vCPU's TSC now; 0 when the value
+    /// is unusable (absent, in the future, or more than a second old: the
+    /// guest controls it, so it only ever moves the time back that far).
+    fn since_mark_ns(&self) -> u64 {
+        let vcpu = &self.machine.vcpu;
+        // The TSC rate from the boot page's clock record (read-only to
+        // the guest): the vCPU filter allows no KVM_GET_TSC_KHZ.
+        let khz = self.shared.notice.as_ref().and_then(|n| {
+            let at = n.boot_page + core::mem::offset_of!(wisp_abi::boot::BootPage, tsc_khz) as u64;
+            n.mem.read_obj::<u64>(GuestAddress(at)).ok()
+        });
+        let (Ok(regs), Some(khz), Ok(now)) = (vcpu.get_regs(), khz, crate::vcpu::guest_tsc(vcpu))
+        else {
+            return 0;
+        };
+        let at = regs.rsi;
+        if at == 0 || at > now || khz == 0 {
+            return 0;
+        }
+        let ns = (now - at) as u128 * 1_000_000 / khz as u128;
+        if ns > 1_000_000_000 {
+            return 0;
+        }
+        ns as u64
     }
 
     fn console(&mut self, addr: u64, len: u64) -> Result<(), VmError> {

@@ -188,6 +188,9 @@ pub struct Machine {
 pub struct Shell {
     machine: Machine,
     ready_at: Instant,
+    /// Special registers set ahead by [`Shell::preset_sregs`] (what the
+    /// vCPU holds now) and the system tables they point at.
+    preset: Option<(kvm_bindings::kvm_sregs, vcpu::SystemTables)>,
 }
 
 impl Shell {
@@ -216,6 +219,7 @@ impl Shell {
         Ok(Shell {
             machine: Machine { vcpu, vm, ram },
             ready_at: Instant::now(),
+            preset: None,
         })
     }
 
@@ -257,6 +261,33 @@ impl Shell {
         Ok(())
     }
 
+    /// Sets the vCPU's special registers now, for the system tables most
+    /// images get at this memory size (page tables for the first GiBs and
+    /// one table for the first 2 MiB, no device window): a waiting shell
+    /// does it so that [`Shell::load`] has two fewer vCPU calls (~30 µs
+    /// here). A load whose layout differs sets them as before.
+    pub fn preset_sregs(&mut self) -> Result<(), VmError> {
+        let size = self.machine.ram.size;
+        let tables = 3 + size.div_ceil(layout::GIB);
+        let gdt = layout::PAGE + tables * layout::PAGE;
+        let t = vcpu::SystemTables {
+            pml4: layout::PAGE,
+            gdt,
+            idt: gdt + layout::PAGE,
+            tss: gdt + 2 * layout::PAGE,
+        };
+        let vcpu = &self.machine.vcpu;
+        let sregs = vcpu::sregs_for(
+            vcpu.get_sregs()
+                .map_err(kvm_call("get special registers"))?,
+            &t,
+        );
+        vcpu.set_sregs(&sregs)
+            .map_err(kvm_call("set special registers"))?;
+        self.preset = Some((sregs, t));
+        Ok(())
+    }
+
     /// Loads `image` with its arguments: layout, segments, page tables,
     /// GDT/IDT/TSS and the vCPU's registers. `devices` says whether the
     /// device window must be mapped (whether devices will be attached).
@@ -267,7 +298,11 @@ impl Shell {
         devices: bool,
         mut trace: Option<BootTrace>,
     ) -> Result<Loaded, VmError> {
-        let Shell { machine, ready_at } = self;
+        let Shell {
+            machine,
+            ready_at,
+            preset,
+        } = self;
         if let Some(t) = trace.as_mut() {
             t.mark_at("KVM VM, vCPU and memory created", ready_at);
         }
@@ -277,7 +312,18 @@ impl Shell {
         boot::load_image(mem, image)?;
         boot::write_system(mem, &layout, image, &encoded)?;
         vcpu_thread::mark(&mut trace, "image loaded, page tables built");
-        vcpu::setup_sregs(&machine.vcpu, &layout).map_err(kvm_call("set special registers"))?;
+        let tables = vcpu::SystemTables::of(&layout);
+        match preset {
+            // Set ahead for these very tables: nothing to do.
+            Some((_, t)) if t == tables => {}
+            // The vCPU holds `sregs`: only the tables change.
+            Some((sregs, _)) => machine
+                .vcpu
+                .set_sregs(&vcpu::sregs_for(sregs, &tables))
+                .map_err(kvm_call("set special registers"))?,
+            None => vcpu::setup_sregs(&machine.vcpu, &layout)
+                .map_err(kvm_call("set special registers"))?,
+        }
         vcpu::setup_regs(
             &machine.vcpu,
             image.entry,

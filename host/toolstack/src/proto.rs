@@ -94,6 +94,10 @@ pub enum Started {
         started_ns: u64,
         /// When the guest reached `main`, if it did within the wait.
         main_ns: Option<u64>,
+        /// When the monitor handled the guest's `main` mark (after its
+        /// exit; `main_ns` is dated from the guest's TSC).
+        #[serde(default)]
+        main_exit_ns: Option<u64>,
     },
     Failed {
         error: String,

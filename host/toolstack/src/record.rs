@@ -172,6 +172,10 @@ pub struct Record {
     pub started_unix_ms: Option<u64>,
     /// Request reached the daemon -> guest's `main`, in µs.
     pub start_us: Option<u64>,
+    /// Request reached the daemon -> the monitor handled the guest's `main`
+    /// mark (after the exit that reports it), in µs.
+    #[serde(default)]
+    pub main_exit_us: Option<u64>,
     /// Request reached the daemon -> guest's threads started, in µs.
     pub launch_us: Option<u64>,
     /// Whether the last start used a pre-started shell from the pool.

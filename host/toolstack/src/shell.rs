@@ -41,6 +41,10 @@ const MAIN_WAIT: Duration = Duration::from_secs(2);
 /// area from 4 KiB, 48 KiB of image from 1 MiB (the smallest Wisp images
 /// are about that size).
 const PREFAULT: [(u64, u64); 2] = [(0x1000, 0x8000), (0x10_0000, 0xC000)];
+/// Bytes of image buffer a waiting shell allocates and touches, so that
+/// reading the image after the request takes no page faults (a larger
+/// image grows the buffer then).
+const IMAGE_BUFFER: usize = 128 << 10;
 /// How long a control connection may take to send its request.
 const REQUEST_WAIT_MS: i32 = 1000;
 
@@ -74,7 +78,7 @@ impl Files {
 /// Runs a shell on `channel` for a guest of `memory` bytes; returns the
 /// process's exit status.
 pub fn run(memory: u64, channel: UnixStream) -> i32 {
-    let shell = match Shell::create(memory) {
+    let mut shell = match Shell::create(memory) {
         Ok(s) => s,
         Err(e) => {
             let _ = proto::send(
@@ -94,6 +98,9 @@ pub fn run(memory: u64, channel: UnixStream) -> i32 {
     for (start, len) in PREFAULT {
         let _ = shell.prefault(start, len);
     }
+    // Without it, the load sets them (as a cold boot does).
+    let _ = shell.preset_sregs();
+    let image_buffer = touched_buffer(IMAGE_BUFFER);
     // Compiled while the shell waits in the pool, not on the start path.
     if let Err(e) = seccomp::precompile() {
         wisp_monitor::report(format_args!("wisp shell: {e}"));
@@ -135,7 +142,7 @@ pub fn run(memory: u64, channel: UnixStream) -> i32 {
         }
         // The pre-created VM takes the snapshot's memory and state.
         (None, Some(clone_id)) => restore(shell, &handoff, &files, clone_id, worker),
-        (None, None) => start(shell, &handoff, &files, worker),
+        (None, None) => start(shell, &handoff, &files, worker, image_buffer),
     };
     let running = match started {
         Ok(r) => r,
@@ -147,9 +154,9 @@ pub fn run(memory: u64, channel: UnixStream) -> i32 {
     let (running, published, started_ns) = running;
     // A restored or migrated guest is past `main`: it runs from the
     // moment it started.
-    let main_ns = match (handoff.snapshot, handoff.migration) {
-        (None, None) => wait_for_main(&running),
-        _ => Some(started_ns),
+    let (main_ns, main_exit_ns) = match (handoff.snapshot, handoff.migration) {
+        (None, None) => (wait_for_main(&running), running.controller().main_exit_ns()),
+        _ => (Some(started_ns), None),
     };
     let _ = proto::send(
         &channel,
@@ -157,6 +164,7 @@ pub fn run(memory: u64, channel: UnixStream) -> i32 {
             published,
             started_ns,
             main_ns,
+            main_exit_ns,
         },
         &[],
     );
@@ -285,9 +293,10 @@ fn start(
     h: &Handoff,
     files: &Files,
     worker: Option<Arc<Worker>>,
+    buffer: Vec<u8>,
 ) -> Result<(RunningVm, Vec<Published>, u64), String> {
     // The daemon's sealed copy, shared with other shells: read by offset.
-    let bytes = read_image(&files.image).map_err(|e| format!("reading the image: {e}"))?;
+    let bytes = read_image(&files.image, buffer).map_err(|e| format!("reading the image: {e}"))?;
     let image = Image::parse(bytes).map_err(|e| format!("not a bootable Wisp image: {e}"))?;
     let publish = h
         .publish
@@ -352,17 +361,32 @@ fn start(
 }
 
 /// The whole image file, read with `pread` (the descriptor's offset may be
-/// shared with other shells).
-fn read_image(fd: &OwnedFd) -> std::io::Result<Vec<u8>> {
+/// shared with other shells) into `bytes` (see [`touched_buffer`]).
+fn read_image(fd: &OwnedFd, mut bytes: Vec<u8>) -> std::io::Result<Vec<u8>> {
     use std::os::unix::fs::FileExt;
     let f = std::fs::File::from(fd.try_clone()?);
     let len = f.metadata()?.len();
     if len > wisp_monitor::image::MAX_IMAGE_FILE {
         return Err(std::io::Error::other("the image is too large"));
     }
-    let mut bytes = vec![0u8; len as usize];
+    bytes.clear();
+    bytes.resize(len as usize, 0);
     f.read_exact_at(&mut bytes, 0)?;
     Ok(bytes)
+}
+
+/// An empty buffer of `capacity` bytes whose pages are already faulted in.
+fn touched_buffer(capacity: usize) -> Vec<u8> {
+    let mut b = vec![0u8; capacity];
+    // `vec!` of zeros may come from untouched `calloc`/`mmap` pages: write
+    // one byte per page so that they are really there.
+    for i in (0..capacity).step_by(4096) {
+        // SAFETY: `i` is inside the buffer; a volatile write keeps the
+        // compiler from dropping the touch.
+        unsafe { std::ptr::write_volatile(b.as_mut_ptr().add(i), 0) };
+    }
+    b.clear();
+    b
 }
 
 fn redirect_stdio(log: RawFd) {
@@ -373,24 +397,10 @@ fn redirect_stdio(log: RawFd) {
     }
 }
 
-/// Waits (briefly, in short sleeps) until the guest reaches `main` or ends.
+/// Waits (at most [`MAIN_WAIT`]) until the guest reaches `main` or ends;
+/// the vCPU thread wakes this thread when it does.
 fn wait_for_main(running: &RunningVm) -> Option<u64> {
-    let c = running.controller();
-    let until = monotonic_ns() + MAIN_WAIT.as_nanos() as u64;
-    loop {
-        if let Some(t) = c.main_reached_ns() {
-            return Some(t);
-        }
-        if readable(running.done_fd(), 0) || monotonic_ns() > until {
-            return c.main_reached_ns();
-        }
-        let ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 20_000,
-        };
-        // SAFETY: a plain sleep with a valid timespec.
-        unsafe { libc::nanosleep(&ts, std::ptr::null_mut()) };
-    }
+    running.controller().wait_for_main(MAIN_WAIT)
 }
 
 fn readable(fd: RawFd, timeout_ms: i32) -> bool {

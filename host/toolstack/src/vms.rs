@@ -578,6 +578,7 @@ impl Vms {
             created_unix_ms: record::unix_ms(),
             started_unix_ms: None,
             start_us: None,
+            main_exit_us: None,
             launch_us: None,
             from_pool: false,
             ports: vec![],
@@ -724,12 +725,13 @@ impl Vms {
                 return Err(fail(&mut shell, e));
             }
         };
-        let (published, started_ns, main_ns) = match started {
+        let (published, started_ns, main_ns, main_exit_ns) = match started {
             Started::Ok {
                 published,
                 started_ns,
                 main_ns,
-            } => (published, started_ns, main_ns),
+                main_exit_ns,
+            } => (published, started_ns, main_ns, main_exit_ns),
             Started::Failed { error } => {
                 return Err(fail(&mut shell, VmError::BadRequest(error)));
             }
@@ -750,6 +752,7 @@ impl Vms {
             r.pid_start = process::start_time(pid);
             r.started_unix_ms = Some(record::unix_ms());
             r.start_us = start_us;
+            r.main_exit_us = main_exit_ns.map(us);
             r.launch_us = Some(us(started_ns));
             r.from_pool = warm;
             r.ports = published;

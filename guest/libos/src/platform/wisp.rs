@@ -39,5 +39,16 @@ pub fn crash(report: &CrashReport) -> ! {
 }
 
 pub fn mark(mark: u32) {
-    out32(hypercall::PORT_MARK, mark);
+    let tsc = crate::arch::x86_64::io::rdtsc();
+    // SAFETY: as `out32`; `rsi` carries the TSC the mark was reached at
+    // (see `hypercall::PORT_MARK`).
+    unsafe {
+        core::arch::asm!(
+            "out dx, eax",
+            in("dx") hypercall::PORT_MARK,
+            in("eax") mark,
+            in("rsi") tsc,
+            options(nostack, preserves_flags)
+        )
+    }
 }
