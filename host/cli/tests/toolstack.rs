@@ -345,6 +345,16 @@ fn crashes_and_outside_kills_are_recorded_and_restart_on_failure_restarts() {
     let vm = d.wait_state("sleeper", "exited");
     assert_eq!(vm["exit"]["signal"], 9, "{vm}");
     assert_eq!(vm["exit"]["how"], "killed");
+    // SIGTERM ends a monitor too (the daemon blocks it for itself; its
+    // shells must not inherit that block).
+    d.ok(&[
+        "run", "-d", "--name", "termed", "-m", "2M", probe, "--", "sleep", "600000",
+    ]);
+    let pid = d.wait_state("termed", "running")["pid"].as_i64().unwrap();
+    // SAFETY: a plain syscall on the monitor this test started.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let vm = d.wait_state("termed", "exited");
+    assert_eq!(vm["exit"]["signal"], 15, "{vm}");
 
     // A stop that the monitor cannot answer (process stopped) ends in a kill.
     d.ok(&[

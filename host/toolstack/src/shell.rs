@@ -78,6 +78,7 @@ impl Files {
 /// Runs a shell on `channel` for a guest of `memory` bytes; returns the
 /// process's exit status.
 pub fn run(memory: u64, channel: UnixStream) -> i32 {
+    unblock_stop_signals();
     let mut shell = match Shell::create(memory) {
         Ok(s) => s,
         Err(e) => {
@@ -643,4 +644,20 @@ fn finish(running: RunningVm, exit: OwnedFd, saved: bool) -> i32 {
     let _ = std::io::stdout().flush();
     // SAFETY: ends the process; the exit record and output are written.
     unsafe { libc::_exit(record.status as i32) }
+}
+
+/// The daemon blocks SIGINT and SIGTERM (a thread of its own waits for
+/// them) and a spawned shell inherits that mask: without this, a monitor
+/// could only be ended by SIGKILL (`kill PID`, a service manager's stop,
+/// or a daemon that died before cleaning up would leave it running).
+fn unblock_stop_signals() {
+    // SAFETY: sigset manipulation on a local set; changes only this
+    // thread's mask, before any other thread of the shell exists.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+    }
 }
