@@ -158,12 +158,12 @@ fn a_new_crate_inside_the_checkout_survives_moving_the_checkout() {
     std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
     std::fs::copy(env!("CARGO_BIN_EXE_wisp"), &bin).expect("copy wisp");
 
-    let o = std::process::Command::new(&bin)
-        .args(["new", "moveme", "--path", "apps/moveme"])
-        .current_dir(&checkout)
-        .env_remove("WISP_LIBOS")
-        .output()
-        .expect("wisp new");
+    let o = output_of_copied_binary(
+        std::process::Command::new(&bin)
+            .args(["new", "moveme", "--path", "apps/moveme"])
+            .current_dir(&checkout)
+            .env_remove("WISP_LIBOS"),
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let app = checkout.join("apps/moveme");
     let manifest = std::fs::read_to_string(app.join("Cargo.toml")).unwrap();
@@ -180,14 +180,14 @@ fn a_new_crate_inside_the_checkout_survives_moving_the_checkout() {
     let moved = base.join("elsewhere");
     std::fs::rename(&checkout, &moved).expect("move the checkout");
     let img = base.join("moveme.wisp");
-    let o = std::process::Command::new(moved.join("target/release/wisp"))
-        .arg("build")
-        .arg(moved.join("apps/moveme"))
-        .arg("-o")
-        .arg(&img)
-        .env("CARGO_NET_OFFLINE", "true")
-        .output()
-        .expect("wisp build");
+    let o = output_of_copied_binary(
+        std::process::Command::new(moved.join("target/release/wisp"))
+            .arg("build")
+            .arg(moved.join("apps/moveme"))
+            .arg("-o")
+            .arg(&img)
+            .env("CARGO_NET_OFFLINE", "true"),
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let o = run(&img, &[], &["moved"]);
     assert_eq!(stdout(&o), "Hello from moveme! args: [\"moved\"]\n");
@@ -372,4 +372,20 @@ fn a_tap_that_does_not_exist_is_refused_not_created() {
         .output()
         .expect("ip link");
     assert!(!stdout(&links).contains("nosuch0"), "{}", stdout(&links));
+}
+
+/// Runs a binary this test has just written. Another test thread that
+/// forks while the copy's file is still open for writing holds that
+/// descriptor until its child execs, and exec of the copy meanwhile fails
+/// with ETXTBSY ("Text file busy"): retried, as that window is short.
+fn output_of_copied_binary(cmd: &mut std::process::Command) -> std::process::Output {
+    for _ in 0..100 {
+        match cmd.output() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            r => return r.expect("run the copied wisp"),
+        }
+    }
+    panic!("the copied wisp stayed busy (ETXTBSY) for 2 s");
 }
