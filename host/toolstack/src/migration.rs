@@ -28,7 +28,6 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use wisp_monitor::migration::{self, SendOptions};
-use wisp_monitor::net::user::PortForward;
 use wisp_monitor::{RunningVm, Vm, VmConfig};
 
 use crate::proto::{DiskMode, Handoff, MigrateFigures};
@@ -239,16 +238,7 @@ pub fn receive_in_shell(
     size: u64,
 ) -> Result<Vm, String> {
     let built = (|| -> Result<Vm, String> {
-        let publish = h
-            .publish
-            .iter()
-            .map(|p| p.parse::<PortForward>())
-            .collect::<Result<Vec<_>, _>>()?;
-        let nics = if publish.is_empty() {
-            vec![]
-        } else {
-            vec!["user".parse().map_err(|e: String| e)?]
-        };
+        let (publish, nics) = crate::shell::user_nics(&h.publish)?;
         // The disk was opened by the daemon; the restore opens it again
         // through /proc, before this process gives up opening files.
         let disk = match (h.disk, disk) {

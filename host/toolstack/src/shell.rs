@@ -198,16 +198,7 @@ fn restore(
     let path = format!("/proc/self/fd/{}", files.image.as_raw_fd());
     let snap = Snapshot::open_checked(std::path::Path::new(&path), !h.snapshot_checked)
         .map_err(|e| e.to_string())?;
-    let publish = h
-        .publish
-        .iter()
-        .map(|p| p.parse::<PortForward>())
-        .collect::<Result<Vec<_>, _>>()?;
-    let nics = if publish.is_empty() {
-        vec![]
-    } else {
-        vec!["user".parse().map_err(|e: String| e)?]
-    };
+    let (publish, nics) = user_nics(&h.publish)?;
     let cfg = VmConfig {
         memory: snap.memory(),
         args: vec![],
@@ -660,4 +651,21 @@ fn unblock_stop_signals() {
         libc::sigaddset(&mut set, libc::SIGTERM);
         libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
     }
+}
+
+/// The published ports of a restored or arriving guest, and the one
+/// user-mode NIC they need (none without ports).
+pub(crate) fn user_nics(
+    publish: &[String],
+) -> Result<(Vec<PortForward>, Vec<wisp_monitor::net::NicConfig>), String> {
+    let publish = publish
+        .iter()
+        .map(|p| p.parse::<PortForward>())
+        .collect::<Result<Vec<_>, _>>()?;
+    let nics = if publish.is_empty() {
+        vec![]
+    } else {
+        vec!["user".parse()?]
+    };
+    Ok((publish, nics))
 }

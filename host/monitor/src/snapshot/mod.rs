@@ -384,44 +384,11 @@ fn write_into(
     cpu: &VcpuState,
     devices: &[(TransportState, u64)],
 ) -> Result<(u64, u64), SnapshotError> {
-    if devices.len() != src.devices.len() {
-        return Err(SnapshotError::Mismatch(format!(
-            "{} devices on the bus, {} in the boot page",
-            devices.len(),
-            src.devices.len()
-        )));
-    }
-    let records: Vec<DeviceRecord> = src
-        .devices
-        .iter()
-        .zip(devices)
-        .map(|(e, (t, f))| DeviceRecord {
-            entry: *e,
-            features: *f,
-            transport: t.clone(),
-        })
-        .collect();
-    let mut boot = vec![0u8; std::mem::size_of::<BootPage>()];
-    src.mem
-        .read_slice(&mut boot, GuestAddress(src.boot_page))
-        .map_err(|_| SnapshotError::Mismatch("boot page outside guest memory".into()))?;
-    let mut vcpu = Writer::default();
-    cpu.encode(&mut vcpu);
-
+    let mut sections = parts::encode_state(src, cpu, devices)?;
     // Touched pages: the backing file's data (for a restored guest, its
     // snapshot's pages) and, for a private mapping, the guest's own copies.
-    let mut ranges = memory::data_ranges(&src.file, src.file_offset, src.size).map_err(io(tmp))?;
-    if let Some(pagemap) = src.pagemap.as_ref().filter(|_| src.private) {
-        ranges.extend(memory::anonymous_pages(pagemap, src.host_addr, src.size).map_err(io(tmp))?);
-        ranges = memory::merge(ranges);
-    }
+    let ranges = src.touched().map_err(io(tmp))?;
 
-    let mut sections: Vec<(Kind, Vec<u8>)> = vec![
-        (Kind::Machine, encode_machine(src)),
-        (Kind::Vcpu, vcpu.buf),
-        (Kind::Devices, encode_devices(&records)),
-        (Kind::BootPage, boot),
-    ];
     // The memory index's CRC is known only once the memory is written: its
     // section is written last, at a place reserved for it.
     let mut index = Writer::default();
