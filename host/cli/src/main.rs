@@ -398,6 +398,7 @@ fn main() -> ExitCode {
                 disks: migration_disks,
                 max_memory: migration_max_memory,
                 ports: migration_ports,
+                listen_ip: migration_listen.map(|a| a.ip()),
             },
         }),
         Command::Ps { all, format } => client::ps(&socket, all, format == "json"),

@@ -82,6 +82,11 @@ pub struct Policy {
     /// The host ports an arriving guest may publish (none: a guest that
     /// publishes any port is refused).
     pub ports: Option<RangeInclusive<u16>>,
+    /// Besides loopback, the one address an arriving guest may publish
+    /// on: the address the operator exposed for migrations
+    /// (`--migration-listen`'s). A peer cannot put a guest on an
+    /// interface the operator did not open.
+    pub listen_ip: Option<std::net::IpAddr>,
 }
 
 /// [`Policy::max_memory`] unless the operator says otherwise: room for
@@ -94,6 +99,7 @@ impl Default for Policy {
             disks: None,
             max_memory: DEFAULT_MAX_MEMORY,
             ports: None,
+            listen_ip: None,
         }
     }
 }

@@ -193,7 +193,7 @@ fn check_meta(mut m: Meta, policy: &Policy) -> Result<(String, Spec), String> {
         ));
     }
     record::check_name(&m.name)?;
-    check_ports(&m.publish, policy.ports.as_ref())?;
+    check_ports(&m.publish, policy.ports.as_ref(), policy.listen_ip)?;
     if let Some(d) = m.disk.take() {
         let d = check_disk(&d, policy.disks.as_deref())?;
         open_disk(&d, m.disk_read_only).map_err(|e| format!("disk {d}: {e}"))?;
@@ -222,12 +222,23 @@ fn check_meta(mut m: Meta, policy: &Policy) -> Result<(String, Spec), String> {
 
 /// Checks the `-p` rules a META asks this host to publish: each must
 /// parse and its host port lie in `ports` (the daemon's
-/// `--migration-ports`); without a range, any rule is refused.
-fn check_ports(publish: &[String], ports: Option<&RangeInclusive<u16>>) -> Result<(), String> {
+/// `--migration-ports`); without a range, any rule is refused. Its
+/// address must be loopback or `listen_ip` (the migration listener's).
+fn check_ports(
+    publish: &[String],
+    ports: Option<&RangeInclusive<u16>>,
+    listen_ip: Option<std::net::IpAddr>,
+) -> Result<(), String> {
     for p in publish {
         let rule = p
             .parse::<wisp_monitor::net::user::PortForward>()
             .map_err(|e| format!("publish: {e}"))?;
+        let ip = rule.host.ip();
+        if !ip.is_loopback() && Some(ip) != listen_ip {
+            return Err(format!(
+                "the guest publishes {p}: an arriving guest publishes on loopback or on this daemon's --migration-listen address only"
+            ));
+        }
         let port = rule.host.port();
         match ports {
             None => {
@@ -292,16 +303,23 @@ mod tests {
     #[test]
     fn published_ports_only_inside_the_given_range() {
         let rules = |r: &[&str]| r.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        assert!(check_ports(&[], None).is_ok());
-        let e = check_ports(&rules(&["8080:80"]), None).unwrap_err();
+        assert!(check_ports(&[], None, None).is_ok());
+        let e = check_ports(&rules(&["8080:80"]), None, None).unwrap_err();
         assert!(e.contains("no ports"), "{e}");
         let range = 8000..=8099;
-        assert!(check_ports(&rules(&["8080:80", "127.0.0.1:8000:1/udp"]), Some(&range)).is_ok());
-        let e = check_ports(&rules(&["8080:80", "22:22"]), Some(&range)).unwrap_err();
+        let ok = |r: &[&str]| check_ports(&rules(r), Some(&range), None);
+        assert!(ok(&["8080:80", "127.0.0.1:8000:1/udp"]).is_ok());
+        let e = ok(&["8080:80", "22:22"]).unwrap_err();
         assert!(e.contains("host port 22 is outside"), "{e}");
-        let e = check_ports(&rules(&["8100:80"]), Some(&range)).unwrap_err();
+        let e = ok(&["8100:80"]).unwrap_err();
         assert!(e.contains("outside"), "{e}");
-        assert!(check_ports(&rules(&["x:80"]), Some(&range)).is_err());
+        assert!(ok(&["x:80"]).is_err());
+        // Only loopback, or the address the operator opened for migrations.
+        let e = ok(&["0.0.0.0:8080:80"]).unwrap_err();
+        assert!(e.contains("loopback"), "{e}");
+        let listen = Some("192.0.2.7".parse().unwrap());
+        assert!(check_ports(&rules(&["192.0.2.7:8080:80"]), Some(&range), listen).is_ok());
+        assert!(check_ports(&rules(&["0.0.0.0:8080:80"]), Some(&range), listen).is_err());
     }
 
     #[test]
