@@ -218,27 +218,8 @@ fn restore(
     let vm = snap
         .restore_into(shell, &cfg, RestoreOptions { clone_id })
         .map_err(|e| e.to_string())?;
-    let published = vm
-        .published()
-        .iter()
-        .map(|(addr, guest_port, udp)| Published {
-            host: addr.to_string(),
-            guest_port: *guest_port,
-            udp: *udp,
-        })
-        .collect();
-    let console = std::fs::File::from(files.log.try_clone().map_err(|e| e.to_string())?);
-    let running = vm
-        .start_on(
-            Box::new(console),
-            StartOptions {
-                cpu_quota: h.cpus,
-                no_seccomp: false,
-                seccomp_selftest: None,
-            },
-            worker,
-        )
-        .map_err(|e| e.to_string())?;
+    let published = published_of(&vm);
+    let running = launch(vm, h, files, worker)?;
     Ok((running, published, monotonic_ns()))
 }
 
@@ -249,30 +230,10 @@ fn start_received(
     h: &Handoff,
     files: &Files,
 ) -> Result<(RunningVm, Vec<Published>, u64), String> {
-    let published = vm
-        .published()
-        .iter()
-        .map(|(addr, guest_port, udp)| Published {
-            host: addr.to_string(),
-            guest_port: *guest_port,
-            udp: *udp,
-        })
-        .collect();
-    let refuse = |e: String| {
-        crate::migration::refuse(&files.image, &e);
-        e
-    };
-    let console = std::fs::File::from(files.log.try_clone().map_err(|e| refuse(e.to_string()))?);
-    let running = vm
-        .start(
-            Box::new(console),
-            StartOptions {
-                cpu_quota: h.cpus,
-                no_seccomp: false,
-                seccomp_selftest: None,
-            },
-        )
-        .map_err(|e| refuse(e.to_string()))?;
+    let published = published_of(&vm);
+    let running = launch(vm, h, files, None).inspect_err(|e| {
+        crate::migration::refuse(&files.image, e);
+    })?;
     let started_ns = monotonic_ns();
     crate::migration::confirm_in_shell(&running, &files.image)?;
     Ok((running, published, started_ns))
@@ -337,18 +298,7 @@ fn start(
     // The boot trace flag makes the guest report `main` (one exit): that
     // is how the daemon measures start latency.
     let vm = loaded.finish(true).map_err(|e| e.to_string())?;
-    let console = std::fs::File::from(files.log.try_clone().map_err(|e| e.to_string())?);
-    let running = vm
-        .start_on(
-            Box::new(console),
-            StartOptions {
-                cpu_quota: h.cpus,
-                no_seccomp: false,
-                seccomp_selftest: None,
-            },
-            worker,
-        )
-        .map_err(|e| e.to_string())?;
+    let running = launch(vm, h, files, worker)?;
     Ok((running, published, monotonic_ns()))
 }
 
@@ -668,4 +618,37 @@ pub(crate) fn user_nics(
         vec!["user".parse()?]
     };
     Ok((publish, nics))
+}
+
+/// The ports `vm` publishes, as the daemon records them.
+fn published_of(vm: &wisp_monitor::Vm) -> Vec<Published> {
+    vm.published()
+        .iter()
+        .map(|(addr, guest_port, udp)| Published {
+            host: addr.to_string(),
+            guest_port: *guest_port,
+            udp: *udp,
+        })
+        .collect()
+}
+
+/// Starts `vm` with its console in the VM's log, under the hand-off's CPU
+/// quota and the monitor's filters (on `worker`'s thread when one waits).
+fn launch(
+    vm: wisp_monitor::Vm,
+    h: &Handoff,
+    files: &Files,
+    worker: Option<Arc<Worker>>,
+) -> Result<RunningVm, String> {
+    let console = std::fs::File::from(files.log.try_clone().map_err(|e| e.to_string())?);
+    vm.start_on(
+        Box::new(console),
+        StartOptions {
+            cpu_quota: h.cpus,
+            no_seccomp: false,
+            seccomp_selftest: None,
+        },
+        worker,
+    )
+    .map_err(|e| e.to_string())
 }
