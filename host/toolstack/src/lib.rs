@@ -26,6 +26,7 @@ pub mod proto;
 pub mod reaper;
 pub mod record;
 pub mod shell;
+pub mod spawner;
 pub mod trim;
 pub mod vms;
 

@@ -8,14 +8,15 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
+use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use crate::proto::{self, Hello};
+use crate::spawner::Spawner;
 
 /// How long a new shell may take to create its VM.
 const READY_LIMIT: Duration = Duration::from_secs(20);
@@ -99,20 +100,12 @@ pub fn read_shell_pid(dir: &Path) -> Option<(u32, u64)> {
 }
 
 /// Starts a shell for `memory` bytes and waits until it is ready.
-pub fn spawn(exe: &PathBuf, memory: u64) -> Result<ReadyShell, PoolError> {
+pub fn spawn(spawner: &Spawner, memory: u64) -> Result<ReadyShell, PoolError> {
     let (ours, theirs) =
         UnixStream::pair().map_err(|e| PoolError::Spawn("socketpair".into(), e))?;
-    let mut cmd = Command::new(exe);
-    cmd.args(["shell", "--memory", &memory.to_string()])
-        .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        // Its own process group: a terminal's ^C to the daemon does not
-        // reach the guests, which outlive the daemon by design.
-        .process_group(0);
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| PoolError::Spawn(exe.display().to_string(), e))?;
+    let mut child = spawner
+        .spawn(memory, OwnedFd::from(theirs))
+        .map_err(|e| PoolError::Spawn(spawner.exe().display().to_string(), e))?;
     // Our copy of the shell's end was closed by the spawn.
     let fail = |child: &mut Child, why: String| {
         let _ = child.kill();
@@ -154,7 +147,7 @@ struct Inner {
 }
 
 pub struct Pool {
-    exe: PathBuf,
+    spawner: Spawner,
     /// Where spare VM directories are made (`STATE/pool`), if anywhere.
     spares: Option<PathBuf>,
     /// (memory, shells to keep ready)
@@ -180,7 +173,7 @@ impl Pool {
             let _ = std::fs::remove_dir_all(root);
         }
         Arc::new(Pool {
-            exe,
+            spawner: Spawner::new(exe),
             spares,
             targets,
             inner: Mutex::new(Inner {
@@ -225,7 +218,7 @@ impl Pool {
                         continue;
                     }
                 },
-                None => return spawn(&self.exe, memory).map(|s| (s, false)),
+                None => return spawn(&self.spawner, memory).map(|s| (s, false)),
             }
         }
     }
@@ -269,7 +262,7 @@ impl Pool {
                     }
                 }
             };
-            let spawned = spawn(&self.exe, want).map(|mut s| {
+            let spawned = spawn(&self.spawner, want).map(|mut s| {
                 if let Some(root) = &self.spares {
                     match SpareDir::create(root, s.child.id()) {
                         Ok(d) => s.spare = Some(d),
