@@ -38,9 +38,12 @@ use crate::proto::{
 /// reply then carries `main_ns`; a slower guest is still running).
 const MAIN_WAIT: Duration = Duration::from_secs(2);
 /// Guest ranges a waiting shell faults in (see `run`): 32 KiB of boot
-/// area from 4 KiB, 48 KiB of image from 1 MiB (the smallest Wisp images
-/// are about that size).
-const PREFAULT: [(u64, u64); 2] = [(0x1000, 0x8000), (0x10_0000, 0xC000)];
+/// area from 4 KiB and the page after it, where the free memory below
+/// 1 MiB starts; the last page below 1 MiB, where it ends; 48 KiB of
+/// image from 1 MiB (the smallest Wisp images are about that size). The
+/// guest's allocator writes a tag at both ends of each free region when it
+/// claims it, so every guest touches these pages before `main`.
+const PREFAULT: [(u64, u64); 3] = [(0x1000, 0x9000), (0xF_F000, 0x1000), (0x10_0000, 0xC000)];
 /// Bytes of image buffer a waiting shell allocates and touches, so that
 /// reading the image after the request takes no page faults (a larger
 /// image grows the buffer then).
@@ -99,6 +102,8 @@ pub fn run(memory: u64, channel: UnixStream) -> i32 {
     for (start, len) in PREFAULT {
         let _ = shell.prefault(start, len);
     }
+    // The last page of memory: the end of the free region above the image.
+    let _ = shell.prefault(memory - 0x1000, 0x1000);
     // Without it, the load sets them (as a cold boot does).
     let _ = shell.preset_sregs();
     let image_buffer = touched_buffer(IMAGE_BUFFER);
