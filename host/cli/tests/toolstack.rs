@@ -445,6 +445,23 @@ fn starts_take_pooled_shells_and_the_pool_refills() {
         d.json("/v1/pool")["counters"]["spawned"].as_u64() > before["spawned"].as_u64()
             && ready(&d) == 2
     });
+    // Refills are made at idle CPU priority; a ready shell, whose next
+    // step is to run a guest, is back to the normal policy on every thread.
+    let shells = shells_of(d.child.as_ref().unwrap().id());
+    assert_eq!(shells.len(), 2, "{shells:?}");
+    for pid in shells {
+        for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .flatten()
+        {
+            let sched = std::fs::read_to_string(t.path().join("sched")).unwrap_or_default();
+            let policy = sched
+                .lines()
+                .find_map(|l| l.strip_prefix("policy"))
+                .and_then(|v| v.trim_start_matches([' ', ':']).trim().parse::<i32>().ok());
+            assert_eq!(policy, Some(0), "shell {pid} thread {:?}", t.file_name());
+        }
+    }
     // A size without a pool is a cold start, still served.
     d.ok(&["run", "-d", "--name", "b", "-m", "4M", hello]);
     let vm = d.wait_state("b", "exited");

@@ -13,6 +13,7 @@
 //! thread-directed signals, so one process can run several guests.
 
 use std::io::Write;
+use std::os::fd::AsRawFd as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -40,6 +41,10 @@ use crate::seccomp::{self, ThreadKind};
 use crate::trace::BootTrace;
 use crate::vcpu;
 use crate::vcpu_thread::{self, VcpuThread, CONSOLE_BURST, CONSOLE_RATE};
+use crate::worker::{Worker, WorkerError};
+
+/// `KVM_RUN`: `_IO(KVMIO, 0x80)` (include/uapi/linux/kvm.h).
+const KVM_RUN_IOCTL: libc::c_ulong = 0xAE80;
 
 pub use crate::device_manager::GUEST_MAC;
 
@@ -286,6 +291,29 @@ impl Shell {
             .map_err(kvm_call("set special registers"))?;
         self.preset = Some((sregs, t));
         Ok(())
+    }
+
+    /// Starts the thread that will run the vCPU ([`Worker`], under the vCPU
+    /// filter) and has it call `KVM_RUN` once with `immediate_exit` set:
+    /// KVM returns at once, without entering the guest, but first does
+    /// what it does when a vCPU runs on a thread for the first time (on
+    /// this host it starts the VM's `kvm-nx-lpage-recovery` worker). That
+    /// is then done before the request, and the real first `KVM_RUN`, on
+    /// the same thread, finds it done (another thread's would wait for an
+    /// RCU grace period).
+    pub fn vcpu_worker(&mut self, name: &str) -> Result<Arc<Worker>, WorkerError> {
+        let fd = self.machine.vcpu.as_raw_fd();
+        self.machine.vcpu.set_kvm_immediate_exit(1);
+        let worker = Worker::spawn_with(name, ThreadKind::Vcpu, move || {
+            // SAFETY: KVM_RUN on this shell's vCPU descriptor, which lives
+            // as long as the shell; `immediate_exit` is set, so the guest
+            // is not entered and the call ends with EINTR (ignored: the
+            // real run reports any error). The shell's thread waits in
+            // `spawn_with` meanwhile: nothing else uses the vCPU.
+            unsafe { libc::ioctl(fd, KVM_RUN_IOCTL, 0) };
+        });
+        self.machine.vcpu.set_kvm_immediate_exit(0);
+        worker
     }
 
     /// Loads `image` with its arguments: layout, segments, page tables,

@@ -34,6 +34,17 @@ impl Worker {
     /// Starts a thread named `name` and installs the filter for `filter`
     /// on it; returns once it waits for its job.
     pub fn spawn(name: &str, filter: ThreadKind) -> Result<Arc<Worker>, WorkerError> {
+        Worker::spawn_with(name, filter, || {})
+    }
+
+    /// As [`Worker::spawn`], and runs `first` on the thread, under its
+    /// filter, before it says it is ready: work that must happen on the
+    /// thread that will do the job, done ahead of it.
+    pub fn spawn_with(
+        name: &str,
+        filter: ThreadKind,
+        first: impl FnOnce() + Send + 'static,
+    ) -> Result<Arc<Worker>, WorkerError> {
         let prog = seccomp::program(filter)?;
         let (jobs, rx) = std::sync::mpsc::sync_channel::<Job>(1);
         let (ready_tx, ready) = std::sync::mpsc::sync_channel(1);
@@ -42,6 +53,9 @@ impl Worker {
             .spawn(move || {
                 let r = seccomp::apply(&prog);
                 let ok = r.is_ok();
+                if ok {
+                    first();
+                }
                 let _ = ready_tx.send(r);
                 if ok {
                     wait_for_job(rx);

@@ -21,6 +21,7 @@ pub mod logs;
 pub mod metrics;
 pub mod migration;
 pub mod pool;
+pub mod priority;
 pub mod process;
 pub mod proto;
 pub mod reaper;

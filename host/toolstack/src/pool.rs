@@ -99,12 +99,14 @@ pub fn read_shell_pid(dir: &Path) -> Option<(u32, u64)> {
     Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
 }
 
-/// Starts a shell for `memory` bytes and waits until it is ready.
-pub fn spawn(spawner: &Spawner, memory: u64) -> Result<ReadyShell, PoolError> {
+/// Starts a shell for `memory` bytes and waits until it is ready (a
+/// `background` one at idle CPU priority until then: see
+/// [`crate::priority`]).
+pub fn spawn(spawner: &Spawner, memory: u64, background: bool) -> Result<ReadyShell, PoolError> {
     let (ours, theirs) =
         UnixStream::pair().map_err(|e| PoolError::Spawn("socketpair".into(), e))?;
     let mut child = spawner
-        .spawn(memory, OwnedFd::from(theirs))
+        .spawn(memory, OwnedFd::from(theirs), background)
         .map_err(|e| PoolError::Spawn(spawner.exe().display().to_string(), e))?;
     // Our copy of the shell's end was closed by the spawn.
     let fail = |child: &mut Child, why: String| {
@@ -218,7 +220,7 @@ impl Pool {
                         continue;
                     }
                 },
-                None => return spawn(&self.spawner, memory).map(|s| (s, false)),
+                None => return spawn(&self.spawner, memory, false).map(|s| (s, false)),
             }
         }
     }
@@ -262,7 +264,7 @@ impl Pool {
                     }
                 }
             };
-            let spawned = spawn(&self.spawner, want).map(|mut s| {
+            let spawned = spawn(&self.spawner, want, true).map(|mut s| {
                 if let Some(root) = &self.spares {
                     match SpareDir::create(root, s.child.id()) {
                         Ok(d) => s.spare = Some(d),

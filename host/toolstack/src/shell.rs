@@ -112,9 +112,20 @@ pub fn run(memory: u64, channel: UnixStream) -> i32 {
         wisp_monitor::report(format_args!("wisp shell: {e}"));
         return wisp_abi::exit::MONITOR_ERROR as i32;
     }
+    // A shell made for the pool was started at idle CPU priority (see
+    // `crate::priority`): back to normal before any guest can run here,
+    // and before the vCPU thread is started (it inherits the policy).
+    if crate::priority::current() == libc::SCHED_IDLE {
+        if let Err(e) = crate::priority::restore() {
+            let error = format!("restoring the CPU priority: {e}");
+            let _ = proto::send(&channel, &Hello::Failed { error }, &[]);
+            return wisp_abi::exit::MONITOR_ERROR as i32;
+        }
+    }
     // The vCPU thread too, with its filter installed: starting both costs
     // ~0.2 ms on this host. Without it, the start makes its own.
-    let worker = Worker::spawn("wisp-vcpu", ThreadKind::Vcpu)
+    let worker = shell
+        .vcpu_worker("wisp-vcpu")
         .map_err(|e| wisp_monitor::report(format_args!("wisp shell: vCPU thread: {e}")))
         .ok();
     let ready = Hello::Ready {

@@ -25,9 +25,11 @@ use std::sync::{mpsc, Mutex};
 
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-/// What a spawn asks: a shell for `memory` bytes.
+/// What a spawn asks: a shell for `memory` bytes, started at idle CPU
+/// priority if `background` (see [`crate::priority`]).
 struct Job {
     memory: u64,
+    background: bool,
     reply: mpsc::Sender<std::io::Result<Child>>,
 }
 
@@ -37,6 +39,9 @@ pub struct Spawner {
     /// `None` when the thread could not be set up: spawns happen on the
     /// caller's thread then (correct, only slower with many guests).
     link: Option<Mutex<(mpsc::Sender<Job>, UnixStream)>>,
+    /// Background spawns start at idle priority (the daemon may restore
+    /// it: see [`crate::priority`]).
+    lower_background: bool,
     /// The spawner thread's id (0 without one), for its /proc entry.
     #[cfg_attr(not(test), allow(dead_code))]
     tid: i32,
@@ -46,10 +51,12 @@ impl Spawner {
     /// Starts the thread. Call it early, while the daemon holds few
     /// descriptors: the thread's table starts as a copy of the daemon's.
     pub fn new(exe: PathBuf) -> Spawner {
-        match Self::start(exe.clone()) {
+        let lower_background = crate::priority::can_lower_and_restore();
+        match Self::start(exe.clone(), lower_background) {
             Ok((tx, sock, tid)) => Spawner {
                 exe,
                 link: Some(Mutex::new((tx, sock))),
+                lower_background,
                 tid,
             },
             Err(e) => {
@@ -57,13 +64,17 @@ impl Spawner {
                 Spawner {
                     exe,
                     link: None,
+                    lower_background: false,
                     tid: 0,
                 }
             }
         }
     }
 
-    fn start(exe: PathBuf) -> std::io::Result<(mpsc::Sender<Job>, UnixStream, i32)> {
+    fn start(
+        exe: PathBuf,
+        lower_background: bool,
+    ) -> std::io::Result<(mpsc::Sender<Job>, UnixStream, i32)> {
         let (ours, theirs) = UnixStream::pair()?;
         let (tx, rx) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::channel();
@@ -75,7 +86,20 @@ impl Spawner {
                 let tid = unsafe { libc::gettid() };
                 let _ = ready_tx.send(own_table(&theirs).map(|()| tid));
                 for job in rx {
+                    // The child inherits this thread's policy: lowered for
+                    // the spawn only, so that a foreground (cold-start)
+                    // spawn after it runs at normal priority.
+                    let lowered =
+                        lower_background && job.background && crate::priority::lower().is_ok();
                     let child = receive_fd(&theirs).and_then(|fd| spawn(&exe, job.memory, fd));
+                    if lowered && crate::priority::restore().is_err() {
+                        // Cannot happen once the probe passed; never leave
+                        // a cold start at idle priority.
+                        let _ = job.reply.send(Err(std::io::Error::other(
+                            "the spawner could not restore its priority",
+                        )));
+                        return;
+                    }
                     let _ = job.reply.send(child);
                 }
             })?;
@@ -90,16 +114,28 @@ impl Spawner {
         &self.exe
     }
 
+    /// Whether background spawns start at idle priority.
+    pub fn lowers_background(&self) -> bool {
+        self.link.is_some() && self.lower_background
+    }
+
     /// Starts `wisp shell --memory MEMORY` with `channel` as its standard
     /// input (see [`crate::pool::CHANNEL_FD`]); `channel` is closed here.
-    pub fn spawn(&self, memory: u64, channel: OwnedFd) -> std::io::Result<Child> {
+    /// A `background` shell starts at idle priority when the daemon can
+    /// restore it ([`Spawner::lowers_background`]); the shell restores
+    /// itself before it says it is ready.
+    pub fn spawn(&self, memory: u64, channel: OwnedFd, background: bool) -> std::io::Result<Child> {
         let Some(link) = &self.link else {
             return spawn(&self.exe, memory, channel);
         };
         let link = link.lock().unwrap_or_else(|p| p.into_inner());
         let (reply, answer) = mpsc::channel();
         link.0
-            .send(Job { memory, reply })
+            .send(Job {
+                memory,
+                background,
+                reply,
+            })
             .map_err(|_| std::io::Error::other("the spawner thread ended"))?;
         link.1
             .send_with_fd(&[0u8][..], channel.as_raw_fd())
@@ -175,7 +211,7 @@ mod tests {
         // Counted from inside the spawner thread: a spawned `ls` of its
         // own /proc/PID/fd would show its own table, so ask the thread's.
         let (a, b) = UnixStream::pair().unwrap();
-        let mut child = s.spawn(0, OwnedFd::from(b)).unwrap();
+        let mut child = s.spawn(0, OwnedFd::from(b), false).unwrap();
         child.wait().unwrap();
         drop(a);
         // Between spawns it holds stdin, stdout, stderr and its socket.
@@ -183,5 +219,47 @@ mod tests {
             .unwrap()
             .count();
         assert!(n <= 4, "the spawner thread holds {n} descriptors");
+    }
+
+    /// The `policy` line of /proc/.../sched.
+    fn policy(sched: &str) -> String {
+        sched
+            .lines()
+            .find_map(|l| l.strip_prefix("policy"))
+            .map(|v| v.trim_start_matches([' ', ':']).trim().to_string())
+            .unwrap_or_default()
+    }
+
+    /// Spawns a script that records the policy it runs under; returns it
+    /// and whether the spawner lowers background spawns.
+    fn policy_of_spawn(background: bool) -> (String, bool) {
+        use std::os::unix::fs::PermissionsExt;
+        let dir =
+            std::env::temp_dir().join(format!("wisp-spawner-{}-{background}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = dir.join("probe.sh");
+        let body = "#!/bin/sh\ncp /proc/$$/sched \"$(dirname \"$0\")/sched\"\n";
+        std::fs::write(&script, body).unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let s = Spawner::new(script);
+        let (_ours, theirs) = UnixStream::pair().unwrap();
+        let mut child = s.spawn(0, OwnedFd::from(theirs), background).unwrap();
+        assert!(child.wait().unwrap().success());
+        let got = policy(&std::fs::read_to_string(dir.join("sched")).unwrap());
+        // The spawner thread itself is back at the normal policy.
+        let own = std::fs::read_to_string(format!("/proc/self/task/{}/sched", s.tid)).unwrap();
+        assert_eq!(policy(&own), "0");
+        let _ = std::fs::remove_dir_all(&dir);
+        (got, s.lowers_background())
+    }
+
+    /// A background spawn starts at idle priority (SCHED_IDLE, 5) when the
+    /// process can restore it, a foreground one at the normal policy.
+    #[test]
+    fn background_spawns_start_at_idle_priority() {
+        let (idle, lowers) = policy_of_spawn(true);
+        let expected = if lowers { libc::SCHED_IDLE } else { 0 };
+        assert_eq!(idle, expected.to_string());
+        assert_eq!(policy_of_spawn(false).0, "0");
     }
 }

@@ -1,0 +1,79 @@
+//! CPU priority of background work: shells made to refill the pool.
+//!
+//! A refill (a process started, a KVM VM, vCPU and memory created, pages
+//! faulted in) costs several milliseconds of CPU; a warm start half a
+//! millisecond. On a small host they compete: in a burst of starts each
+//! start ran beside the refill the previous one began, and its threads
+//! waited for a CPU the refill held. A shell being made for the pool runs
+//! under `SCHED_IDLE`, so that any start (or anything else the host runs)
+//! takes the CPU first, and goes back to the normal policy before it tells
+//! the daemon it is ready: a guest never runs at idle priority.
+//!
+//! Going back from `SCHED_IDLE` needs `CAP_SYS_NICE` (a daemon run by root,
+//! as the shipped unit does). Without it the daemon does not lower shells
+//! at all ([`can_lower_and_restore`]), and refills compete as before.
+
+use std::io;
+
+/// Sets the calling thread's policy (priority 0, the only one these two
+/// policies have).
+fn set_policy(policy: libc::c_int) -> io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `param` is a valid sched_param; pid 0 is the calling thread.
+    if unsafe { libc::sched_setscheduler(0, policy, &param) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The calling thread's policy.
+pub fn current() -> libc::c_int {
+    // SAFETY: pid 0 is the calling thread; no pointers.
+    unsafe { libc::sched_getscheduler(0) }
+}
+
+/// Lowers the calling thread to `SCHED_IDLE` (always allowed).
+pub fn lower() -> io::Result<()> {
+    set_policy(libc::SCHED_IDLE)
+}
+
+/// Puts the calling thread back to the normal policy.
+pub fn restore() -> io::Result<()> {
+    set_policy(libc::SCHED_OTHER)
+}
+
+/// Whether this process may lower a thread and restore it: tried on a
+/// thread of its own, which ends either way (a thread that could lower
+/// itself but not come back would stay idle).
+pub fn can_lower_and_restore() -> bool {
+    std::thread::Builder::new()
+        .name("wisp-prio-probe".into())
+        .spawn(|| lower().and_then(|()| restore()).is_ok())
+        .ok()
+        .and_then(|t| t.join().ok())
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lower_then_restore_on_a_thread() {
+        let capable = can_lower_and_restore();
+        let (idle, back) = std::thread::spawn(move || {
+            lower().unwrap();
+            let idle = current();
+            let back = restore().map(|()| current());
+            (idle, back.ok())
+        })
+        .join()
+        .unwrap();
+        assert_eq!(idle, libc::SCHED_IDLE);
+        // The probe's answer is what a real restore does.
+        assert_eq!(back.is_some(), capable);
+        if capable {
+            assert_eq!(back, Some(libc::SCHED_OTHER));
+        }
+    }
+}
