@@ -20,6 +20,10 @@ use crate::spawner::Spawner;
 
 /// How long a new shell may take to create its VM.
 const READY_LIMIT: Duration = Duration::from_secs(20);
+/// How long a shell made at idle CPU priority may stay there: on a host
+/// whose CPUs other work keeps busy it would hardly progress, so it then
+/// goes on at the normal policy (see [`crate::priority`]).
+pub const IDLE_GRACE: Duration = Duration::from_millis(100);
 /// The fd number the hand-off channel has in the shell: its standard
 /// input, so that the daemon spawns it without a `pre_exec` hook, which
 /// lets the standard library use `posix_spawn` (a `vfork`) instead of a
@@ -114,6 +118,11 @@ pub fn spawn(spawner: &Spawner, memory: u64, background: bool) -> Result<ReadySh
         let _ = child.wait();
         PoolError::NotReady(why)
     };
+    if background && !readable(&ours, IDLE_GRACE) {
+        if let Err(e) = crate::priority::restore_process(child.id()) {
+            crate::log(format_args!("pool: restoring a shell's priority: {e}"));
+        }
+    }
     let _ = ours.set_read_timeout(Some(READY_LIMIT));
     match proto::recv::<Hello>(&ours) {
         Ok((Hello::Ready { .. }, _)) => {}
@@ -127,6 +136,18 @@ pub fn spawn(spawner: &Spawner, memory: u64, background: bool) -> Result<ReadySh
         memory,
         spare: None,
     })
+}
+
+/// Whether `sock` has something to read within `limit`.
+fn readable(sock: &UnixStream, limit: Duration) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut p = libc::pollfd {
+        fd: sock.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, for the length given.
+    unsafe { libc::poll(&mut p, 1, limit.as_millis() as libc::c_int) > 0 }
 }
 
 /// Counters of the pool.
@@ -305,5 +326,37 @@ impl Pool {
                 d.discard();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A background shell still starting after [`IDLE_GRACE`] is put back
+    /// to the normal policy by the daemon (a busy host would starve it).
+    #[test]
+    fn a_slow_background_shell_is_put_back_to_normal_priority() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("wisp-pool-grace-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = dir.join("slow.sh");
+        // Never says it is ready; records its policy well after the grace.
+        let body = "#!/bin/sh\nsleep 0.6\ncp /proc/$$/sched \"$(dirname \"$0\")/sched\"\n";
+        std::fs::write(&script, body).unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let spawner = Spawner::new(script);
+        assert!(matches!(
+            spawn(&spawner, 0, true),
+            Err(PoolError::NotReady(_))
+        ));
+        let sched = std::fs::read_to_string(dir.join("sched")).unwrap();
+        let policy = sched
+            .lines()
+            .find_map(|l| l.strip_prefix("policy"))
+            .map(|v| v.trim_start_matches([' ', ':']).trim().to_string());
+        // Lowered at the spawn (when this process may), restored since.
+        assert_eq!(policy.as_deref(), Some("0"), "{sched}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -9,6 +9,10 @@
 //! takes the CPU first, and goes back to the normal policy before it tells
 //! the daemon it is ready: a guest never runs at idle priority.
 //!
+//! On a host whose CPUs are kept busy, an idle-priority shell would hardly
+//! progress: the daemon puts a shell that is not ready after
+//! [`crate::pool::IDLE_GRACE`] back to the normal policy itself.
+//!
 //! Going back from `SCHED_IDLE` needs `CAP_SYS_NICE` (a daemon run by root,
 //! as the shipped unit does). Without it the daemon does not lower shells
 //! at all ([`can_lower_and_restore`]), and refills compete as before.
@@ -40,6 +44,18 @@ pub fn lower() -> io::Result<()> {
 /// Puts the calling thread back to the normal policy.
 pub fn restore() -> io::Result<()> {
     set_policy(libc::SCHED_OTHER)
+}
+
+/// Puts the main thread of process `pid` (a shell this daemon started)
+/// back to the normal policy.
+pub fn restore_process(pid: u32) -> io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `param` is a valid sched_param; `pid` names our child, which
+    // is not reaped while the caller holds it.
+    if unsafe { libc::sched_setscheduler(pid as libc::pid_t, libc::SCHED_OTHER, &param) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Whether this process may lower a thread and restore it: tried on a
