@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
-use wisp_monitor::control::monotonic_ns;
 
 use crate::http::{self, Request, Response};
 use crate::metrics::{self, label};
@@ -16,10 +15,9 @@ use crate::vms::{
     CloneRequest, RestoreRequest, RunRequest, SaveRequest, VmError, Vms, DEFAULT_STOP_TIMEOUT,
 };
 
-/// Serves one connection.
-pub fn serve(vms: &Arc<Vms>, mut conn: UnixStream) {
-    // Taken first: start latency counts from here.
-    let arrived = monotonic_ns();
+/// Serves one connection, accepted at `arrived` (monotonic ns: start
+/// latency counts from there).
+pub fn serve(vms: &Arc<Vms>, mut conn: UnixStream, arrived: u64) {
     let req = match http::read_request(&mut conn) {
         Ok(r) => r,
         Err(e) => {

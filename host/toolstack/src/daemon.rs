@@ -1,6 +1,6 @@
 //! `wisp daemon`: binds the API socket, re-adopts the guests of a previous
-//! daemon, keeps the shell pool full and serves requests, each on its own
-//! thread. SIGTERM or SIGINT ends the daemon and its idle shells; running
+//! daemon, keeps the shell pool full and serves requests on the API
+//! threads ([`crate::acceptors`]). SIGTERM or SIGINT ends the daemon and its idle shells; running
 //! guests keep running, for the next daemon to adopt.
 
 use std::os::unix::fs::PermissionsExt;
@@ -134,24 +134,17 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
             std::process::exit(0);
         });
     }
-    for conn in listener.incoming() {
-        match conn {
-            Ok(c) => {
-                let vms = vms.clone();
-                let spawned = std::thread::Builder::new()
-                    .stack_size(256 << 10)
-                    .spawn(move || crate::api::serve(&vms, c));
-                if let Err(e) = spawned {
-                    crate::log(format_args!("cannot serve a connection: {e}"));
-                }
-            }
-            Err(e) => {
-                crate::log(format_args!("accept: {e}"));
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
+    let api_vms = vms.clone();
+    crate::acceptors::serve(
+        listener,
+        Box::new(move |conn, arrived| crate::api::serve(&api_vms, conn, arrived)),
+    )
+    .map_err(io("starting the API threads"))?;
+    // The API threads serve from here on; this one waits for the end
+    // (the signal thread exits the process).
+    loop {
+        std::thread::park();
     }
-    Ok(())
 }
 
 /// The documented default socket and state directory: `/run/wisp` for

@@ -12,6 +12,7 @@
 //! socket ([`http`], [`api`], `docs/api.yaml`) with Prometheus metrics
 //! ([`metrics`]).
 
+pub mod acceptors;
 pub mod api;
 pub mod client;
 pub mod daemon;
