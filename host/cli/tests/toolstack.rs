@@ -848,7 +848,7 @@ const CONSOLE_RATE: u64 = 1 << 20;
 #[test]
 fn a_flooded_log_stays_bounded_and_readable() {
     const LIMIT: u64 = 16 << 10;
-    let d = Daemon::start_with("logs", "2M:1", &["--log-size", "16K"]);
+    let mut d = Daemon::start_with("logs", "2M:1", &["--log-size", "16K"]);
     let probe = probe().to_str().unwrap();
     d.ok(&[
         "run",
@@ -873,21 +873,30 @@ fn a_flooded_log_stays_bounded_and_readable() {
     let most = 2 * LIMIT + 2 * CONSOLE_RATE;
     // It is still written and bounded, again and again (watched until a
     // few rotations are seen: a loaded host may pause the guest).
-    let (mut rotations, mut last) = (0, len("console.log"));
-    let start = std::time::Instant::now();
-    while rotations < 3 {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "{rotations} rotation(s) in 30 s"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-        let now = len("console.log");
-        assert!(now <= most, "console.log has {now} bytes (at most {most})");
-        let previous = len("console.log.1");
-        assert!(previous <= most, "console.log.1 has {previous} bytes");
-        rotations += u32::from(now < last);
-        last = now;
-    }
+    let bounded = || {
+        let (mut rotations, mut last) = (0, len("console.log"));
+        let start = std::time::Instant::now();
+        while rotations < 3 {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "{rotations} rotation(s) in 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+            let now = len("console.log");
+            assert!(now <= most, "console.log has {now} bytes (at most {most})");
+            let previous = len("console.log.1");
+            assert!(previous <= most, "console.log.1 has {previous} bytes");
+            rotations += u32::from(now < last);
+            last = now;
+        }
+    };
+    bounded();
+    // A daemon started again re-adopts the guest and bounds its log (what
+    // was written while no daemon ran is rotated away first).
+    d.kill9();
+    d.restart();
+    std::thread::sleep(Duration::from_secs(3));
+    bounded();
     let text = d.ok(&["logs", "flood"]);
     assert!(text.contains("xxxxxxxxxxxxxxxx"), "{}", text.len());
     d.ok(&["rm", "-f", "flood"]);
