@@ -112,12 +112,10 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         std::thread::spawn(move || pool.refill());
     }
     {
+        // The logs written are bounded (an idle guest costs nothing here).
         let vms = vms.clone();
         let limit = cfg.log_limit;
-        std::thread::spawn(move || loop {
-            vms.bound_logs(limit);
-            std::thread::sleep(Duration::from_secs(1));
-        });
+        std::thread::spawn(move || vms.logs().run(limit));
     }
     {
         let socket = cfg.socket.clone();

@@ -7,11 +7,15 @@
 //! bound, it is copied to `console.log.1` and truncated, and the monitor's
 //! next write lands at the new end. A log thus holds at most twice the
 //! bound plus what the guest writes between two checks (its console is
-//! rate-limited by the monitor).
+//! rate-limited by the monitor). Which logs are checked, and when, is
+//! [`watch`]'s business: those written, at most once a second.
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
 use std::time::Duration;
+
+#[path = "log_watch.rs"]
+pub mod watch;
 
 pub const CURRENT: &str = "console.log";
 pub const PREVIOUS: &str = "console.log.1";

@@ -24,6 +24,7 @@ use serde::Deserialize;
 use wisp_monitor::control::monotonic_ns;
 
 use crate::images::{CheckedSnapshots, ImageCache};
+use crate::logs::watch::LogWatch;
 use crate::metrics::Histogram;
 use crate::pool::{Pool, PoolError};
 use crate::process;
@@ -257,6 +258,8 @@ pub struct Vms {
     /// Learns of every monitor's end (one thread for all of them); `None`
     /// if it could not start, and then each VM gets its own thread.
     reaper: Option<Arc<crate::reaper::Reaper>>,
+    /// The logs of the live VMs, bounded as they are written.
+    logs: LogWatch,
 }
 
 impl Vms {
@@ -271,7 +274,18 @@ impl Vms {
             reaper: crate::reaper::Reaper::start()
                 .map_err(|e| crate::log(format_args!("reaper: {e}; one thread per VM instead")))
                 .ok(),
+            logs: LogWatch::new().unwrap_or_else(|e| {
+                crate::log(format_args!(
+                    "{e}: checking every VM's log every second instead"
+                ));
+                LogWatch::polling()
+            }),
         })
+    }
+
+    /// Which logs to bound: those of the live VMs (see [`LogWatch::run`]).
+    pub fn logs(&self) -> &LogWatch {
+        &self.logs
     }
 
     pub fn pool(&self) -> &Pool {
@@ -767,12 +781,17 @@ impl Vms {
 
     /// Calls [`Vms::ended`] when the monitor behind `pidfd` ends (`child`:
     /// when the daemon is its parent, to reap it and learn its status).
+    /// Every VM that becomes live passes here (a start of any kind, a
+    /// restart, a re-adoption), after its start was measured: its log is
+    /// bounded from now until [`Vms::ended`].
     fn on_end(
         self: &Arc<Self>,
         vm: &Arc<Vm>,
         pidfd: Arc<OwnedFd>,
         child: Option<std::process::Child>,
     ) {
+        let id = lock(&vm.record).id.clone();
+        self.logs.watch(&self.dir(&id));
         let vms = self.clone();
         let vm2 = vm.clone();
         let ended = move |status| vms.ended(&vm2, status);
@@ -835,6 +854,7 @@ impl Vms {
     /// Records a monitor's end (and restarts it if its policy says so).
     fn ended(self: &Arc<Self>, vm: &Arc<Vm>, wait: Option<std::process::ExitStatus>) {
         let id = lock(&vm.record).id.clone();
+        self.logs.unwatch(&self.dir(&id));
         let exit_rec: Option<ExitRecord> = std::fs::read(self.dir(&id).join("exit.json"))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
@@ -1197,15 +1217,6 @@ impl Vms {
 
     fn control_at(&self, dir: &Path, req: ControlRequest) -> Result<GuestStats, VmError> {
         control(&dir.join("control.sock"), req)
-    }
-
-    /// Keeps each live VM's log within `limit` bytes.
-    pub fn bound_logs(&self, limit: u64) {
-        for (_, r) in self.list() {
-            if r.state.is_live() {
-                let _ = crate::logs::bound(&self.dir(&r.id), limit);
-            }
-        }
     }
 }
 
