@@ -7,8 +7,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
-use std::time::Duration;
-
 use crate::pool::Pool;
 use crate::vms::Vms;
 

@@ -832,7 +832,7 @@ impl Vms {
         let spare = shell.spare.take();
         if let Some(sp) = spare {
             // `shell.pid` stays: see `adopt`.
-            if !dir.exists() && std::fs::rename(&sp.dir, dir).is_ok() {
+            if rename_noreplace(&sp.dir, dir).is_ok() {
                 return Ok((sp.log, sp.exit, sp.control));
             }
             sp.discard();
@@ -1218,6 +1218,31 @@ impl Vms {
     fn control_at(&self, dir: &Path, req: ControlRequest) -> Result<GuestStats, VmError> {
         control(&dir.join("control.sock"), req)
     }
+}
+
+/// Renames `from` to `to`, failing if `to` exists (one call where a check
+/// and a rename would be two, and racy).
+fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
+    };
+    let (from, to) = (c(from)?, c(to)?);
+    // SAFETY: two NUL-terminated paths that outlive the call.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn open_disk(path: &str, read_only: bool) -> std::io::Result<std::fs::File> {
