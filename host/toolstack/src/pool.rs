@@ -337,26 +337,17 @@ mod tests {
     /// to the normal policy by the daemon (a busy host would starve it).
     #[test]
     fn a_slow_background_shell_is_put_back_to_normal_priority() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = std::env::temp_dir().join(format!("wisp-pool-grace-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let script = dir.join("slow.sh");
-        // Never says it is ready; records its policy well after the grace.
-        let body = "#!/bin/sh\nsleep 0.6\ncp /proc/$$/sched \"$(dirname \"$0\")/sched\"\n";
-        std::fs::write(&script, body).unwrap();
-        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        use crate::priority::testing::{policy_in, policy_recorder};
+        // Records its policy well after the grace.
+        let (dir, script) = policy_recorder("pool-grace", "0.6");
         let spawner = Spawner::new(script);
         assert!(matches!(
             spawn(&spawner, 0, true),
             Err(PoolError::NotReady(_))
         ));
         let sched = std::fs::read_to_string(dir.join("sched")).unwrap();
-        let policy = sched
-            .lines()
-            .find_map(|l| l.strip_prefix("policy"))
-            .map(|v| v.trim_start_matches([' ', ':']).trim().to_string());
         // Lowered at the spawn (when this process may), restored since.
-        assert_eq!(policy.as_deref(), Some("0"), "{sched}");
+        assert_eq!(policy_in(&sched), "0", "{sched}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

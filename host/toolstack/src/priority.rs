@@ -70,6 +70,37 @@ pub fn can_lower_and_restore() -> bool {
         .unwrap_or(false)
 }
 
+/// Helpers for the tests of the spawner and the pool.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::path::PathBuf;
+
+    /// The `policy` field of a /proc/.../sched text ("" if none).
+    pub fn policy_in(sched: &str) -> String {
+        sched
+            .lines()
+            .find_map(|l| l.strip_prefix("policy"))
+            .map(|v| v.trim_start_matches([' ', ':']).trim().to_string())
+            .unwrap_or_default()
+    }
+
+    /// A fresh directory `name` with an executable `probe.sh` that, after
+    /// `sleep` seconds, copies its own /proc/PID/sched to `sched` beside it
+    /// (it never says it is ready, as a shell would). Returns both.
+    pub fn policy_recorder(name: &str, sleep: &str) -> (PathBuf, PathBuf) {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("wisp-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = dir.join("probe.sh");
+        let body =
+            format!("#!/bin/sh\nsleep {sleep}\ncp /proc/$$/sched \"$(dirname \"$0\")/sched\"\n");
+        std::fs::write(&script, body).unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        (dir, script)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -221,26 +221,11 @@ mod tests {
         assert!(n <= 4, "the spawner thread holds {n} descriptors");
     }
 
-    /// The `policy` line of /proc/.../sched.
-    fn policy(sched: &str) -> String {
-        sched
-            .lines()
-            .find_map(|l| l.strip_prefix("policy"))
-            .map(|v| v.trim_start_matches([' ', ':']).trim().to_string())
-            .unwrap_or_default()
-    }
-
     /// Spawns a script that records the policy it runs under; returns it
     /// and whether the spawner lowers background spawns.
     fn policy_of_spawn(background: bool) -> (String, bool) {
-        use std::os::unix::fs::PermissionsExt;
-        let dir =
-            std::env::temp_dir().join(format!("wisp-spawner-{}-{background}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let script = dir.join("probe.sh");
-        let body = "#!/bin/sh\ncp /proc/$$/sched \"$(dirname \"$0\")/sched\"\n";
-        std::fs::write(&script, body).unwrap();
-        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        use crate::priority::testing::{policy_in as policy, policy_recorder};
+        let (dir, script) = policy_recorder(&format!("spawner-{background}"), "0");
         let s = Spawner::new(script);
         let (_ours, theirs) = UnixStream::pair().unwrap();
         let mut child = s.spawn(0, OwnedFd::from(theirs), background).unwrap();
