@@ -42,6 +42,9 @@ pub enum PoolError {
 /// A monitor process with its VM created, waiting for a guest.
 pub struct ReadyShell {
     pub child: Child,
+    /// Its start time (/proc/PID/stat), read once while it waited: with
+    /// the pid it names the process in records.
+    pub start_time: Option<u64>,
     pub channel: UnixStream,
     pub memory: u64,
     /// The files of the VM it will run, made while it waited.
@@ -64,12 +67,12 @@ pub struct SpareDir {
 pub const SHELL_PID: &str = "shell.pid";
 
 impl SpareDir {
-    fn create(root: &Path, pid: u32) -> std::io::Result<SpareDir> {
+    fn create(root: &Path, pid: u32, start: Option<u64>) -> std::io::Result<SpareDir> {
         let dir = root.join(pid.to_string());
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
         let made = (|| {
-            let start = crate::process::start_time(pid).unwrap_or(0);
+            let start = start.unwrap_or(0);
             std::fs::write(dir.join(SHELL_PID), format!("{pid} {start}\n"))?;
             let log = std::fs::OpenOptions::new()
                 .create(true)
@@ -131,6 +134,7 @@ pub fn spawn(spawner: &Spawner, memory: u64, background: bool) -> Result<ReadySh
     }
     let _ = ours.set_read_timeout(None);
     Ok(ReadyShell {
+        start_time: crate::process::start_time(child.id()),
         child,
         channel: ours,
         memory,
@@ -287,7 +291,7 @@ impl Pool {
             };
             let spawned = spawn(&self.spawner, want, true).map(|mut s| {
                 if let Some(root) = &self.spares {
-                    match SpareDir::create(root, s.child.id()) {
+                    match SpareDir::create(root, s.child.id(), s.start_time) {
                         Ok(d) => s.spare = Some(d),
                         // Starts then make the files themselves.
                         Err(e) => crate::log(format_args!("pool: spare directory: {e}")),

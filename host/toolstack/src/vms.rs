@@ -672,6 +672,10 @@ impl Vms {
             }
         }
         let _refill = Refill(&self.pool);
+        // A spare directory names its shell (`shell.pid`): a daemon that
+        // crashes before the VM's record is written ends that shell when
+        // it restarts (the start was never acknowledged).
+        let named = shell.spare.is_some();
         let (log, exit, control) = match self.vm_files(&dir, &mut shell) {
             Ok(f) => f,
             Err(e) => {
@@ -721,16 +725,21 @@ impl Vms {
             ));
         }
         drop((image, log, exit, control, disk));
-        // Written while the shell loads the guest: the first record names
-        // the shell, so that a daemon that crashes now re-adopts it.
-        let first = {
-            let mut r = lock(&vm.record);
-            r.pid = Some(shell.child.id());
-            r.pid_start = process::start_time(shell.child.id());
-            r.save(&self.state_dir)
-        };
-        if let Err(e) = first {
-            return Err(fail(&mut shell, VmError::Internal(format!("saving: {e}"))));
+        // A directory made here does not name its shell: a first record
+        // does, written while the shell loads the guest, so that a daemon
+        // that crashes now re-adopts it. (With a spare directory nothing
+        // is written until the guest runs: on a host of two CPUs that
+        // write competed with the start it waited for.)
+        if !named {
+            let first = {
+                let mut r = lock(&vm.record);
+                r.pid = Some(shell.child.id());
+                r.pid_start = shell.start_time;
+                r.save(&self.state_dir)
+            };
+            if let Err(e) = first {
+                return Err(fail(&mut shell, VmError::Internal(format!("saving: {e}"))));
+            }
         }
         let started = match proto::recv::<Started>(&shell.channel) {
             Ok((s, _)) => s,
@@ -763,7 +772,7 @@ impl Vms {
             let mut r = lock(&vm.record);
             r.state = State::Running;
             r.pid = Some(pid);
-            r.pid_start = process::start_time(pid);
+            r.pid_start = shell.start_time;
             r.started_unix_ms = Some(record::unix_ms());
             r.start_us = start_us;
             r.main_exit_us = main_exit_ns.map(us);
