@@ -45,6 +45,9 @@ use crate::worker::{Worker, WorkerError};
 
 /// `KVM_RUN`: `_IO(KVMIO, 0x80)` (include/uapi/linux/kvm.h).
 const KVM_RUN_IOCTL: libc::c_ulong = 0xAE80;
+/// `KVM_PRE_FAULT_MEMORY`: `_IOWR(KVMIO, 0xd5, struct kvm_pre_fault_memory)`
+/// (a 64-byte struct).
+const KVM_PRE_FAULT_MEMORY_IOCTL: libc::c_ulong = 0xC040_AED5;
 
 pub use crate::device_manager::GUEST_MAC;
 
@@ -291,6 +294,45 @@ impl Shell {
             .map_err(kvm_call("set special registers"))?;
         self.preset = Some((sregs, t));
         Ok(())
+    }
+
+    /// Loads the vCPU's MMU ahead of the guest, after [`Shell::preset_sregs`]:
+    /// fills KVM's per-vCPU caches of shadow page-table pages (~80 zeroed
+    /// pages, which the first guest fault would otherwise allocate, on a
+    /// host where a fresh page costs an outer-hypervisor fault) and
+    /// allocates the root for the preset CR3. It is done with
+    /// `KVM_PRE_FAULT_MEMORY`, which on a shadow-paging VM such as PVM's
+    /// loads the MMU and then refuses (`EOPNOTSUPP`: pre-faulting is for
+    /// two-dimensional paging); the refusal is expected and ignored, and a
+    /// kernel that refuses earlier makes this a no-op. Nothing of the
+    /// guest's page tables is read: the root starts empty, so the tables
+    /// the load writes later are what the guest's first faults walk. The
+    /// root is thrown away (and built again at the first run) if the load
+    /// sets other special registers.
+    pub fn preload_mmu(&self) {
+        /// `struct kvm_pre_fault_memory` (include/uapi/linux/kvm.h).
+        #[repr(C)]
+        struct PreFault {
+            gpa: u64,
+            size: u64,
+            flags: u64,
+            padding: [u64; 5],
+        }
+        let mut range = PreFault {
+            gpa: wisp_abi::IMAGE_MIN_ADDR,
+            size: layout::PAGE,
+            flags: 0,
+            padding: [0; 5],
+        };
+        // SAFETY: a vCPU ioctl on this shell's vCPU with a pointer to a
+        // correctly sized and aligned struct that lives across the call.
+        unsafe {
+            libc::ioctl(
+                self.machine.vcpu.as_raw_fd(),
+                KVM_PRE_FAULT_MEMORY_IOCTL,
+                &mut range,
+            )
+        };
     }
 
     /// Starts the thread that will run the vCPU ([`Worker`], under the vCPU

@@ -105,7 +105,9 @@ pub fn run(memory: u64, channel: UnixStream) -> i32 {
     // The last page of memory: the end of the free region above the image.
     let _ = shell.prefault(memory - 0x1000, 0x1000);
     // Without it, the load sets them (as a cold boot does).
-    let _ = shell.preset_sregs();
+    if shell.preset_sregs().is_ok() {
+        shell.preload_mmu();
+    }
     let image_buffer = touched_buffer(IMAGE_BUFFER);
     // Compiled while the shell waits in the pool, not on the start path.
     if let Err(e) = seccomp::precompile() {
