@@ -161,11 +161,24 @@ pub fn assert_clean_error(o: &Output, needle: &str) {
 
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    // The port is free once the probe socket closes, so the kernel may
+    // hand it out again to a test running beside this one before the
+    // server meant for it binds it: then one test's client reaches the
+    // other's server (and is refused once that one ends). A port is
+    // therefore handed out at most once per test binary.
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// A running guest, killed when dropped.
