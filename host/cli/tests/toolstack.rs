@@ -470,6 +470,37 @@ fn starts_take_pooled_shells_and_the_pool_refills() {
 }
 
 #[test]
+fn a_pooled_shell_that_dies_is_reaped_and_replaced() {
+    let d = Daemon::start("pooldeath", "2M:2");
+    let ready = |d: &Daemon| d.json("/v1/pool")["shells"][0]["ready"].as_u64().unwrap();
+    until("the pool is full", || ready(&d) == 2);
+    let daemon_pid = d.child.as_ref().unwrap().id();
+    let victim = shells_of(daemon_pid)[0];
+    // SAFETY: a plain syscall on a shell this test's daemon started.
+    assert_eq!(unsafe { libc::kill(victim as i32, libc::SIGKILL) }, 0);
+    // Reaped (no zombie left behind), its spare directory gone, and a new
+    // shell in its place, without any start asking for one.
+    until("the dead shell is reaped and replaced", || {
+        !Path::new(&format!("/proc/{victim}")).exists()
+            && ready(&d) == 2
+            && shells_of(daemon_pid).len() == 2
+    });
+    assert!(!d.state().join("pool").join(victim.to_string()).exists());
+    assert_eq!(d.json("/v1/pool")["counters"]["warm"], 0);
+    // A start still gets a live pooled shell.
+    d.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "after",
+        "-m",
+        "2M",
+        hello().to_str().unwrap(),
+    ]);
+    assert_eq!(d.wait_state("after", "exited")["from_pool"], true);
+}
+
+#[test]
 fn the_image_cache_never_serves_a_changed_file() {
     use std::os::unix::fs::MetadataExt;
     let d = Daemon::start("imgcache", "16M:1");

@@ -18,6 +18,8 @@ use std::time::Duration;
 use crate::proto::{self, Hello};
 use crate::spawner::Spawner;
 
+/// How often the refiller looks for pooled shells that died waiting.
+const PRUNE_EVERY: Duration = Duration::from_secs(1);
 /// How long a new shell may take to create its VM.
 const READY_LIMIT: Duration = Duration::from_secs(20);
 /// How long a shell made at idle CPU priority may stay there: on a host
@@ -140,6 +142,24 @@ pub fn spawn(spawner: &Spawner, memory: u64, background: bool) -> Result<ReadySh
         memory,
         spare: None,
     })
+}
+
+/// Drops the waiting shells that have ended (killed from outside, say):
+/// reaped, their spare directories removed, so that the pool counts only
+/// live ones and the refiller replaces the others. A few `waitid` calls:
+/// the pool is small whatever the number of guests.
+fn prune_dead(g: &mut Inner) {
+    for q in g.ready.values_mut() {
+        q.retain_mut(|s| match s.child.try_wait() {
+            Ok(None) => true,
+            _ => {
+                if let Some(d) = s.spare.take() {
+                    d.discard();
+                }
+                false
+            }
+        });
+    }
 }
 
 /// Whether `sock` has something to read within `limit`.
@@ -277,6 +297,7 @@ impl Pool {
                     if g.stopping {
                         return;
                     }
+                    prune_dead(&mut g);
                     let short = self
                         .targets
                         .iter()
@@ -284,7 +305,13 @@ impl Pool {
                     match short {
                         Some(&(m, _)) => break m,
                         None => {
-                            g = self.wake.wait(g).unwrap_or_else(|p| p.into_inner());
+                            // Woken by a start, or after a while to look
+                            // for shells that died while they waited.
+                            g = self
+                                .wake
+                                .wait_timeout(g, PRUNE_EVERY)
+                                .unwrap_or_else(|p| p.into_inner())
+                                .0;
                         }
                     }
                 }
