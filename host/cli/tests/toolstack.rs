@@ -500,6 +500,62 @@ fn a_pooled_shell_that_dies_is_reaped_and_replaced() {
     assert_eq!(d.wait_state("after", "exited")["from_pool"], true);
 }
 
+/// Started with a soft limit of 64 descriptors (as a shell's 1,024 would
+/// cap it at about a thousand guests), the daemon raises it to the hard one.
+#[test]
+fn the_daemon_raises_its_descriptor_limit() {
+    use std::os::unix::process::CommandExt;
+    require_kvm();
+    let dir = PathBuf::from(format!("/tmp/wisp-ts-{}-nofile", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("api.sock");
+    let mut cmd = wisp();
+    cmd.arg("daemon")
+        .arg("--socket")
+        .arg(&sock)
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .args(["--pool", "2M:1"])
+        .stdout(std::process::Stdio::null());
+    // SAFETY: getrlimit/setrlimit are async-signal-safe; run in the child
+    // between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut r = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut r);
+            r.rlim_cur = 64;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+            Ok(())
+        });
+    }
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            // SIGTERM ends the daemon and its pooled shells.
+            // SAFETY: a plain syscall on our child.
+            unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+            let _ = self.0.wait();
+        }
+    }
+    let d = Kill(cmd.spawn().unwrap());
+    until("the daemon listens", || UnixStream::connect(&sock).is_ok());
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", d.0.id())).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let v: Vec<&str> = line.split_whitespace().collect();
+    // "Max open files  SOFT  HARD  files"
+    assert_eq!(v[3], v[4], "{line}");
+    assert_ne!(v[3], "64", "{line}");
+    drop(d);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn the_image_cache_never_serves_a_changed_file() {
     use std::os::unix::fs::MetadataExt;

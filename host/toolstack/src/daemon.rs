@@ -77,8 +77,33 @@ fn bind(socket: &Path) -> Result<UnixListener, DaemonError> {
     Ok(l)
 }
 
+/// Raises the soft limit on open descriptors to the hard one (as Go
+/// programs and most servers do): the daemon holds one per running guest
+/// (the pidfd its reaper waits on), and the usual soft limit of 1,024
+/// would cap a daemon started from a shell at about a thousand guests.
+/// (The systemd unit sets both limits high.)
+fn raise_descriptor_limit() {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills a struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 || r.rlim_cur >= r.rlim_max {
+        return;
+    }
+    r.rlim_cur = r.rlim_max;
+    // SAFETY: setrlimit reads a valid struct we own.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &r) } != 0 {
+        crate::log(format_args!(
+            "cannot raise the open-file limit: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+}
+
 pub fn run(cfg: Config) -> Result<(), DaemonError> {
     let sigs = block_stop_signals();
+    raise_descriptor_limit();
     if cfg.state_dir.as_os_str().len() > MAX_STATE_DIR {
         return Err(DaemonError::StateDirTooLong(cfg.state_dir, MAX_STATE_DIR));
     }
