@@ -235,6 +235,19 @@ fn main() -> anyhow::Result<()> {
             pss as f64 / count as f64 / 1024.0,
         );
     }
+    // What listing and scraping cost with all of them running.
+    for path in ["/v1/vms", "/v1/stats", "/metrics"] {
+        let t = Instant::now();
+        let r = c.request("GET", path, None)?;
+        if r.status != 200 {
+            bail!("GET {path}: {} {}", r.status, r.error_text());
+        }
+        println!(
+            "GET {path} with {} guests: {:.1} ms",
+            run.ids.len(),
+            t.elapsed().as_secs_f64() * 1e3
+        );
+    }
     let cold_after = cold_run(&wisp, &hello, 5)?;
     let t = Instant::now();
     for id in std::mem::take(&mut run.ids) {
