@@ -68,8 +68,8 @@ pub fn daemon(a: DaemonArgs) -> anyhow::Result<u8> {
 }
 
 /// `wisp shell --memory BYTES`: only the daemon runs this.
-pub fn shell(memory: u64) -> u8 {
-    let status = wisp_toolstack::shell_main(memory);
+pub fn shell(memory: u64, background: bool) -> u8 {
+    let status = wisp_toolstack::shell_main(memory, background);
     status.clamp(0, 255) as u8
 }
 

@@ -263,6 +263,9 @@ enum Command {
     Shell {
         #[arg(long)]
         memory: u64,
+        /// Made for the pool: create the VM at idle CPU priority.
+        #[arg(long)]
+        background: bool,
     },
     /// Print an image's size, entry points, segments, libraries and devices.
     Inspect { image: PathBuf },
@@ -439,7 +442,9 @@ fn main() -> ExitCode {
             publish,
         } => client::clone(&socket, &file, count, &publish),
         Command::Stats { format } => client::stats(&socket, format == "json"),
-        Command::Shell { memory } => return ExitCode::from(daemon::shell(memory)),
+        Command::Shell { memory, background } => {
+            return ExitCode::from(daemon::shell(memory, background))
+        }
         Command::Inspect { image } => inspect::inspect(&image).map(|_| 0),
         Command::New { name, path } => new::new(&name, path.as_deref()).map(|_| 0),
     };

@@ -304,7 +304,9 @@ impl Shell {
     /// `KVM_PRE_FAULT_MEMORY`, which on a shadow-paging VM such as PVM's
     /// loads the MMU and then refuses (`EOPNOTSUPP`: pre-faulting is for
     /// two-dimensional paging); the refusal is expected and ignored, and a
-    /// kernel that refuses earlier makes this a no-op. Nothing of the
+    /// kernel that refuses earlier makes this a no-op, and on a host with
+    /// two-dimensional paging it maps the first page of the image, the
+    /// guest's own memory at its own address (harmless). Nothing of the
     /// guest's page tables is read: the root starts empty, so the tables
     /// the load writes later are what the guest's first faults walk. The
     /// root is thrown away (and built again at the first run) if the load

@@ -40,12 +40,13 @@ pub fn log(args: std::fmt::Arguments<'_>) {
 }
 
 /// Entry of `wisp shell`: runs one monitor on the hand-off channel the
-/// daemon passed as descriptor [`pool::CHANNEL_FD`].
-pub fn shell_main(memory: u64) -> i32 {
+/// daemon passed as descriptor [`pool::CHANNEL_FD`] (a `background` one
+/// creates its VM at idle CPU priority: see [`priority`]).
+pub fn shell_main(memory: u64, background: bool) -> i32 {
     use std::os::fd::FromRawFd;
     // SAFETY: the daemon starts `wisp shell` with its end of the hand-off
     // socket pair at this descriptor, and nothing else in this process
     // owns it.
     let channel = unsafe { std::os::unix::net::UnixStream::from_raw_fd(pool::CHANNEL_FD) };
-    shell::run(memory, channel)
+    shell::run(memory, background, channel)
 }

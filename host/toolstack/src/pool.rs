@@ -69,12 +69,11 @@ pub struct SpareDir {
 pub const SHELL_PID: &str = "shell.pid";
 
 impl SpareDir {
-    fn create(root: &Path, pid: u32, start: Option<u64>) -> std::io::Result<SpareDir> {
+    fn create(root: &Path, pid: u32, start: u64) -> std::io::Result<SpareDir> {
         let dir = root.join(pid.to_string());
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
         let made = (|| {
-            let start = start.unwrap_or(0);
             std::fs::write(dir.join(SHELL_PID), format!("{pid} {start}\n"))?;
             let log = std::fs::OpenOptions::new()
                 .create(true)
@@ -243,20 +242,19 @@ impl Pool {
     /// the guest being started.
     pub fn take(&self, memory: u64) -> Result<(ReadyShell, bool), PoolError> {
         loop {
-            let got = {
-                let mut g = self.lock();
-                let s = g.ready.get_mut(&memory).and_then(VecDeque::pop_front);
-                if s.is_some() {
-                    g.counters.warm += 1;
-                } else {
-                    g.counters.cold += 1;
-                }
-                s
-            };
+            let got = self
+                .lock()
+                .ready
+                .get_mut(&memory)
+                .and_then(VecDeque::pop_front);
             match got {
-                // A shell that died while waiting (e.g. killed) is skipped.
+                // A shell that died while waiting (e.g. killed) is skipped
+                // (and not counted).
                 Some(mut s) => match s.child.try_wait() {
-                    Ok(None) => return Ok((s, true)),
+                    Ok(None) => {
+                        self.lock().counters.warm += 1;
+                        return Ok((s, true));
+                    }
                     _ => {
                         if let Some(d) = s.spare.take() {
                             d.discard();
@@ -265,7 +263,10 @@ impl Pool {
                         continue;
                     }
                 },
-                None => return spawn(&self.spawner, memory, false).map(|s| (s, false)),
+                None => {
+                    self.lock().counters.cold += 1;
+                    return spawn(&self.spawner, memory, false).map(|s| (s, false));
+                }
             }
         }
     }
@@ -317,8 +318,10 @@ impl Pool {
                 }
             };
             let spawned = spawn(&self.spawner, want, true).map(|mut s| {
-                if let Some(root) = &self.spares {
-                    match SpareDir::create(root, s.child.id(), s.start_time) {
+                // Only a shell named by pid and start time gets one (a
+                // restarted daemon must be able to tell it is this shell).
+                if let (Some(root), Some(start)) = (&self.spares, s.start_time) {
+                    match SpareDir::create(root, s.child.id(), start) {
                         Ok(d) => s.spare = Some(d),
                         // Starts then make the files themselves.
                         Err(e) => crate::log(format_args!("pool: spare directory: {e}")),
@@ -372,6 +375,10 @@ mod tests {
         // Records its policy well after the grace.
         let (dir, script) = policy_recorder("pool-grace", "0.6");
         let spawner = Spawner::new(script);
+        // SAFETY: geteuid cannot fail.
+        if unsafe { libc::geteuid() } == 0 {
+            assert!(spawner.lowers_background(), "root lowers background shells");
+        }
         assert!(matches!(
             spawn(&spawner, 0, true),
             Err(PoolError::NotReady(_))

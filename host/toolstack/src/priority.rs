@@ -4,18 +4,20 @@
 //! faulted in) costs several milliseconds of CPU; a warm start half a
 //! millisecond. On a small host they compete: in a burst of starts each
 //! start ran beside the refill the previous one began, and its threads
-//! waited for a CPU the refill held. A shell being made for the pool runs
-//! under `SCHED_IDLE`, so that any start (or anything else the host runs)
-//! takes the CPU first, and goes back to the normal policy before it tells
-//! the daemon it is ready: a guest never runs at idle priority.
+//! waited for a CPU the refill held. A shell being made for the pool
+//! (`wisp shell --background`) lowers itself to `SCHED_IDLE` first thing,
+//! so that any start (or anything else the host runs) takes the CPU first,
+//! and goes back to the normal policy before it tells the daemon it is
+//! ready: a guest never runs at idle priority.
 //!
 //! On a host whose CPUs are kept busy, an idle-priority shell would hardly
 //! progress: the daemon puts a shell that is not ready after
 //! [`crate::pool::IDLE_GRACE`] back to the normal policy itself.
 //!
 //! Going back from `SCHED_IDLE` needs `CAP_SYS_NICE` (a daemon run by root,
-//! as the shipped unit does). Without it the daemon does not lower shells
-//! at all ([`can_lower_and_restore`]), and refills compete as before.
+//! as the shipped unit does) or an `RLIMIT_NICE` that allows it: the daemon
+//! probes ([`can_lower_and_restore`]) and, if it cannot, does not ask
+//! shells to lower themselves, and refills compete as before.
 
 use std::io;
 
@@ -84,9 +86,11 @@ pub(crate) mod testing {
             .unwrap_or_default()
     }
 
-    /// A fresh directory `name` with an executable `probe.sh` that, after
-    /// `sleep` seconds, copies its own /proc/PID/sched to `sched` beside it
-    /// (it never says it is ready, as a shell would). Returns both.
+    /// A fresh directory `name` with an executable `probe.sh` that stands
+    /// in for `wisp shell`: given `--background` it lowers itself to
+    /// `SCHED_IDLE` as a shell does; after `sleep` seconds it copies its own
+    /// /proc/PID/sched to `sched` beside it (it never says it is ready).
+    /// Returns both.
     pub fn policy_recorder(name: &str, sleep: &str) -> (PathBuf, PathBuf) {
         use std::os::unix::fs::PermissionsExt;
         let dir = std::env::temp_dir().join(format!("wisp-{name}-{}", std::process::id()));
@@ -94,7 +98,10 @@ pub(crate) mod testing {
         std::fs::create_dir_all(&dir).unwrap();
         let script = dir.join("probe.sh");
         let body =
-            format!("#!/bin/sh\nsleep {sleep}\ncp /proc/$$/sched \"$(dirname \"$0\")/sched\"\n");
+            format!(
+                "#!/bin/sh\nfor a in \"$@\"; do [ \"$a\" = --background ] && chrt --idle -p 0 $$; done\n\
+                 sleep {sleep}\ncp /proc/$$/sched \"$(dirname \"$0\")/sched\"\n"
+            );
         std::fs::write(&script, body).unwrap();
         std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
         (dir, script)

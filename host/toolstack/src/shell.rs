@@ -80,8 +80,14 @@ impl Files {
 
 /// Runs a shell on `channel` for a guest of `memory` bytes; returns the
 /// process's exit status.
-pub fn run(memory: u64, channel: UnixStream) -> i32 {
+pub fn run(memory: u64, background: bool, channel: UnixStream) -> i32 {
     unblock_stop_signals();
+    // Made for the pool: the VM is created at idle CPU priority, so that
+    // starts (and anything else the host runs) go first; restored below
+    // before the shell says it is ready (see `crate::priority`).
+    if background {
+        let _ = crate::priority::lower();
+    }
     let mut shell = match Shell::create(memory) {
         Ok(s) => s,
         Err(e) => {

@@ -25,22 +25,25 @@ use std::sync::{mpsc, Mutex};
 
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-/// What a spawn asks: a shell for `memory` bytes, started at idle CPU
-/// priority if `background` (see [`crate::priority`]).
-struct Job {
-    memory: u64,
-    background: bool,
-    reply: mpsc::Sender<std::io::Result<Child>>,
+/// Bytes of a job: the shell's memory size (little-endian) and whether it
+/// is a background one; the channel's descriptor comes in the same message.
+const JOB_LEN: usize = 9;
+
+/// The spawner thread's side: one job per message, one answer per job.
+struct Link {
+    sock: UnixStream,
+    answers: mpsc::Receiver<std::io::Result<Child>>,
 }
 
 /// The spawner thread and the daemon-side end of its socket pair.
 pub struct Spawner {
     exe: PathBuf,
-    /// `None` when the thread could not be set up: spawns happen on the
-    /// caller's thread then (correct, only slower with many guests).
-    link: Option<Mutex<(mpsc::Sender<Job>, UnixStream)>>,
-    /// Background spawns start at idle priority (the daemon may restore
-    /// it: see [`crate::priority`]).
+    /// `None` when the thread could not be set up or has ended: spawns
+    /// happen on the caller's thread then (correct, only slower with many
+    /// guests).
+    link: Mutex<Option<Link>>,
+    /// Background shells lower themselves to idle priority (see
+    /// [`crate::priority`]): only when this process can restore them.
     lower_background: bool,
     /// The spawner thread's id (0 without one), for its /proc entry.
     #[cfg_attr(not(test), allow(dead_code))]
@@ -52,31 +55,24 @@ impl Spawner {
     /// descriptors: the thread's table starts as a copy of the daemon's.
     pub fn new(exe: PathBuf) -> Spawner {
         let lower_background = crate::priority::can_lower_and_restore();
-        match Self::start(exe.clone(), lower_background) {
-            Ok((tx, sock, tid)) => Spawner {
-                exe,
-                link: Some(Mutex::new((tx, sock))),
-                lower_background,
-                tid,
-            },
+        let (link, tid) = match Self::start(exe.clone()) {
+            Ok((link, tid)) => (Some(link), tid),
             Err(e) => {
                 crate::log(format_args!("spawner: {e} (spawning from the daemon)"));
-                Spawner {
-                    exe,
-                    link: None,
-                    lower_background: false,
-                    tid: 0,
-                }
+                (None, 0)
             }
+        };
+        Spawner {
+            exe,
+            link: Mutex::new(link),
+            lower_background,
+            tid,
         }
     }
 
-    fn start(
-        exe: PathBuf,
-        lower_background: bool,
-    ) -> std::io::Result<(mpsc::Sender<Job>, UnixStream, i32)> {
+    fn start(exe: PathBuf) -> std::io::Result<(Link, i32)> {
         let (ours, theirs) = UnixStream::pair()?;
-        let (tx, rx) = mpsc::channel::<Job>();
+        let (answer_tx, answers) = mpsc::channel();
         let (ready_tx, ready_rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("wisp-spawner".into())
@@ -84,29 +80,31 @@ impl Spawner {
             .spawn(move || {
                 // SAFETY: gettid has no arguments and cannot fail.
                 let tid = unsafe { libc::gettid() };
-                let _ = ready_tx.send(own_table(&theirs).map(|()| tid));
-                for job in rx {
-                    // The child inherits this thread's policy: lowered for
-                    // the spawn only, so that a foreground (cold-start)
-                    // spawn after it runs at normal priority.
-                    let lowered =
-                        lower_background && job.background && crate::priority::lower().is_ok();
-                    let child = receive_fd(&theirs).and_then(|fd| spawn(&exe, job.memory, fd));
-                    if lowered && crate::priority::restore().is_err() {
-                        // Cannot happen once the probe passed; never leave
-                        // a cold start at idle priority.
-                        let _ = job.reply.send(Err(std::io::Error::other(
-                            "the spawner could not restore its priority",
-                        )));
+                let ok = own_table(&theirs);
+                let failed = ok.is_err();
+                let _ = ready_tx.send(ok.map(|()| tid));
+                if failed {
+                    return;
+                }
+                // Ends when the daemon's end is closed (or the socket
+                // fails): the daemon then spawns by itself.
+                while let Some((memory, background, fd)) = receive_job(&theirs) {
+                    let child = fd.and_then(|fd| spawn(&exe, memory, background, fd));
+                    if answer_tx.send(child).is_err() {
                         return;
                     }
-                    let _ = job.reply.send(child);
                 }
             })?;
         let tid = ready_rx
             .recv()
             .map_err(|_| std::io::Error::other("the spawner thread ended"))??;
-        Ok((tx, ours, tid))
+        Ok((
+            Link {
+                sock: ours,
+                answers,
+            },
+            tid,
+        ))
     }
 
     /// The program it starts.
@@ -114,9 +112,9 @@ impl Spawner {
         &self.exe
     }
 
-    /// Whether background spawns start at idle priority.
+    /// Whether background shells start at idle priority.
     pub fn lowers_background(&self) -> bool {
-        self.link.is_some() && self.lower_background
+        self.lower_background
     }
 
     /// Starts `wisp shell --memory MEMORY` with `channel` as its standard
@@ -125,25 +123,36 @@ impl Spawner {
     /// restore it ([`Spawner::lowers_background`]); the shell restores
     /// itself before it says it is ready.
     pub fn spawn(&self, memory: u64, channel: OwnedFd, background: bool) -> std::io::Result<Child> {
-        let Some(link) = &self.link else {
-            return spawn(&self.exe, memory, channel);
-        };
-        let link = link.lock().unwrap_or_else(|p| p.into_inner());
-        let (reply, answer) = mpsc::channel();
-        link.0
-            .send(Job {
-                memory,
-                background,
-                reply,
-            })
-            .map_err(|_| std::io::Error::other("the spawner thread ended"))?;
-        link.1
-            .send_with_fd(&[0u8][..], channel.as_raw_fd())
-            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
-        drop(channel);
-        answer
-            .recv()
-            .map_err(|_| std::io::Error::other("the spawner thread ended"))?
+        let background = background && self.lower_background;
+        let mut link = self.link.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(l) = link.as_ref() {
+            let mut job = [0u8; JOB_LEN];
+            job[..8].copy_from_slice(&memory.to_le_bytes());
+            job[8] = u8::from(background);
+            // One message: the job and its descriptor arrive together or
+            // not at all, and each job gets exactly one answer.
+            let sent = l
+                .sock
+                .send_with_fd(&job[..], channel.as_raw_fd())
+                .map_err(|e| std::io::Error::from_raw_os_error(e.errno()));
+            match sent.and_then(|n| {
+                if n == JOB_LEN {
+                    l.answers
+                        .recv()
+                        .map_err(|_| std::io::Error::other("the spawner thread ended"))
+                } else {
+                    Err(std::io::Error::other("a short write to the spawner"))
+                }
+            }) {
+                Ok(answer) => return answer,
+                Err(e) => {
+                    crate::log(format_args!("spawner: {e} (spawning from the daemon)"));
+                    *link = None;
+                }
+            }
+        }
+        drop(link);
+        spawn(&self.exe, memory, background, channel)
     }
 }
 
@@ -168,20 +177,37 @@ fn own_table(keep: &UnixStream) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Receives the descriptor a [`Spawner::spawn`] sends.
-fn receive_fd(sock: &UnixStream) -> std::io::Result<OwnedFd> {
-    let mut byte = [0u8; 1];
-    let (_, fd) = sock
-        .recv_with_fd(&mut byte[..])
-        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
-    fd.map(OwnedFd::from)
-        .ok_or_else(|| std::io::Error::other("no channel descriptor came with the spawn"))
+/// Receives one job: (memory, background, the channel's descriptor, or
+/// why it is missing); `None` once the daemon's end is closed or fails.
+fn receive_job(sock: &UnixStream) -> Option<(u64, bool, std::io::Result<OwnedFd>)> {
+    loop {
+        let mut job = [0u8; JOB_LEN];
+        match sock.recv_with_fd(&mut job[..]) {
+            Ok((0, _)) => return None,
+            Ok((n, fd)) => {
+                let fd = fd.map(OwnedFd::from);
+                if n != JOB_LEN {
+                    return Some((0, false, Err(std::io::Error::other("a short job"))));
+                }
+                let memory = u64::from_le_bytes(job[..8].try_into().ok()?);
+                let fd = fd.ok_or_else(|| {
+                    std::io::Error::other("no channel descriptor came with the spawn")
+                });
+                return Some((memory, job[8] != 0, fd));
+            }
+            Err(e) if e.errno() == libc::EINTR => continue,
+            Err(_) => return None,
+        }
+    }
 }
 
-fn spawn(exe: &PathBuf, memory: u64, channel: OwnedFd) -> std::io::Result<Child> {
-    Command::new(exe)
-        .args(["shell", "--memory", &memory.to_string()])
-        .stdin(Stdio::from(channel))
+fn spawn(exe: &PathBuf, memory: u64, background: bool, channel: OwnedFd) -> std::io::Result<Child> {
+    let mut cmd = Command::new(exe);
+    cmd.args(["shell", "--memory", &memory.to_string()]);
+    if background {
+        cmd.arg("--background");
+    }
+    cmd.stdin(Stdio::from(channel))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         // Its own process group: a terminal's ^C to the daemon does not
@@ -203,7 +229,10 @@ mod tests {
     #[test]
     fn the_spawner_thread_holds_only_its_socket() {
         let s = Spawner::new(PathBuf::from("/bin/true"));
-        assert!(s.link.is_some(), "the spawner thread starts");
+        assert!(
+            s.link.lock().unwrap().is_some(),
+            "the spawner thread starts"
+        );
         let _many: Vec<std::fs::File> = (0..200)
             .map(|_| std::fs::File::open("/dev/null").unwrap())
             .collect();
@@ -238,11 +267,16 @@ mod tests {
         (got, s.lowers_background())
     }
 
-    /// A background spawn starts at idle priority (SCHED_IDLE, 5) when the
-    /// process can restore it, a foreground one at the normal policy.
+    /// A background spawn is asked to start at idle priority (SCHED_IDLE,
+    /// 5; the stand-in lowers itself as a shell does) when the process can
+    /// restore it, and a foreground one is not. Root always can.
     #[test]
     fn background_spawns_start_at_idle_priority() {
         let (idle, lowers) = policy_of_spawn(true);
+        // SAFETY: geteuid cannot fail.
+        if unsafe { libc::geteuid() } == 0 {
+            assert!(lowers, "root can restore a lowered shell");
+        }
         let expected = if lowers { libc::SCHED_IDLE } else { 0 };
         assert_eq!(idle, expected.to_string());
         assert_eq!(policy_of_spawn(false).0, "0");

@@ -672,11 +672,12 @@ impl Vms {
             }
         }
         let _refill = Refill(&self.pool);
-        // A spare directory names its shell (`shell.pid`): a daemon that
-        // crashes before the VM's record is written ends that shell when
-        // it restarts (the start was never acknowledged).
-        let named = shell.spare.is_some();
-        let (log, exit, control) = match self.vm_files(&dir, &mut shell) {
+        // A spare directory renamed into place names its shell
+        // (`shell.pid`): a daemon that crashes before the VM's record is
+        // written ends that shell when it restarts (the start was never
+        // acknowledged). A directory that already existed (a restart) or
+        // was made here does not.
+        let (log, exit, control, named) = match self.vm_files(&dir, &mut shell) {
             Ok(f) => f,
             Err(e) => {
                 let _ = shell.child.kill();
@@ -837,12 +838,12 @@ impl Vms {
         &self,
         dir: &Path,
         shell: &mut crate::pool::ReadyShell,
-    ) -> Result<(std::fs::File, std::fs::File, UnixListener), VmError> {
+    ) -> Result<(std::fs::File, std::fs::File, UnixListener, bool), VmError> {
         let spare = shell.spare.take();
         if let Some(sp) = spare {
             // `shell.pid` stays: see `adopt`.
             if rename_noreplace(&sp.dir, dir).is_ok() {
-                return Ok((sp.log, sp.exit, sp.control));
+                return Ok((sp.log, sp.exit, sp.control, true));
             }
             sp.discard();
         }
@@ -857,7 +858,7 @@ impl Vms {
         let sock = dir.join("control.sock");
         let _ = std::fs::remove_file(&sock);
         let control = UnixListener::bind(&sock).map_err(internal("binding the control socket"))?;
-        Ok((log, exit, control))
+        Ok((log, exit, control, false))
     }
 
     /// Records a monitor's end (and restarts it if its policy says so).
