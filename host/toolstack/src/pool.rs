@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::Child;
@@ -122,7 +122,8 @@ pub fn spawn(spawner: &Spawner, memory: u64, background: bool) -> Result<ReadySh
         let _ = child.wait();
         PoolError::NotReady(why)
     };
-    if background && !readable(&ours, IDLE_GRACE) {
+    let grace_ms = IDLE_GRACE.as_millis() as i32;
+    if background && !crate::process::readable(ours.as_raw_fd(), grace_ms) {
         if let Err(e) = crate::priority::restore_process(child.id()) {
             crate::log(format_args!("pool: restoring a shell's priority: {e}"));
         }
@@ -159,18 +160,6 @@ fn prune_dead(g: &mut Inner) {
             }
         });
     }
-}
-
-/// Whether `sock` has something to read within `limit`.
-fn readable(sock: &UnixStream, limit: Duration) -> bool {
-    use std::os::fd::AsRawFd;
-    let mut p = libc::pollfd {
-        fd: sock.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd, for the length given.
-    unsafe { libc::poll(&mut p, 1, limit.as_millis() as libc::c_int) > 0 }
 }
 
 /// Counters of the pool.

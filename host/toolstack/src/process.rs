@@ -40,8 +40,14 @@ pub fn signal(fd: &OwnedFd, sig: libc::c_int) -> std::io::Result<()> {
 /// Waits until the process behind `fd` has ended, or `timeout_ms` passes
 /// (-1: no limit); returns whether it ended.
 pub fn wait_exit(fd: &OwnedFd, timeout_ms: i32) -> bool {
+    readable(fd.as_raw_fd(), timeout_ms)
+}
+
+/// Whether `fd` becomes readable (or hung up) within `timeout_ms` (-1: no
+/// limit); a signal does not end the wait.
+pub fn readable(fd: std::os::fd::RawFd, timeout_ms: i32) -> bool {
     let mut p = libc::pollfd {
-        fd: fd.as_raw_fd(),
+        fd,
         events: libc::POLLIN,
         revents: 0,
     };
@@ -51,7 +57,7 @@ pub fn wait_exit(fd: &OwnedFd, timeout_ms: i32) -> bool {
         if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
             continue;
         }
-        return n > 0;
+        return n > 0 && p.revents != 0;
     }
 }
 

@@ -11,6 +11,8 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::process::{Child, ExitStatus};
 use std::sync::{Arc, Mutex};
 
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
 type OnExit = Box<dyn FnOnce(Option<ExitStatus>) + Send>;
 
 struct Watch {
@@ -22,21 +24,15 @@ struct Watch {
 }
 
 pub struct Reaper {
-    epoll: OwnedFd,
+    epoll: Epoll,
     watches: Mutex<HashMap<RawFd, Watch>>,
 }
 
 impl Reaper {
     /// Creates the reaper and starts its thread.
     pub fn start() -> std::io::Result<Arc<Reaper>> {
-        // SAFETY: a plain syscall; checked.
-        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
         let r = Arc::new(Reaper {
-            // SAFETY: a new descriptor that nothing else owns.
-            epoll: unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) },
+            epoll: Epoll::new()?,
             watches: Mutex::new(HashMap::new()),
         });
         let r2 = r.clone();
@@ -61,18 +57,12 @@ impl Reaper {
         on_exit: impl FnOnce(Option<ExitStatus>) + Send + 'static,
     ) -> std::io::Result<()> {
         let key = pidfd.as_raw_fd();
-        let mut ev = libc::epoll_event {
-            events: libc::EPOLLIN as u32,
-            u64: key as u64,
-        };
         let mut g = self.lock();
-        // SAFETY: epoll_ctl on our epoll and an open pidfd, with a valid
-        // event.
-        let rc =
-            unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, key, &mut ev) };
-        if rc < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        self.epoll.ctl(
+            ControlOperation::Add,
+            key,
+            EpollEvent::new(EventSet::IN, key as u64),
+        )?;
         g.insert(
             key,
             Watch {
@@ -85,39 +75,25 @@ impl Reaper {
     }
 
     fn run(&self) {
-        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 64];
+        let mut events = [EpollEvent::default(); 64];
         loop {
-            // SAFETY: waits into `events`, which we own, of its length.
-            let n = unsafe {
-                libc::epoll_wait(
-                    self.epoll.as_raw_fd(),
-                    events.as_mut_ptr(),
-                    events.len() as i32,
-                    -1,
-                )
-            };
-            if n < 0 {
-                if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+            let n = match self.epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    crate::log(format_args!("reaper: {e}"));
+                    std::thread::sleep(std::time::Duration::from_millis(100));
                     continue;
                 }
-                crate::log(format_args!("reaper: {}", std::io::Error::last_os_error()));
-                std::thread::sleep(std::time::Duration::from_millis(100));
-                continue;
-            }
-            for ev in &events[..n as usize] {
-                let key = ev.u64 as RawFd;
+            };
+            for ev in &events[..n] {
+                let key = ev.data() as RawFd;
                 let w = {
                     let mut g = self.lock();
-                    // SAFETY: removes an fd we added; it is still open (the
-                    // watch holds it).
-                    unsafe {
-                        libc::epoll_ctl(
-                            self.epoll.as_raw_fd(),
-                            libc::EPOLL_CTL_DEL,
-                            key,
-                            std::ptr::null_mut(),
-                        )
-                    };
+                    // The fd is still open (the watch holds it).
+                    let _ = self
+                        .epoll
+                        .ctl(ControlOperation::Delete, key, EpollEvent::default());
                     g.remove(&key)
                 };
                 if let Some(mut w) = w {

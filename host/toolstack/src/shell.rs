@@ -369,16 +369,6 @@ fn wait_for_main(running: &RunningVm) -> Option<u64> {
     running.controller().wait_for_main(MAIN_WAIT)
 }
 
-fn readable(fd: RawFd, timeout_ms: i32) -> bool {
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd that outlives the call.
-    unsafe { libc::poll(&mut p, 1, timeout_ms) > 0 && p.revents != 0 }
-}
-
 /// Answers control connections until the guest ends.
 fn serve(running: &RunningVm, listener: &UnixListener, saved: &Cell<bool>) {
     loop {
@@ -417,7 +407,7 @@ fn answer(running: &RunningVm, conn: UnixStream, saved: &Cell<bool>) {
     let mut chunk = [0u8; 256];
     let mut files: Vec<OwnedFd> = Vec::new();
     while !buf.contains(&b'\n') && buf.len() < 4096 {
-        if !readable(conn.as_raw_fd(), REQUEST_WAIT_MS) {
+        if !crate::process::readable(conn.as_raw_fd(), REQUEST_WAIT_MS) {
             return;
         }
         let mut fds = [-1; 1];
